@@ -1,0 +1,252 @@
+"""pipeline-config.yml: one typed, validated tree; every error names the key path and the fix.
+
+The top-level keys are fixed by DESIGN.md. Each stage section has `enable`; what else it holds is
+declared here and documented in the commented `pipeline-config.yml` at the repository root.
+Relative paths resolve against the folder of the config file, so a config travels with its data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.data.tiles import is_tile_id
+from pipeline.errors import ConfigError
+
+DATE_KEY = re.compile(r"^\d{8}T\d{6}$")
+DEFAULT_CONFIG = "pipeline-config.yml"
+
+
+class Section(BaseModel):
+    """Strict: unknown keys and wrong types are errors, never silently coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _check_dates(dates: list[str]) -> list[str]:
+    for date in dates:
+        if not DATE_KEY.match(date):
+            raise ValueError(f"expected dates like 20210111T102309 (YYYYMMDDTHHMMSS), got {date!r}")
+    if len(set(dates)) != len(dates):
+        raise ValueError("lists a date twice")
+    return dates
+
+
+class Paths(Section):
+    extracted_data: str = "extracted_data"
+    annotated_masks: str = "annotated_masks"
+    dataset: str = "dataset"
+    results: str = "results"
+    work: str = "work"
+
+
+class Download(Section):
+    enable: bool = False
+
+
+class CloudDetection(Section):
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.4
+    average_over: Annotated[int, Field(ge=0, le=64)] = 4
+    dilation_size: Annotated[int, Field(ge=0, le=64)] = 2
+    resolution: Literal[10, 20, 60] = 10
+    window: Annotated[int, Field(ge=64, le=8192)] = 1024
+
+
+class Annotation(Section):
+    enable: bool = True
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    on_scene_error: Literal["skip", "fail"] = "fail"
+    water: bool = True
+    glacier: bool = True
+    exolabs_snow: bool = True
+    clouds: bool = True
+    cloud_detection: CloudDetection = CloudDetection()
+
+
+class Normalisation(Section):
+    method: Literal["log_percentile"] = "log_percentile"
+    low_percentile: Annotated[float, Field(gt=0.0, lt=100.0)] = 30.0
+    high_percentile: Annotated[float, Field(gt=0.0, lt=100.0)] = 70.0
+
+
+class Dataset(Section):
+    enable: bool = True
+    patch_size: Annotated[int, Field(ge=16, le=2048)] = 256
+    patches_per_scene: Annotated[int, Field(ge=1)] = 512
+    sampling: Literal["uniform", "balanced"] = "balanced"
+    split: Literal["scene", "patch"] = "scene"
+    validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    validation_dates: list[str] = []
+    include_dem: bool = True
+    seed: int = 42
+    on_scene_error: Literal["skip", "fail"] = "fail"
+    normalisation: Normalisation = Normalisation()
+
+    _dates = field_validator("validation_dates")(_check_dates)
+
+
+class Training(Section):
+    enable: bool = False
+
+
+class Inference(Section):
+    enable: bool = False
+
+
+class Testing(Section):
+    enable: bool = False
+
+
+class PipelineConfig(Section):
+    tile_id: str
+    dates: list[str] = []
+    paths: Paths = Paths()
+    download: Download = Download()
+    annotation: Annotation = Annotation()
+    dataset: Dataset = Dataset()
+    training: Training = Training()
+    inference: Inference = Inference()
+    testing: Testing = Testing()
+    # Not a key of the file: the folder relative paths resolve against (set by load_config).
+    base_dir: Annotated[str, Field(exclude=True)] = "."
+
+    _dates = field_validator("dates")(_check_dates)
+
+    @field_validator("tile_id")
+    @classmethod
+    def _tile(cls, tile: str) -> str:
+        if not is_tile_id(tile):
+            raise ValueError(f"expected a Sentinel-2 tile id such as 32TNS, got {tile!r}")
+        return tile
+
+    def path(self, name: str) -> Path:
+        """An absolute data path: relative entries resolve against the config file's folder."""
+        raw = Path(getattr(self.paths, name)).expanduser()
+        return raw if raw.is_absolute() else (Path(self.base_dir) / raw).resolve()
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as JSON-ready data with absolute paths: what a remote job reads."""
+        data = self.model_dump(mode="json")
+        data["paths"] = {name: str(self.path(name)) for name in Paths.model_fields}
+        return data
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of the given sections (and the tile): a stage's outputs depend on nothing else."""
+        data = self.resolved()
+        picked = {name: data[name] for name in ("tile_id", *sections)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    return repr(value)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model that owns the key at `loc`, to list its valid keys."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _valid_keys(model: type[BaseModel]) -> str:
+    return ", ".join(name for name, f in model.model_fields.items() if not f.exclude)
+
+
+EXPECTED = {
+    "bool_type": "expected true or false",
+    "int_type": "expected a whole number",
+    "float_type": "expected a number",
+    "string_type": "expected text",
+    "list_type": "expected a list",
+    "model_type": "expected a mapping of keys",
+    "dict_type": "expected a mapping of keys",
+}
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    path = ".".join(str(part) for part in loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        valid = f"; valid keys in {where}: {_valid_keys(model)}" if model else ""
+        return f"{path}: unknown key{valid}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    if kind in EXPECTED:
+        return f"{path}: {EXPECTED[kind]}, got {_describe(error.get('input'))}"
+    if kind == "literal_error":
+        return f"{path}: expected one of {error['ctx']['expected']}, got {_describe(error.get('input'))}"
+    if kind == "value_error":
+        return f"{path}: {error['ctx']['error']}"
+    return f"{path}: {error['msg'].lower()}, got {_describe(error.get('input'))}"
+
+
+def parse_config(data: Any, base_dir: Path, source: str = DEFAULT_CONFIG) -> PipelineConfig:
+    """Validate already-loaded YAML data; raise ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {_describe(data)}")
+    if "base_dir" in data:  # an internal field, not a key of the file
+        raise ConfigError(f"{source} is invalid (1 problem(s)):\n  base_dir: unknown key; valid keys in "
+                          f"the top level: {_valid_keys(PipelineConfig)}")
+    try:
+        return PipelineConfig.model_validate({**data, "base_dir": str(base_dir)})
+    except ValidationError as exc:
+        problems = [_format_error(error) for error in exc.errors()]
+        lines = "\n  ".join(problems)
+        raise ConfigError(f"{source} is invalid ({len(problems)} problem(s)):\n  {lines}") from None
+
+
+def load_config(path: str | Path | None = None) -> PipelineConfig:
+    """Read and validate a config file (default: ./pipeline-config.yml)."""
+    config_path = Path(path or DEFAULT_CONFIG).expanduser()
+    if config_path.is_dir():
+        config_path = config_path / DEFAULT_CONFIG
+    if not config_path.is_file():
+        raise ConfigError(
+            f"config file {config_path} not found: pass its path (snowpipe validate PATH) "
+            f"or run `snowpipe demo-data OUT` to create a demo config"
+        )
+    try:
+        data = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{config_path}{where}: not valid YAML: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{config_path} is empty: it needs at least tile_id")
+    return parse_config(data, config_path.resolve().parent, source=str(config_path))
+
+
+def check_data_folders(config: PipelineConfig, stages: list[str]) -> list[str]:
+    """Problems with input folders the selected stages read, each naming the folder and the fix."""
+    problems: list[str] = []
+    extracted = config.path("extracted_data")
+    reads_extracted = {"annotate", "dataset", "infer"} & set(stages)
+    if reads_extracted and "download" not in stages and not extracted.is_dir():
+        problems.append(
+            f"paths.extracted_data: folder {extracted} does not exist; fix the path in the config, "
+            f"enable the download stage, or create demo data with `snowpipe demo-data OUT`"
+        )
+    masks = config.path("annotated_masks")
+    if "dataset" in stages and "annotate" not in stages and not masks.is_dir():
+        problems.append(
+            f"paths.annotated_masks: folder {masks} does not exist; fix the path, or enable the "
+            f"annotation stage (annotation.enable: true) to create the masks"
+        )
+    return problems

@@ -1,0 +1,149 @@
+"""Find scenes, band files, ExoLabs rasters and auxiliary layers in the extracted_data layout.
+
+Discovery only looks at names; nothing is opened here. A scene with a missing band is still
+listed (with `missing_bands`), so that one broken scene fails alone when it is processed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.bands import AUX_FILES, BANDS, BASELINE_04_OFFSET
+from pipeline.errors import DataError, SceneError
+
+SAFE_NAME = re.compile(
+    r"^(?P<mission>S2[ABCD])_MSIL1C_(?P<date>\d{8}T\d{6})_N(?P<baseline>\d{4})_R(?P<orbit>\d{3})"
+    r"_T(?P<tile>\d{2}[A-Z]{3})_(?P<stamp>\w+)\.SAFE$"
+)
+BAND_SUFFIXES = (".jp2", ".tif", ".tiff")
+EXOLABS_FOLDER = "ExoLabs_classification_S2"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One Sentinel-2 L1C acquisition of the tile, identified by its date key YYYYMMDDTHHMMSS."""
+
+    date: str
+    mission: str
+    baseline: str  # processing baseline as in the product name, e.g. "0400"
+    safe_dir: Path
+    bands: dict[str, Path] = field(default_factory=dict)
+    missing_bands: tuple[str, ...] = ()
+    exolabs: Path | None = None
+
+    @property
+    def day(self) -> str:
+        """Calendar day YYYY-MM-DD: ExoLabs files are named by it."""
+        return f"{self.date[0:4]}-{self.date[4:6]}-{self.date[6:8]}"
+
+    @property
+    def dn_offset(self) -> int:
+        """Products of processing baseline 04.00 and later add 1000 to every digital number."""
+        return BASELINE_04_OFFSET if int(self.baseline) >= 400 else 0
+
+    def band_path(self, band: str) -> Path:
+        if band not in self.bands:
+            raise SceneError(
+                self.date,
+                f"band {band} missing: expected a file *_{band}.jp2 in {self.safe_dir}/GRANULE/*/IMG_DATA "
+                f"(re-extract the product zip)",
+            )
+        return self.bands[band]
+
+
+@dataclass(frozen=True)
+class Auxiliary:
+    """The static layers of the tile (lakes, surface water, glacier, DEM); None when absent."""
+
+    folder: Path | None
+    layers: dict[str, Path | None]
+
+    def path(self, name: str) -> Path:
+        found = self.layers.get(name)
+        if found is None:
+            where = self.folder or "extracted_data/{TILE}_auxiliary_data"
+            raise DataError(f"auxiliary layer {name} missing: expected *_{AUX_FILES[name]} in {where}")
+        return found
+
+
+def _image_folder(safe_dir: Path) -> Path | None:
+    granules = sorted(p for p in (safe_dir / "GRANULE").glob("*/IMG_DATA") if p.is_dir())
+    return granules[0] if granules else None
+
+
+def _band_files(img_dir: Path | None) -> dict[str, Path]:
+    """Band files by name suffix, so old (S2A_OPER_...) and new (T32TNS_...) granule names both work."""
+    if img_dir is None:
+        return {}
+    found: dict[str, Path] = {}
+    for path in sorted(img_dir.iterdir()):
+        stem, suffix = path.stem, path.suffix.lower()
+        if suffix in BAND_SUFFIXES and len(stem) > 4 and stem[-4] == "_" and stem[-3:] in BANDS:
+            found.setdefault(stem[-3:], path)
+    return found
+
+
+def find_exolabs(extracted: Path, tile: str, day: str) -> Path | None:
+    """The ExoLabs raster of a calendar day (S2_{TILE}_{YYYY-MM-DD}*.tif); first by name if several."""
+    folder = extracted / EXOLABS_FOLDER
+    if not folder.is_dir():
+        return None
+    hits = sorted(folder.glob(f"S2_{tile}_{day}*.tif"))
+    return hits[0] if hits else None
+
+
+def find_auxiliary(extracted: Path, tile: str) -> Auxiliary:
+    """Accept both {TILE}_auxiliary_data (what the code used) and {TILE}-auxiliary_data (the docs)."""
+    folder = next(
+        (extracted / name for name in (f"{tile}_auxiliary_data", f"{tile}-auxiliary_data")
+         if (extracted / name).is_dir()),
+        None,
+    )
+    layers: dict[str, Path | None] = {}
+    for name, suffix in AUX_FILES.items():
+        candidate = folder / f"{tile}_{suffix}" if folder else None
+        layers[name] = candidate if candidate is not None and candidate.is_file() else None
+    return Auxiliary(folder, layers)
+
+
+def discover_scenes(extracted: Path, tile: str, dates: list[str] | None = None) -> list[Scene]:
+    """All L1C scenes of `tile` in `extracted`, sorted by date; `dates` (if given) must all exist."""
+    if not extracted.is_dir():
+        raise DataError(
+            f"extracted_data folder {extracted} does not exist: fix paths.extracted_data in the config "
+            f"or create demo data with `snowpipe demo-data OUT`"
+        )
+    scenes: dict[str, Scene] = {}
+    for safe_dir in sorted(extracted.iterdir()):
+        match = SAFE_NAME.match(safe_dir.name)
+        if not match or not safe_dir.is_dir() or match["tile"] != tile:
+            continue
+        bands = _band_files(_image_folder(safe_dir))
+        date = match["date"]
+        scenes[date] = Scene(
+            date=date,
+            mission=match["mission"],
+            baseline=match["baseline"],
+            safe_dir=safe_dir,
+            bands=bands,
+            missing_bands=tuple(b for b in BANDS if b not in bands),
+            exolabs=find_exolabs(extracted, tile, f"{date[0:4]}-{date[4:6]}-{date[6:8]}"),
+        )
+    if not scenes:
+        zips = sorted(extracted.glob(f"S2*_MSIL1C_*_T{tile}_*.zip"))
+        hint = f" ({len(zips)} product zip(s) found: unzip them there)" if zips else ""
+        raise DataError(
+            f"no Sentinel-2 L1C scenes of tile {tile} (S2?_MSIL1C_*_T{tile}_*.SAFE folders) "
+            f"in {extracted}{hint}"
+        )
+    if dates:
+        unknown = [d for d in dates if d not in scenes]
+        if unknown:
+            raise DataError(
+                f"date(s) {', '.join(unknown)} in the config match no scene in {extracted}; "
+                f"available: {', '.join(sorted(scenes))}"
+            )
+        return [scenes[d] for d in sorted(dates)]
+    return [scenes[d] for d in sorted(scenes)]

@@ -1,0 +1,151 @@
+"""Read any window of a scene on its 10 m grid: 13 bands as reflectance, validity, auxiliary layers.
+
+Resampling choice (documented in the README): 20 m and 60 m bands are brought onto the 10 m grid
+with *bilinear* interpolation that ignores no-data (DN 0), so values never blend with the swath
+edge and 60 m bands show no 6-pixel blocks; categorical layers (lakes, surface water, glacier,
+ExoLabs) use *nearest*; the DEM uses bilinear. Reading a coarser grid (cloud detection at 20 or 60 m)
+uses *average*. Each band file is opened once per scene and read window by window through a
+WarpedVRT, so memory depends on the window, never on the size of the scene.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from pipeline.bands import BAND_RESOLUTION, BANDS, QUANTIFICATION_VALUE
+from pipeline.data.grid import Grid
+from pipeline.data.layout import Auxiliary, Scene
+from pipeline.data.tiles import tile_crs
+from pipeline.errors import DataError, SceneError
+
+CATEGORICAL = {"lakes", "surface_water", "glacier", "exolabs"}
+WARP_MEMORY_MB = 128
+
+
+class SceneReader:
+    """Open once per scene (a context manager), then read windows of the 10 m grid or a coarser one."""
+
+    def __init__(self, scene: Scene, tile: str, auxiliary: Auxiliary | None = None) -> None:
+        self.scene = scene
+        self.auxiliary = auxiliary
+        self._stack = ExitStack()
+        self._sources: dict[str, rasterio.DatasetReader] = {}
+        self._views: dict[tuple[str, int], rasterio.DatasetReader | WarpedVRT] = {}
+        if scene.missing_bands:
+            raise SceneError(
+                scene.date,
+                f"band(s) {', '.join(scene.missing_bands)} missing in {scene.safe_dir}/GRANULE/*/IMG_DATA "
+                f"(re-extract the product zip)",
+            )
+        try:
+            self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=256))
+            for band in BANDS:
+                self._sources[band] = self._open(scene.band_path(band))
+        except BaseException:
+            self._stack.close()
+            raise
+        ref = self._sources["B02"]
+        self.grid = Grid(ref.crs, ref.transform, ref.width, ref.height)
+        expected = tile_crs(tile)
+        for source in self._sources.values():
+            if source.crs != expected:
+                self.close()
+                raise SceneError(
+                    scene.date,
+                    f"{Path(source.name).name} is in {source.crs}, but tile {tile} is in {expected}: "
+                    f"this file belongs to another tile or was reprojected; re-extract the product",
+                )
+
+    def _open(self, path: Path) -> rasterio.DatasetReader:
+        try:
+            return self._stack.enter_context(rasterio.open(path))
+        except RasterioError as exc:
+            raise SceneError(self.scene.date, f"cannot read {path}: {exc}") from None
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> SceneReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _view(self, name: str, source: rasterio.DatasetReader, factor: int, resampling: Resampling,
+              nodata: float | None) -> rasterio.DatasetReader | WarpedVRT:
+        """The source as seen on the (possibly coarser) scene grid; a direct read where they coincide."""
+        key = (name, factor)
+        if key not in self._views:
+            target = self.grid.scaled(factor)
+            same = (source.crs == target.crs and source.transform.almost_equals(target.transform)
+                    and source.width == target.width and source.height == target.height)
+            if same:
+                self._views[key] = source
+            else:
+                self._views[key] = self._stack.enter_context(WarpedVRT(
+                    source, crs=target.crs, transform=target.transform, width=target.width,
+                    height=target.height, resampling=resampling, src_nodata=nodata, nodata=nodata,
+                    warp_mem_limit=WARP_MEMORY_MB,
+                ))
+        return self._views[key]
+
+    def _read(self, view: rasterio.DatasetReader | WarpedVRT, window: Window, label: str) -> np.ndarray:
+        try:
+            return view.read(1, window=window)
+        except RasterioError as exc:
+            raise SceneError(self.scene.date, f"cannot read {label}: {exc}") from None
+
+    def read_bands(self, window: Window, factor: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Top-of-atmosphere reflectance (13, h, w) float32 and validity (h, w) bool for a window.
+
+        DN are converted as real products require: (DN - offset) / 10000 in floating point, where the
+        offset is 1000 from processing baseline 04.00 on. DN 0 is no-data: reflectance 0, not valid.
+        """
+        target_res = self.grid.resolution * factor
+        out: np.ndarray | None = None
+        valid: np.ndarray | None = None
+        for i, band in enumerate(BANDS):
+            source = self._sources[band]
+            upsample = BAND_RESOLUTION[band] > target_res + 1e-6
+            resampling = Resampling.bilinear if upsample else Resampling.average
+            dn = self._read(self._view(band, source, factor, resampling, 0), window, source.name)
+            if out is None:
+                out = np.zeros((len(BANDS), *dn.shape), np.float32)
+                valid = np.ones(dn.shape, bool)
+            band_valid = dn > 0
+            valid &= band_valid
+            np.subtract(dn, self.scene.dn_offset, out=out[i], dtype=np.float32, where=band_valid)
+        assert out is not None and valid is not None
+        out /= QUANTIFICATION_VALUE
+        out[:, ~valid] = 0.0
+        return out, valid
+
+    def read_layer(self, name: str, window: Window, factor: int = 1) -> np.ndarray:
+        """An auxiliary layer ('lakes', 'surface_water', 'glacier', 'dem') or 'exolabs' on the grid."""
+        if name == "exolabs":
+            path = self.scene.exolabs
+            if path is None:
+                raise SceneError(
+                    self.scene.date,
+                    f"no ExoLabs file S2_*_{self.scene.day}*.tif in extracted_data/ExoLabs_classification_S2 "
+                    f"(add it, or set annotation.exolabs_snow: false)",
+                )
+        else:
+            if self.auxiliary is None:
+                raise DataError("no auxiliary data given to the reader")
+            path = self.auxiliary.path(name)
+        if name not in self._sources:
+            self._sources[name] = self._open(path)
+        source = self._sources[name]
+        if source.crs is None:
+            raise SceneError(self.scene.date, f"{path} has no coordinate reference system")
+        resampling = Resampling.nearest if name in CATEGORICAL else Resampling.bilinear
+        return self._read(self._view(name, source, factor, resampling, source.nodata), window, str(path))

@@ -1,0 +1,43 @@
+"""Atomic outputs: write to a temporary name beside the target, rename only when complete.
+
+A crash, a SLURM time-out or Ctrl-C therefore never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import rasterio
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success it replaces the target."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_raster(target: Path, profile: dict[str, Any]) -> Iterator[rasterio.io.DatasetWriter]:
+    """Open a GeoTIFF for writing (window by window); it appears under its name only when closed cleanly."""
+    with atomic_path(target) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dataset:
+            yield dataset
+
+
+def write_json(target: Path, data: Any) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

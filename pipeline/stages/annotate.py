@@ -1,0 +1,169 @@
+"""Stage 2, annotate: automatic masks from water rasters, glacier outlines, ExoLabs snow and s2cloudless.
+
+Overlay order, later wins: water (COP lakes or JRC surface water) -> glacier -> ExoLabs snow (class 4)
+-> s2cloudless clouds. Pixels without Sentinel-2 data, or where ExoLabs did not observe (when its snow
+is used), are 255 in mask.tif and 0 in coverage.tif.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bands import CLOUDS, EXO_NO_DATA, EXO_SNOW, NODATA, SNOW, WATER
+from pipeline.config import Annotation, PipelineConfig
+from pipeline.data.grid import Tile, iter_tiles
+from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
+from pipeline.data.reader import SceneReader
+from pipeline.data.writer import atomic_raster
+from pipeline.errors import SnowpipeError
+from pipeline.progress import make_progress, say
+from pipeline.stages import records
+from pipeline.stages.base import (
+    ProgressCallback,
+    SceneOutcome,
+    StageInfo,
+    StageReport,
+    enforce_policy,
+    worker_threads,
+)
+from pipeline.stages.clouds import CloudDetector
+
+INFO = StageInfo("annotate", "annotation", per_scene=True, needs_gpu=False,
+                 summary="automatic masks: water, glacier, ExoLabs snow, s2cloudless clouds")
+
+
+def _inputs(scene: Scene, auxiliary: Auxiliary, settings: Annotation) -> list[Path | None]:
+    layers = [*scene.bands.values()]
+    if settings.water:
+        layers += [auxiliary.layers.get("lakes"), auxiliary.layers.get("surface_water")]
+    if settings.glacier:
+        layers.append(auxiliary.layers.get("glacier"))
+    if settings.exolabs_snow:
+        layers.append(scene.exolabs)
+    return layers
+
+
+def annotate_window(reader: SceneReader, tile: Tile, settings: Annotation,
+                    detector: CloudDetector | None) -> tuple[np.ndarray, np.ndarray]:
+    """Mask (uint8 class ids, 255 = no data) and coverage (uint8 0/1) of one window's core."""
+    core = tile.core
+    cloud, valid = None, None
+    if detector is not None:
+        cloud, valid = detector.mask(reader, tile)
+    if valid is None:
+        valid = reader.read_bands(core)[1]
+    mask = np.zeros(valid.shape, np.uint8)
+    if settings.water:
+        water = (reader.read_layer("lakes", core) == 1) | (reader.read_layer("surface_water", core) == 1)
+        mask[water] = WATER
+    if settings.glacier:
+        mask[reader.read_layer("glacier", core) == 1] = SNOW
+    if settings.exolabs_snow:
+        exolabs = reader.read_layer("exolabs", core)
+        mask[exolabs == EXO_SNOW] = SNOW
+        valid &= exolabs > EXO_NO_DATA
+    if cloud is not None:
+        mask[cloud == 1] = CLOUDS
+    mask[~valid] = NODATA
+    return mask, valid.astype(np.uint8)
+
+
+def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, threads: int = 0,
+                   on_window: ProgressCallback | None = None) -> SceneOutcome:
+    """Write {annotated_masks}/{date}/mask.tif and coverage.tif, then the completion record."""
+    start = time.perf_counter()
+    settings = config.annotation
+    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    out_dir = config.path("annotated_masks") / scene.date
+    inputs = records.fingerprint(_inputs(scene, auxiliary, settings))
+    config_hash = config.section_hash("annotation")
+    if not force and records.is_complete(out_dir, INFO.name, inputs, config_hash):
+        return SceneOutcome(scene.date, "skipped")
+    records.clear(out_dir)
+    with SceneReader(scene, config.tile_id, auxiliary) as reader:
+        grid = reader.grid
+        detector = None
+        if settings.clouds:
+            detector = CloudDetector(settings.cloud_detection, grid.resolution, threads)
+        block, halo, align = (detector.block, detector.halo, detector.factor) if detector else (2048, 0, 1)
+        tiles = list(iter_tiles(grid.height, grid.width, block, halo, align))
+        counts = np.zeros(256, np.int64)
+        with atomic_raster(out_dir / "mask.tif", grid.geotiff_profile("uint8", NODATA)) as mask_out, \
+                atomic_raster(out_dir / "coverage.tif", grid.geotiff_profile("uint8", None)) as cov_out:
+            for done, tile in enumerate(tiles, 1):
+                mask, coverage = annotate_window(reader, tile, settings, detector)
+                mask_out.write(mask, 1, window=tile.core)
+                cov_out.write(coverage, 1, window=tile.core)
+                counts += np.bincount(mask.ravel(), minlength=256)
+                if on_window:
+                    on_window(done, len(tiles))
+    valid = counts[:4].sum()
+    details = {
+        "coverage": round(float(valid / counts.sum()), 4),
+        "class_fraction": [round(float(c / max(valid, 1)), 4) for c in counts[:4]],
+    }
+    records.mark_complete(out_dir, INFO.name, inputs, config_hash, **details)
+    return SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+
+
+def _annotate_in_worker(scene: Scene, config: PipelineConfig, force: bool, threads: int) -> SceneOutcome:
+    try:
+        return annotate_scene(scene, config, force, threads)
+    except SnowpipeError as exc:
+        return SceneOutcome(scene.date, "failed", message=str(exc))
+
+
+def _describe(outcome: SceneOutcome) -> str:
+    if outcome.status == "failed":
+        return f"  {outcome.date}: FAILED: {outcome.message}"
+    if outcome.status == "skipped":
+        return f"  {outcome.date}: already complete (use --force to redo)"
+    fractions = outcome.details["class_fraction"]
+    return (f"  {outcome.date}: coverage {outcome.details['coverage']:.0%}, snow {fractions[1]:.1%}, "
+            f"clouds {fractions[2]:.1%}, water {fractions[3]:.1%} ({outcome.seconds:.1f} s)")
+
+
+def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False,
+        workers: int | None = None) -> StageReport:
+    """Annotate the selected scenes (all of the config's by default), several in parallel."""
+    start = time.perf_counter()
+    settings = config.annotation
+    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, dates or config.dates)
+    workers = min(workers or settings.workers, len(scenes))
+    threads = worker_threads(workers)
+    report = StageReport(INFO.name, output=str(config.path("annotated_masks")))
+    with make_progress() as progress:
+        scene_bar = progress.add_task("annotate: scenes", total=len(scenes))
+        if workers <= 1:
+            for scene in scenes:
+                window_bar = progress.add_task(f"  {scene.date}", total=None)
+
+                def on_window(done: int, total: int, bar: int = window_bar) -> None:
+                    progress.update(bar, completed=done, total=total)
+
+                try:
+                    outcome = annotate_scene(scene, config, force, threads, on_window)
+                except SnowpipeError as exc:
+                    outcome = SceneOutcome(scene.date, "failed", message=str(exc))
+                progress.remove_task(window_bar)
+                report.outcomes.append(outcome)
+                say(_describe(outcome))
+                progress.advance(scene_bar)
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = [pool.submit(_annotate_in_worker, s, config, force, threads) for s in scenes]
+                for future in as_completed(futures):
+                    outcome = future.result()
+                    report.outcomes.append(outcome)
+                    say(_describe(outcome))
+                    progress.advance(scene_bar)
+    report.outcomes.sort(key=lambda o: o.date)
+    report.seconds = time.perf_counter() - start
+    enforce_policy(report, settings.on_scene_error, "annotation")
+    return report

@@ -1,0 +1,76 @@
+"""What every stage shares: its declared needs, per-scene outcomes and the failure policy."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipeline.errors import SnowpipeError
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """A stage declares what it needs; runners (local, SLURM) decide how to run it."""
+
+    name: str
+    section: str  # its key in pipeline-config.yml
+    per_scene: bool  # can be split into one job-array task per scene
+    needs_gpu: bool
+    summary: str
+
+
+@dataclass
+class SceneOutcome:
+    date: str
+    status: str  # "done", "skipped" (already complete) or "failed"
+    seconds: float = 0.0
+    message: str = ""
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageReport:
+    stage: str
+    outcomes: list[SceneOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+    output: str = ""
+    note: str = ""
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def failed(self) -> list[SceneOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def summary(self) -> str:
+        parts = [f"{self.count('done')} done", f"{self.count('skipped')} already complete"]
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed")
+        text = f"{self.stage}: {', '.join(parts)} in {self.seconds:.1f} s"
+        if self.note:
+            text += f"; {self.note}"
+        return text + (f" -> {self.output}" if self.output else "")
+
+
+class StageFailed(SnowpipeError):
+    """Some scenes failed and the config says to fail (on_scene_error: fail)."""
+
+
+def enforce_policy(report: StageReport, on_scene_error: str, section: str) -> None:
+    if report.failed and on_scene_error == "fail":
+        lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
+        raise StageFailed(
+            f"{report.stage} failed for {len(report.failed)} scene(s):\n  {lines}\n"
+            f"(the other scenes finished; set {section}.on_scene_error: skip to continue without them)"
+        )
+
+
+def worker_threads(workers: int) -> int:
+    """Threads for each parallel worker, so that workers x threads matches the CPUs we may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, workers))
+
+
+ProgressCallback = Callable[[int, int], None]
