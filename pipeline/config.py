@@ -21,6 +21,7 @@ from pipeline.errors import ConfigError
 
 DATE_KEY = re.compile(r"^\d{8}T\d{6}$")
 DEFAULT_CONFIG = "pipeline-config.yml"
+RUNTIME_KEYS = {"enable", "workers", "on_scene_error"}
 
 
 class Section(BaseModel):
@@ -55,7 +56,7 @@ class CloudDetection(Section):
     average_over: Annotated[int, Field(ge=0, le=64)] = 4
     dilation_size: Annotated[int, Field(ge=0, le=64)] = 2
     resolution: Literal[10, 20, 60] = 10
-    window: Annotated[int, Field(ge=64, le=8192)] = 1024
+    window: Annotated[int, Field(ge=16, le=8192)] = 1024
 
 
 class Annotation(Section):
@@ -137,9 +138,14 @@ class PipelineConfig(Section):
         return data
 
     def section_hash(self, *sections: str) -> str:
-        """Hash of the given sections (and the tile): a stage's outputs depend on nothing else."""
+        """Hash of the given sections (and the tile): a stage's outputs depend on nothing else.
+
+        Keys that change how a stage runs but not what it writes (workers, error policy) are left out.
+        """
         data = self.resolved()
         picked = {name: data[name] for name in ("tile_id", *sections)}
+        for name in sections:
+            picked[name] = {k: v for k, v in picked[name].items() if k not in RUNTIME_KEYS}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -26,3 +26,4 @@ class SceneError(DataError):
     def __init__(self, date: str, message: str) -> None:
         super().__init__(f"scene {date}: {message}")
         self.date = date
+        self.detail = message

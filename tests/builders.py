@@ -11,6 +11,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from pipeline.bands import AUX_FILES, BAND_RESOLUTION, BANDS
+from pipeline.config import PipelineConfig, parse_config
 from pipeline.data.tiles import tile_crs, tile_origin
 
 TILE = "32TNS"
@@ -74,3 +75,15 @@ def write_auxiliary(root: Path, size: int = 60, tile: str = TILE, **layers: np.n
     for name, array in {**defaults, **layers}.items():
         write_raster(folder / f"{tile}_{AUX_FILES[name]}", array, 10 * size / array.shape[0], tile)
     return folder
+
+
+def make_config(root: Path, **sections: dict) -> PipelineConfig:
+    """A validated config whose paths point into `root` (extracted_data is `root` itself)."""
+    data: dict = {
+        "tile_id": TILE,
+        "paths": {"extracted_data": ".", "annotated_masks": "masks", "dataset": "dataset",
+                  "results": "results", "work": "work"},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return parse_config(data, root)

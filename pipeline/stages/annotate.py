@@ -29,6 +29,7 @@ from pipeline.stages.base import (
     StageInfo,
     StageReport,
     enforce_policy,
+    failure_message,
     worker_threads,
 )
 from pipeline.stages.clouds import CloudDetector
@@ -115,7 +116,7 @@ def _annotate_in_worker(scene: Scene, config: PipelineConfig, force: bool, threa
     try:
         return annotate_scene(scene, config, force, threads)
     except SnowpipeError as exc:
-        return SceneOutcome(scene.date, "failed", message=str(exc))
+        return SceneOutcome(scene.date, "failed", message=failure_message(exc))
 
 
 def _describe(outcome: SceneOutcome) -> str:
@@ -149,7 +150,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
                 try:
                     outcome = annotate_scene(scene, config, force, threads, on_window)
                 except SnowpipeError as exc:
-                    outcome = SceneOutcome(scene.date, "failed", message=str(exc))
+                    outcome = SceneOutcome(scene.date, "failed", message=failure_message(exc))
                 progress.remove_task(window_bar)
                 report.outcomes.append(outcome)
                 say(_describe(outcome))

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipeline.errors import SnowpipeError
+from pipeline.errors import SceneError, SnowpipeError
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,11 @@ def enforce_policy(report: StageReport, on_scene_error: str, section: str) -> No
             f"{report.stage} failed for {len(report.failed)} scene(s):\n  {lines}\n"
             f"(the other scenes finished; set {section}.on_scene_error: skip to continue without them)"
         )
+
+
+def failure_message(exc: SnowpipeError) -> str:
+    """The error without the "scene DATE:" prefix, since outcomes are listed by date anyway."""
+    return exc.detail if isinstance(exc, SceneError) else str(exc)
 
 
 def worker_threads(workers: int) -> int:
