@@ -1,0 +1,79 @@
+"""Log-percentile normalisation of the bands (the thesis' "Dynamic World" method) and DEM scaling.
+
+Per band: x = log10(reflectance); the low and high percentiles of the training pixels map to
+sigmoid(-1.7346) = 0.15 and sigmoid(+1.7346) = 0.85; the band mean is shifted to 0. Values lie in
+(-1, 1). Constants are fitted on the training split only and stored in the dataset manifest, so
+inference applies exactly what training saw. The DEM is standardised by its training mean and spread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pipeline.bands import BANDS
+
+SPREAD = 1.7346  # sigmoid(1.7346) = 0.85
+FLOOR = 1e-4  # 1 DN: log10 needs a positive reflectance (dark or offset-corrected pixels can be <= 0)
+
+
+def _log(values: np.ndarray) -> np.ndarray:
+    return np.log10(np.maximum(values, FLOOR))
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    low: list[float]  # per band reflectance at the low percentile
+    high: list[float]
+    mean: list[float]
+    low_percentile: float = 30.0
+    high_percentile: float = 70.0
+    dem_mean: float | None = None
+    dem_scale: float | None = None
+    method: str = "log_percentile"
+
+    @classmethod
+    def fit(cls, bands: np.ndarray, dem: np.ndarray | None, low_percentile: float = 30.0,
+            high_percentile: float = 70.0) -> Normaliser:
+        """Fit on sampled training pixels: bands (13, n) reflectance, dem (n,) metres or None."""
+        low = np.percentile(bands, low_percentile, axis=1)
+        high = np.percentile(bands, high_percentile, axis=1)
+        high = np.maximum(high, low * 1.01 + FLOOR)  # a constant band must not divide by zero
+        mean = bands.mean(axis=1)
+        dem_mean = dem_scale = None
+        if dem is not None:
+            dem_mean, dem_scale = float(dem.mean()), float(max(dem.std(), 1.0))
+        return cls([float(v) for v in np.maximum(low, FLOOR)], [float(v) for v in high],
+                   [float(v) for v in np.maximum(mean, FLOOR)], low_percentile, high_percentile,
+                   dem_mean, dem_scale)
+
+    def _sigmoid_of_log(self, log_values: np.ndarray) -> np.ndarray:
+        lo = _log(np.asarray(self.low, np.float32))[:, None, None]
+        hi = _log(np.asarray(self.high, np.float32))[:, None, None]
+        mapped = (log_values - lo) * (2 * SPREAD / (hi - lo)) - SPREAD
+        return 1.0 / (1.0 + np.exp(-mapped))
+
+    def apply(self, bands: np.ndarray, dem: np.ndarray | None = None) -> np.ndarray:
+        """Normalised channels (13 or 14, h, w) float32 from reflectance (13, h, w) and DEM (h, w)."""
+        if bands.shape[0] != len(BANDS):
+            raise ValueError(f"expected {len(BANDS)} bands, got {bands.shape[0]}")
+        offset = self._sigmoid_of_log(_log(np.asarray(self.mean, np.float32))[:, None, None])
+        out = (self._sigmoid_of_log(_log(bands.astype(np.float32))) - offset).astype(np.float32)
+        if self.dem_mean is None:
+            return out
+        if dem is None:
+            raise ValueError("this normaliser expects a DEM channel")
+        scaled = ((dem.astype(np.float32) - self.dem_mean) / self.dem_scale)[None]
+        return np.concatenate([out, scaled.astype(np.float32)])
+
+    @property
+    def channels(self) -> list[str]:
+        return [*BANDS, "DEM"] if self.dem_mean is not None else list(BANDS)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "channels": self.channels}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Normaliser:
+        return cls(**{k: v for k, v in data.items() if k != "channels"})

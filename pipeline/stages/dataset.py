@@ -1,0 +1,286 @@
+"""Stage 3, dataset: random patches inside coverage, a split by scene, normalisation, memory-mappable arrays.
+
+Output in {dataset}/: `train_images.npy` (n, channels, P, P) float16, already normalised;
+`train_masks.npy` (n, P, P) uint8 class ids; the same for `validation_`; and `manifest.json`
+with the split, patch positions, class distribution and normalisation constants. The training
+loader opens the arrays with `np.load(..., mmap_mode="r")`, so any number of workers share them.
+The folder is built beside the target and swapped in whole, the manifest being the last piece.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from numpy.lib.format import open_memmap
+from rasterio.windows import Window
+
+from pipeline.bands import BANDS, CLASS_NAMES
+from pipeline.config import Dataset, PipelineConfig
+from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
+from pipeline.data.masks import MaskFiles, find_mask
+from pipeline.data.normalise import Normaliser
+from pipeline.data.reader import SceneReader
+from pipeline.data.writer import write_json
+from pipeline.errors import DataError, SceneError, SnowpipeError
+from pipeline.progress import make_progress, say
+from pipeline.stages import records, sampling
+from pipeline.stages.base import SceneOutcome, StageInfo, StageReport, enforce_policy, failure_message
+
+INFO = StageInfo("dataset", "dataset", per_scene=False, needs_gpu=False,
+                 summary="training / validation patches, split by scene, normalisation constants")
+MANIFEST = "manifest.json"
+CHUNK = 1024  # patches are cut from reads of about this many pixels square
+STATS_PIXELS = 2_000_000  # training pixels sampled to fit the normalisation
+
+
+@dataclass
+class ScenePlan:
+    scene: Scene
+    masks: MaskFiles
+    split: str = "train"
+    candidates: sampling.Candidates | None = None
+    positions: list[tuple[int, int]] = field(default_factory=list)
+    rows: dict[int, tuple[str, int]] = field(default_factory=dict)  # patch -> (split, row in its arrays)
+
+
+def split_scenes(dates: list[str], settings: Dataset) -> tuple[set[str], str]:
+    """Validation dates, and the split actually used (by scene unless only one scene exists)."""
+    if settings.split == "patch":
+        return set(), "patch"
+    if settings.validation_dates:
+        unknown = sorted(set(settings.validation_dates) - set(dates))
+        if unknown:
+            raise DataError(f"dataset.validation_dates: {', '.join(unknown)} not among the scenes "
+                            f"with masks ({', '.join(dates)})")
+        return set(settings.validation_dates), "scene"
+    if len(dates) < 2:
+        return set(), "patch"
+    rng = np.random.default_rng(settings.seed)
+    n_val = min(len(dates) - 1, max(1, round(settings.validation_fraction * len(dates))))
+    return {dates[i] for i in rng.permutation(len(dates))[:n_val]}, "scene"
+
+
+def _check_grid(plan: ScenePlan, reader: SceneReader, mask: rasterio.DatasetReader) -> None:
+    if (mask.width, mask.height) != (reader.grid.width, reader.grid.height) or \
+            not mask.transform.almost_equals(reader.grid.transform):
+        grid = reader.grid
+        raise SceneError(plan.scene.date, f"{plan.masks.mask} is not on the scene's 10 m grid "
+                                          f"({mask.width}x{mask.height} vs {grid.width}x{grid.height})")
+
+
+def _plan_scene(plan: ScenePlan, config: PipelineConfig, auxiliary: Auxiliary) -> None:
+    """Open everything once (so broken scenes fail here, before any patch is written) and summarise."""
+    settings = config.dataset
+    block = max(8, settings.patch_size // 8)
+    with SceneReader(plan.scene, config.tile_id, auxiliary) as reader, \
+            rasterio.open(plan.masks.mask) as mask, rasterio.open(plan.masks.coverage) as coverage:
+        _check_grid(plan, reader, mask)
+        plan.candidates = sampling.candidates(sampling.summarise(mask, coverage, block), settings.patch_size)
+    if len(plan.candidates.rows) == 0:
+        raise SceneError(plan.scene.date, f"no {settings.patch_size} px patch lies fully inside coverage "
+                                          f"(lower dataset.patch_size or check {plan.masks.coverage})")
+
+
+def _extract(plan: ScenePlan, config: PipelineConfig, auxiliary: Auxiliary, arrays: dict[str, tuple],
+             rng: np.random.Generator, stats: list, per_patch: int) -> None:
+    """Cut the scene's patches (raw reflectance and DEM, float16) into their rows of the split arrays."""
+    size = config.dataset.patch_size
+    by_chunk: dict[tuple[int, int], list[int]] = {}
+    for i, (row, col) in enumerate(plan.positions):
+        by_chunk.setdefault((row // CHUNK, col // CHUNK), []).append(i)
+    with SceneReader(plan.scene, config.tile_id, auxiliary) as reader, rasterio.open(plan.masks.mask) as mask:
+        for members in by_chunk.values():
+            spots = [plan.positions[i] for i in members]
+            r0, c0 = min(r for r, _ in spots), min(c for _, c in spots)
+            r1, c1 = max(r for r, _ in spots) + size, max(c for _, c in spots) + size
+            window = Window(c0, r0, c1 - c0, r1 - r0)
+            bands, _ = reader.read_bands(window)
+            dem = reader.read_layer("dem", window) if config.dataset.include_dem else None
+            labels = mask.read(1, window=window)
+            for i, (row, col) in zip(members, spots):
+                split, index = plan.rows[i]
+                images, masks = arrays[split]
+                rs, cs = slice(row - r0, row - r0 + size), slice(col - c0, col - c0 + size)
+                images[index, :len(BANDS)] = bands[:, rs, cs]
+                if dem is not None:
+                    images[index, len(BANDS)] = dem[rs, cs]
+                masks[index] = labels[rs, cs]
+                if split == "train":
+                    pick = rng.choice(size * size, size=per_patch, replace=False)
+                    stats.append((bands[:, rs, cs].reshape(len(BANDS), -1)[:, pick],
+                                  None if dem is None else dem[rs, cs].reshape(-1)[pick]))
+
+
+def _assign_rows(plans: list[ScenePlan], split: str, settings: Dataset, rng: np.random.Generator) -> dict:
+    """Give every patch its split and row; the patch split draws validation patches at random."""
+    patches = [(plan, i) for plan in plans for i in range(len(plan.positions))]
+    if split == "patch":
+        n_val = min(len(patches) - 1, max(1, round(settings.validation_fraction * len(patches))))
+        validation = set(rng.permutation(len(patches))[:n_val].tolist())
+    else:
+        validation = {k for k, (plan, _) in enumerate(patches) if plan.split == "validation"}
+    counts = {"train": 0, "validation": 0}
+    for k, (plan, i) in enumerate(patches):
+        name = "validation" if k in validation else "train"
+        plan.rows[i] = (name, counts[name])
+        counts[name] += 1
+    return counts
+
+
+def _normalise_in_place(images: np.ndarray, normaliser: Normaliser, with_dem: bool) -> None:
+    for i in range(images.shape[0]):
+        raw = images[i].astype(np.float32)
+        images[i] = normaliser.apply(raw[:len(BANDS)], raw[len(BANDS)] if with_dem else None)
+
+
+def _class_pixels(masks: np.ndarray) -> list[int]:
+    counts = np.zeros(256, np.int64)
+    for i in range(0, masks.shape[0], 256):
+        counts += np.bincount(np.asarray(masks[i:i + 256]).ravel(), minlength=256)
+    return [int(c) for c in counts[:len(CLASS_NAMES)]]
+
+
+def _swap_in(partial: Path, target: Path) -> None:
+    """Replace the dataset folder by the finished one; the old one is removed only afterwards."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    partial.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_complete(manifest: Path, inputs: str, config_hash: str) -> bool:
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return data.get("inputs") == inputs and data.get("config") == config_hash
+
+
+def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
+    start = time.perf_counter()
+    settings = config.dataset
+    out = config.path("dataset")
+    report = StageReport(INFO.name, output=str(out))
+    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    if settings.include_dem and auxiliary.layers.get("dem") is None:
+        folder = auxiliary.folder or config.path("extracted_data")
+        raise DataError(f"the dataset's DEM channel needs {config.tile_id}_30m_DEM_AW3D30.tif in {folder} "
+                        f"(or set dataset.include_dem: false)")
+    plans: list[ScenePlan] = []
+    masks_root = config.path("annotated_masks")
+    for scene in discover_scenes(config.path("extracted_data"), config.tile_id, dates or config.dates):
+        files = find_mask(masks_root, scene.date)
+        if files.mask is None or files.coverage is None:
+            report.outcomes.append(SceneOutcome(scene.date, "failed", message=(
+                f"no annotated mask in {masks_root / scene.date} (mask.tif and coverage.tif): "
+                f"run the annotate stage or add the mask")))
+        else:
+            plans.append(ScenePlan(scene, files))
+    inputs = records.fingerprint([p for plan in plans for p in (*plan.scene.bands.values(), plan.masks.mask,
+                                                                 plan.masks.coverage)])
+    config_hash = config.section_hash("dataset")
+    if not force and not report.failed and _is_complete(out / MANIFEST, inputs, config_hash):
+        report.outcomes = [SceneOutcome(p.scene.date, "skipped") for p in plans]
+        report.seconds = time.perf_counter() - start
+        return report
+
+    with make_progress() as progress:
+        bar = progress.add_task("dataset: scanning masks", total=len(plans))
+        for plan in list(plans):
+            try:
+                _plan_scene(plan, config, auxiliary)
+            except SnowpipeError as exc:
+                report.outcomes.append(SceneOutcome(plan.scene.date, "failed", message=failure_message(exc)))
+                plans.remove(plan)
+            progress.advance(bar)
+    for outcome in report.failed:
+        say(f"  {outcome.date}: FAILED: {outcome.message}")
+    enforce_policy(report, settings.on_scene_error, "dataset")
+    if not plans:
+        raise DataError("no scene is usable for the dataset (see the messages above)")
+
+    validation, split = split_scenes([p.scene.date for p in plans], settings)
+    if split != settings.split:
+        report.note = "one scene only: patches split at random instead of by scene"
+    rng = np.random.default_rng(settings.seed)
+    train_pixels = sum((p.candidates.counts.sum(0) for p in plans if p.scene.date not in validation),
+                       np.zeros(len(CLASS_NAMES), np.int64))
+    weights = sampling.class_weights(train_pixels) if settings.sampling == "balanced" else None
+    for plan in plans:
+        plan.split = "validation" if plan.scene.date in validation else "train"
+        # Validation patches are drawn uniformly, so validation metrics see the true class mix.
+        use = weights if plan.split == "train" else None
+        plan.positions = sampling.choose(rng, plan.candidates, settings.patches_per_scene,
+                                         settings.patch_size, use)
+
+    counts = _assign_rows(plans, split, settings, rng)
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    channels, size = len(BANDS) + int(settings.include_dem), settings.patch_size
+    arrays = {name: (open_memmap(partial / f"{name}_images.npy", "w+", np.float16, (n, channels, size, size)),
+                     open_memmap(partial / f"{name}_masks.npy", "w+", np.uint8, (n, size, size)))
+              for name, n in counts.items()}
+    per_patch = int(np.clip(STATS_PIXELS // max(counts["train"], 1), 16, size * size))
+    stats: list = []
+    with make_progress() as progress:
+        bar = progress.add_task("dataset: cutting patches", total=sum(counts.values()))
+        for plan in plans:
+            _extract(plan, config, auxiliary, arrays, rng, stats, per_patch)
+            progress.advance(bar, len(plan.positions))
+            report.outcomes.append(SceneOutcome(plan.scene.date, "done", details={
+                "split": plan.split, "patches": len(plan.positions)}))
+    bands_sample = np.concatenate([s[0] for s in stats], axis=1).astype(np.float32)
+    dem_sample = np.concatenate([s[1] for s in stats]).astype(np.float32) if settings.include_dem else None
+    normaliser = Normaliser.fit(bands_sample, dem_sample, settings.normalisation.low_percentile,
+                                settings.normalisation.high_percentile)
+
+    splits_info = {}
+    for name, (images, masks) in arrays.items():
+        _normalise_in_place(images, normaliser, settings.include_dem)
+        images.flush()
+        masks.flush()
+        pixels = _class_pixels(masks)
+        rows = sorted((plan.rows[i][1], plan.scene.date, *plan.positions[i])
+                      for plan in plans for i in range(len(plan.positions)) if plan.rows[i][0] == name)
+        splits_info[name] = {
+            "dates": sorted({date for _, date, _, _ in rows}),
+            "patches": len(rows),
+            "images": f"{name}_images.npy",
+            "masks": f"{name}_masks.npy",
+            "class_pixels": pixels,
+            "class_fraction": [round(p / max(sum(pixels), 1), 6) for p in pixels],
+            "positions": [[date, r, c] for _, date, r, c in rows],
+        }
+    del arrays, images, masks
+    write_json(partial / MANIFEST, {
+        "version": 1,
+        "tile_id": config.tile_id,
+        "patch_size": size,
+        "channels": normaliser.channels,
+        "classes": list(CLASS_NAMES),
+        "split": split,
+        "sampling": settings.sampling,
+        "seed": settings.seed,
+        "class_distribution": {k: v["class_fraction"] for k, v in splits_info.items()},
+        "splits": splits_info,
+        "normalisation": normaliser.to_dict(),
+        "inputs": inputs,
+        "config": config_hash,
+    })
+    _swap_in(partial, out)
+    report.seconds = time.perf_counter() - start
+    train, val = splits_info["train"], splits_info["validation"]
+    fractions = ", ".join(f"{n} {f:.1%}" for n, f in zip(CLASS_NAMES, train["class_fraction"]))
+    report.note = (report.note + "; " if report.note else "") + (
+        f"{train['patches']} train patches ({len(train['dates'])} scenes), {val['patches']} validation "
+        f"({len(val['dates'])} scenes); train classes: {fractions}")
+    return report
