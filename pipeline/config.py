@@ -181,6 +181,13 @@ EXPECTED = {
     "dict_type": "expected a mapping of keys",
 }
 
+BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
+
 
 def _format_error(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
@@ -197,6 +204,9 @@ def _format_error(error: dict[str, Any]) -> str:
         return f"{path}: {EXPECTED[kind]}, got {_describe(error.get('input'))}"
     if kind == "literal_error":
         return f"{path}: expected one of {error['ctx']['expected']}, got {_describe(error.get('input'))}"
+    if kind in BOUNDS:
+        symbol, key = BOUNDS[kind]
+        return f"{path}: expected a number {symbol} {error['ctx'][key]}, got {_describe(error.get('input'))}"
     if kind == "value_error":
         return f"{path}: {error['ctx']['error']}"
     return f"{path}: {error['msg'].lower()}, got {_describe(error.get('input'))}"

@@ -1,0 +1,161 @@
+"""The `snowpipe` command: validate, demo-data, run, stage. User errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.config import check_data_folders, load_config
+from pipeline.data.layout import discover_scenes
+from pipeline.errors import ConfigError, SnowpipeError
+from pipeline.progress import say
+
+
+def _stage_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.runner import select_stages
+
+    config = load_config(args.config)
+    stages, unavailable = select_stages(config)
+    problems = check_data_folders(config, stages)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    found = ""
+    if config.path("extracted_data").is_dir():
+        scenes = discover_scenes(config.path("extracted_data"), config.tile_id, config.dates)
+        found = f", {len(scenes)} scene(s)"
+    note = f" (enabled but not in this version: {', '.join(unavailable)})" if unavailable else ""
+    print(f"{args.config or 'pipeline-config.yml'} is valid: tile {config.tile_id}{found}, "
+          f"stages: {', '.join(stages) or 'none'}{note}")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from pipeline.demo import generate_demo
+    from pipeline.demo.config_file import write_demo_config
+    from pipeline.progress import make_progress
+
+    with make_progress() as progress:
+        bar = progress.add_task("demo-data: scenes", total=args.scenes)
+
+        def on_scene(done: int, total: int, date: str) -> None:
+            progress.update(bar, completed=done, description=f"demo-data: {date}")
+
+        summary = generate_demo(Path(args.out), scenes=args.scenes, size=args.size, tile=args.tile,
+                                seed=args.seed, progress=on_scene)
+    config_path = write_demo_config(summary)
+    say(f"demo-data: {len(summary.dates)} scene(s) of {args.size} px, tile {args.tile} -> {args.out}")
+    say(f"next: snowpipe run {config_path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_stages, select_stages
+
+    config = load_config(args.config)
+    stages, unavailable = select_stages(config, args.stages)
+    if unavailable:
+        say(f"note: {', '.join(unavailable)} enabled in the config but not part of this version; skipped")
+    if not stages:
+        say("nothing to run: no available stage is enabled (see the `enable` keys in the config)")
+        return 0
+    reports = run_stages(config, stages, force=args.force)
+    return 1 if any(r.failed for r in reports) else 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from pipeline.runner import STAGES, run_stages, scene_for_task
+
+    config = load_config(args.config)
+    if args.name not in STAGES:
+        from pipeline.runner import _unknown
+
+        raise _unknown(args.name)
+    dates = scene_for_task(config, args.scene) if STAGES[args.name].info.per_scene else None
+    if args.scene and not STAGES[args.name].info.per_scene:
+        raise ConfigError(f"stage {args.name} runs over all scenes at once; drop --scene")
+    reports = run_stages(config, [args.name], dates=dates, force=args.force)
+    return 1 if any(r.failed for r in reports) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="snowpipe",
+        description="Sentinel-2 snow / cloud / water segmentation pipeline, from a laptop to a SLURM cluster.",
+    )
+    parser.add_argument("--version", action="version", version=f"snowpipe {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check pipeline-config.yml; exit 0 when valid, 2 otherwise",
+                       description="Check pipeline-config.yml: keys, types, dates, data folders.")
+    p.add_argument("config", nargs="?", help="config file (default: ./pipeline-config.yml)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("demo-data", help="write synthetic Sentinel-2 scenes, truth and a ready config",
+                       description="Write synthetic extracted_data (13-band JPEG 2000 SAFE products, ExoLabs, "
+                                   "auxiliary rasters), OUT/truth/ and OUT/pipeline-config.yml.")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--scenes", type=int, default=3, help="number of scenes (default 3)")
+    p.add_argument("--size", type=int, default=480, help="scene size in 10 m pixels (10980 = a full tile)")
+    p.add_argument("--tile", default="32TNS", help="Sentinel-2 tile id (default 32TNS)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same data")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("run", help="run the enabled stages locally, in order",
+                       description="Run the stages enabled in the config (or --stages) on this machine.")
+    p.add_argument("config", nargs="?", help="config file (default: ./pipeline-config.yml)")
+    p.add_argument("--stages", type=_stage_list, help="comma-separated stages, e.g. annotate,dataset")
+    p.add_argument("--force", action="store_true", help="redo outputs that are already complete")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stage", help="run one stage (what SLURM batch scripts call)",
+                       description="Run one stage. Per-scene stages take --scene DATE or, in a job array, "
+                                   "the scene at index $SLURM_ARRAY_TASK_ID.")
+    p.add_argument("name", help="stage name: annotate, dataset")
+    p.add_argument("config", nargs="?", help="config file (default: ./pipeline-config.yml)")
+    p.add_argument("--config", dest="config_option", help="config file (same as the positional argument)")
+    p.add_argument("--scene", help="scene date key YYYYMMDDTHHMMSS (per-scene stages)")
+    p.add_argument("--force", action="store_true", help="redo outputs that are already complete")
+    p.set_defaults(func=cmd_stage)
+    return parser
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.command == "demo-data":
+        if args.scenes < 1:
+            raise ConfigError(f"--scenes must be at least 1, got {args.scenes}")
+        if args.size < 60:
+            raise ConfigError(f"--size must be at least 60 pixels, got {args.size}")
+    if getattr(args, "config_option", None):
+        args.config = args.config_option
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_numbers(args)
+        return args.func(args)
+    except SnowpipeError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept, unfinished ones were not written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user error: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The ready-to-run OUT/pipeline-config.yml that `snowpipe demo-data` writes beside the demo scenes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.config import parse_config
+from pipeline.data.writer import atomic_path
+
+TEMPLATE = """\
+# Demo pipeline config written by `snowpipe demo-data` ({scenes} synthetic scenes of {size} px).
+# Every key is explained in the pipeline-config.yml at the root of the snowpipe repository.
+# Paths are relative to this file's folder. Settings are small so that the whole pipeline runs on a
+# 2-core CPU in a few minutes.
+tile_id: {tile}
+dates: []                       # [] = every scene found in extracted_data
+
+paths:
+  extracted_data: extracted_data
+  annotated_masks: annotated_masks
+  dataset: dataset
+  results: results
+  work: work
+
+download:
+  enable: false                 # the demo data is already here
+
+annotation:
+  enable: true
+  workers: 2                    # scenes annotated in parallel
+  on_scene_error: fail
+  water: true
+  glacier: true
+  exolabs_snow: true
+  clouds: true
+  cloud_detection:
+    threshold: 0.4
+    average_over: 4
+    dilation_size: 2
+    resolution: 10              # metres: 10 as the thesis, or 20 / 60 (faster)
+    window: 512
+
+dataset:
+  enable: true
+  patch_size: {patch}
+  patches_per_scene: {patches}
+  sampling: balanced
+  split: scene
+  validation_fraction: 0.25
+  validation_dates: []
+  include_dem: true
+  seed: 42
+  on_scene_error: fail
+  normalisation:
+    method: log_percentile
+    low_percentile: 30
+    high_percentile: 70
+
+training:
+  enable: true
+
+inference:
+  enable: true
+
+testing:
+  enable: true
+"""
+
+
+class DemoLike(Protocol):
+    out: Path
+    tile: str
+    size: int
+    dates: list[str]
+
+
+def demo_config_text(summary: DemoLike) -> str:
+    patch = 64 if summary.size < 1024 else 256
+    patches = max(8, min(512, (summary.size // patch) ** 2 // 2))
+    return TEMPLATE.format(
+        scenes=len(summary.dates), size=summary.size, tile=summary.tile, patch=patch, patches=patches
+    )
+
+
+def write_demo_config(summary: DemoLike) -> Path:
+    """Write OUT/pipeline-config.yml (validated before it is written) and return its path."""
+    import yaml
+
+    text = demo_config_text(summary)
+    parse_config(yaml.safe_load(text), Path(summary.out))
+    target = Path(summary.out) / "pipeline-config.yml"
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+    return target

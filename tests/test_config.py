@@ -1,0 +1,116 @@
+"""pipeline-config.yml: every mistake is named with its key path, what was expected, and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from pipeline.config import PipelineConfig, check_data_folders, load_config
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline-config.yml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("tile_id: 32TNS\ntraining:\n  enable: perhaps\n",
+     "training.enable: expected true or false, got 'perhaps'"),
+    ("tile_id: 32TNS\nannotation:\n  cloud_detection:\n    treshold: 0.3\n",
+     "annotation.cloud_detection.treshold: unknown key; valid keys in annotation.cloud_detection: "
+     "threshold, average_over, dilation_size, resolution, window"),
+    ("tile_id: 32TNS\nstages: [annotate]\n",
+     "stages: unknown key; valid keys in the top level: tile_id, dates, paths, download, annotation, "
+     "dataset, training, inference, testing"),
+    ("tile_id: 32TNS\ndataset:\n  split: random\n", "dataset.split: expected one of 'scene' or 'patch', got 'random'"),
+    ("tile_id: 32TNS\ndataset:\n  patch_size: 25.5\n", "dataset.patch_size: expected a whole number, got 25.5"),
+    ("tile_id: 32TNS\ndataset:\n  patch_size: 8\n", "dataset.patch_size: expected a number >= 16, got 8"),
+    ("tile_id: 32TNS\ndates: ['2021-01-11']\n",
+     "dates: expected dates like 20210111T102309 (YYYYMMDDTHHMMSS), got '2021-01-11'"),
+    ("tile_id: TNS32\n", "tile_id: expected a Sentinel-2 tile id such as 32TNS, got 'TNS32'"),
+    ("dates: []\n", "tile_id: required key is missing"),
+    ("tile_id: 32TNS\npaths: data\n", "paths: expected a mapping of keys, got 'data'"),
+    ("tile_id: 32TNS\nannotation:\n  cloud_detection:\n    resolution: 30\n",
+     "annotation.cloud_detection.resolution: expected one of 10, 20 or 60, got 30"),
+])
+def test_each_mistake_is_named_with_its_key_path(tmp_path, text, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    assert message in str(error.value)
+
+
+def test_all_problems_are_listed_at_once(tmp_path):
+    with pytest.raises(ConfigError, match=r"\(2 problem\(s\)\)") as error:
+        load_config(write(tmp_path, "tile_id: 32TNS\ntraining: {enable: 1}\ndataset: {seed: x}\n"))
+    assert "training.enable" in str(error.value) and "dataset.seed" in str(error.value)
+
+
+def test_yaml_syntax_errors_give_the_line(tmp_path):
+    with pytest.raises(ConfigError, match="line 2: not valid YAML: mapping values are not allowed here"):
+        load_config(write(tmp_path, "tile_id: 32TNS\n  bad_indent: 1\n"))
+
+
+def test_an_empty_or_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="is empty: it needs at least tile_id"):
+        load_config(write(tmp_path, ""))
+    with pytest.raises(ConfigError, match="not found: pass its path .* `snowpipe demo-data OUT`"):
+        load_config(tmp_path / "nope.yml")
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    config = load_config(write(tmp_path, "tile_id: 32TNS\npaths:\n  dataset: ../elsewhere/ds\n"))
+    assert config.path("dataset") == (tmp_path.parent / "elsewhere" / "ds").resolve()
+    assert config.path("extracted_data") == tmp_path / "extracted_data"
+    assert config.resolved()["paths"]["annotated_masks"] == str(tmp_path / "annotated_masks")
+
+
+def test_missing_data_folders_are_named_with_the_fix(tmp_path):
+    config = load_config(write(tmp_path, "tile_id: 32TNS\n"))
+    problems = check_data_folders(config, ["annotate", "dataset"])
+    assert len(problems) == 1 and "paths.extracted_data: folder" in problems[0]
+    assert "snowpipe demo-data OUT" in problems[0]
+    problems = check_data_folders(config, ["dataset"])
+    assert any("paths.annotated_masks" in p and "annotation.enable: true" in p for p in problems)
+
+
+def _keys(model: type[BaseModel]) -> set[str]:
+    names = set()
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        names.add(name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names |= _keys(field.annotation)
+    return names
+
+
+def test_the_root_config_is_valid_and_documents_every_key():
+    config = load_config(ROOT / "pipeline-config.yml")
+    assert config.tile_id == "32TNS"
+    text = (ROOT / "pipeline-config.yml").read_text()
+    missing = sorted(key for key in _keys(PipelineConfig) if f"{key}:" not in text)
+    assert not missing, f"keys not documented in pipeline-config.yml: {missing}"
+
+
+def test_the_cli_exits_2_with_plain_lines_and_no_traceback(tmp_path):
+    bad = write(tmp_path, "tile_id: 32TNS\ntraining:\n  enable: perhaps\n")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(bad)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "training.enable: expected true or false, got 'perhaps'" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_validate_reports_a_missing_data_folder_with_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(write(tmp_path, "tile_id: 32TNS\n"))],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "paths.extracted_data: folder" in result.stderr
+    assert "Traceback" not in result.stderr
