@@ -1,0 +1,144 @@
+"""The demo-data generator: plans a season of scenes and writes them in the extracted_data layout."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bands import AUX_FILES, BAND_RESOLUTION, BANDS, NODATA
+from pipeline.data.tiles import is_tile_id
+from pipeline.demo.rasters import write_geotiff, write_jp2
+from pipeline.demo.render import (
+    SceneSpec,
+    Swath,
+    band_reflectance,
+    band_valid,
+    exolabs_map,
+    make_fields,
+    to_dn,
+    truth_map,
+)
+from pipeline.demo.terrain import Terrain, make_terrain
+from pipeline.errors import SnowpipeError
+
+FIRST_SENSING = datetime(2021, 12, 20, 10, 23, 9)
+BASELINE_04_START = datetime(2022, 1, 25)
+SEASON_DAYS = 160  # December to late May
+RELATIVE_ORBIT = 65
+MAX_SIZE = 10980
+
+
+def plan_scenes(count: int, seed: int) -> list[SceneSpec]:
+    """Scenes every ~3 weeks from late December: both processing baselines, a snow line rising into spring."""
+    step = min(24, SEASON_DAYS // max(1, count - 1))
+    specs = []
+    for index in range(count):
+        rng = np.random.default_rng([seed, index])
+        sensing = FIRST_SENSING + timedelta(days=index * step, seconds=int(rng.integers(0, 120)))
+        spring = min(1.0, max(0.0, (sensing - datetime(2022, 1, 15)).days / 120))
+        fraction, ratio = rng.uniform(0.05, 0.25), math.exp(rng.uniform(math.log(0.5), math.log(2)))
+        specs.append(
+            SceneSpec(
+                seed=seed,
+                index=index,
+                sensing=sensing,
+                baseline="N0301" if sensing < BASELINE_04_START else "N0400",
+                snow_line=1400 + 1200 * spring**1.3 + rng.normal(0, 80),
+                snow_age=min(1.0, 0.15 + 0.7 * spring + rng.uniform(0, 0.15)),
+                cloud_cover=rng.uniform(0.12, 0.45),
+                cirrus=bool(rng.random() < 0.4),
+                swath=Swath(
+                    int(rng.integers(4)), math.sqrt(2 * fraction * ratio), math.sqrt(2 * fraction / ratio)
+                ),
+            )
+        )
+    return specs
+
+
+@dataclass
+class DemoSummary:
+    out: Path
+    tile: str
+    size: int
+    dates: list[str]
+
+
+def generate_demo(
+    out: Path,
+    *,
+    scenes: int = 3,
+    size: int = 480,
+    tile: str = "32TNS",
+    seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> DemoSummary:
+    """Write OUT/extracted_data (auxiliary layers, ExoLabs, L1C SAFE folders) and OUT/truth/."""
+    if scenes < 1:
+        raise SnowpipeError(f"demo-data: --scenes must be at least 1, got {scenes}")
+    if not 60 <= size <= MAX_SIZE:
+        raise SnowpipeError(
+            f"demo-data: --size must be between 60 and {MAX_SIZE} px (a full tile), got {size}"
+        )
+    if not is_tile_id(tile):
+        raise SnowpipeError(f"demo-data: --tile must be a Sentinel-2 tile id such as 32TNS, got {tile!r}")
+    out = Path(out)
+    extracted = out / "extracted_data"
+    terrain = make_terrain(size, seed)
+    _write_auxiliary(extracted / f"{tile}_auxiliary_data", terrain, tile)
+    specs = plan_scenes(scenes, seed)
+    for done, spec in enumerate(specs, start=1):
+        _write_scene(out, terrain, spec, tile)
+        if progress is not None:
+            progress(done, len(specs), spec.date_key)
+    return DemoSummary(out=out, tile=tile, size=size, dates=[spec.date_key for spec in specs])
+
+
+def _write_auxiliary(folder: Path, terrain: Terrain, tile: str) -> None:
+    write_geotiff(folder / f"{tile}_{AUX_FILES['lakes']}", terrain.lakes.astype(np.uint8), tile, 10)
+    write_geotiff(
+        folder / f"{tile}_{AUX_FILES['surface_water']}", terrain.surface_water30().astype(np.uint8), tile, 30
+    )
+    write_geotiff(folder / f"{tile}_{AUX_FILES['glacier']}", terrain.glacier.astype(np.uint8), tile, 30)
+    write_geotiff(folder / f"{tile}_{AUX_FILES['dem']}", np.rint(terrain.dem).astype(np.int16), tile, 30)
+
+
+def _write_scene(out: Path, terrain: Terrain, spec: SceneSpec, tile: str) -> None:
+    """Truth and ExoLabs first, the SAFE folder last and in one rename: a visible SAFE means a whole scene."""
+    fields = make_fields(terrain, spec)
+    write_geotiff(out / "truth" / f"{spec.date_key}.tif", truth_map(fields), tile, 10, nodata=NODATA)
+    day = spec.sensing.strftime("%Y-%m-%d")
+    exo_path = out / "extracted_data" / "ExoLabs_classification_S2" / f"S2_{tile}_{day}_classification.tif"
+    write_geotiff(exo_path, exolabs_map(fields), tile, 20)
+    safe = out / "extracted_data" / safe_name(spec, tile)
+    partial = safe.with_name(f".{safe.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    img_data = partial / "GRANULE" / granule_name(spec, tile) / "IMG_DATA"
+    for band in BANDS:
+        dn = to_dn(band_reflectance(fields, band), band_valid(fields, band), spec.offset)
+        write_jp2(img_data / f"T{tile}_{spec.date_key}_{band}.jp2", dn, tile, BAND_RESOLUTION[band])
+    shutil.rmtree(safe, ignore_errors=True)
+    os.replace(partial, safe)
+
+
+def satellite(spec: SceneSpec) -> str:
+    return "S2A" if spec.index % 2 == 0 else "S2B"
+
+
+def safe_name(spec: SceneSpec, tile: str) -> str:
+    processed = (spec.sensing + timedelta(hours=2, minutes=4)).strftime("%Y%m%dT%H%M%S")
+    mission = f"{satellite(spec)}_MSIL1C_{spec.date_key}_{spec.baseline}_R{RELATIVE_ORBIT:03d}"
+    return f"{mission}_T{tile}_{processed}.SAFE"
+
+
+def granule_name(spec: SceneSpec, tile: str) -> str:
+    """Absolute orbit from the satellite's orbit count (about 14.3 orbits a day)."""
+    first_orbit = 33_950 if satellite(spec) == "S2A" else 25_120
+    absolute = first_orbit + round((spec.sensing - FIRST_SENSING).total_seconds() / 86400 * 14.3)
+    return f"L1C_T{tile}_A{absolute:06d}_{spec.date_key}"
