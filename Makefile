@@ -1,0 +1,53 @@
+# snowpipe: set-up, demo and tests. `make demo` and `make test` install what they need
+# (Debian packages when run as root, a virtual environment in .venv, the CPU build of torch first).
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+SNOWPIPE    := $(VENV)/bin/snowpipe
+STAMP       := $(VENV)/.snowpipe-installed
+TORCH_SPEC  ?= torch==2.13.0
+DEMO        ?= demo
+DEMO_ARGS   ?= --scenes 3 --size 480
+PYTEST_ARGS ?=
+SYSTEM_PACKAGES := python3 python3-venv python3-dev rsync openssh-client
+
+.PHONY: setup system-deps demo test lint bench clean
+
+setup: $(STAMP)
+
+system-deps:
+	@if command -v dpkg >/dev/null 2>&1; then \
+	  missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (as root: apt-get install -y$$missing)"; exit 1; fi; \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
+	fi
+
+$(PY): | system-deps
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(SNOWPIPE) demo-data $(DEMO) $(DEMO_ARGS)
+	$(SNOWPIPE) run $(DEMO)/pipeline-config.yml
+	$(PY) bench/annotation_quality.py $(DEMO)
+	@echo "results: $(DEMO)/annotated_masks/ (masks), $(DEMO)/dataset/manifest.json (dataset)"
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline tests bench
+
+test: setup lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/annotate_scene.py
+
+clean:
+	rm -rf $(DEMO) build .pytest_cache .ruff_cache

@@ -1,0 +1,47 @@
+"""Score the annotate stage's masks of a demo folder against the demo's true class maps.
+
+usage: python bench/annotation_quality.py DEMO_DIR     (after `snowpipe run DEMO_DIR/pipeline-config.yml`)
+Prints IoU per class and scene, and overall; reads both rasters in windows.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from pipeline.bands import CLASS_NAMES
+from pipeline.metrics import class_scores, confusion_matrix
+
+
+def scene_matrix(mask_path: Path, truth_path: Path) -> np.ndarray:
+    total = np.zeros((4, 4), np.int64)
+    with rasterio.open(mask_path) as mask, rasterio.open(truth_path) as truth:
+        for _, window in mask.block_windows(1):
+            total += confusion_matrix(mask.read(1, window=window), truth.read(1, window=window))
+    return total
+
+
+def main(demo: Path) -> int:
+    overall = np.zeros((4, 4), np.int64)
+    print(f"{'scene':<17}" + "".join(f"{name:>12}" for name in CLASS_NAMES) + "   (IoU vs truth)")
+    for truth_path in sorted((demo / "truth").glob("*.tif")):
+        mask_path = demo / "annotated_masks" / truth_path.stem / "mask.tif"
+        if not mask_path.is_file():
+            print(f"{truth_path.stem:<17} no mask (run the annotate stage first)")
+            continue
+        matrix = scene_matrix(mask_path, truth_path)
+        overall += matrix
+        scores = class_scores(matrix)
+        print(f"{truth_path.stem:<17}" + "".join(f"{scores[n]['iou']:>12.3f}" for n in CLASS_NAMES))
+    scores = class_scores(overall)
+    print(f"{'all scenes':<17}" + "".join(f"{scores[n]['iou']:>12.3f}" for n in CLASS_NAMES))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    sys.exit(main(Path(sys.argv[1])))
