@@ -47,10 +47,9 @@ class Grid:
             "transform": self.transform,
             "compress": "deflate",
             "nodata": nodata,
+            "tiled": True,
         }
-        if self.width >= 256 and self.height >= 256:
-            profile.update(tiled=True, blockxsize=256 if min(self.width, self.height) < 512 else 512)
-            profile["blockysize"] = profile["blockxsize"]
+        profile["blockxsize"] = profile["blockysize"] = 512 if min(self.width, self.height) >= 512 else 256
         return profile
 
 

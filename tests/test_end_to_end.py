@@ -1,0 +1,94 @@
+"""A researcher's first session: demo data, `snowpipe run`, masks that agree with the truth, a dataset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+
+from pipeline.metrics import class_scores, confusion_matrix
+
+pytestmark = pytest.mark.slow
+
+
+def snowpipe(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = snowpipe("demo-data", str(out), "--scenes", "3", "--size", "240", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    result = snowpipe("run", str(out / "pipeline-config.yml"), "--stages", "annotate,dataset")
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_masks_lie_on_the_scene_grid_and_agree_with_the_truth(demo):
+    out, _ = demo
+    matrix = np.zeros((4, 4), np.int64)
+    for truth_path in sorted((out / "truth").glob("*.tif")):
+        date = truth_path.stem
+        b02 = next((out / "extracted_data").glob(f"*_{date}_*.SAFE/GRANULE/*/IMG_DATA/*_B02.jp2"))
+        with rasterio.open(out / "annotated_masks" / date / "mask.tif") as mask, rasterio.open(b02) as band, \
+                rasterio.open(truth_path) as truth:
+            assert (mask.crs, mask.transform, mask.shape) == (band.crs, band.transform, band.shape)
+            assert mask.dtypes[0] == "uint8" and mask.nodata == 255 and mask.profile["tiled"]
+            predicted, reference = mask.read(1), truth.read(1)
+        assert ((predicted == 255) >= (reference == 255)).all()  # outside the swath is never labelled
+        matrix += confusion_matrix(predicted, reference)
+    scores = class_scores(matrix)
+    assert scores["snow"]["iou"] >= 0.75
+    assert scores["water"]["iou"] >= 0.75
+    assert scores["clouds"]["iou"] >= 0.55  # the real s2cloudless model finds the synthetic clouds
+
+
+def test_the_dataset_manifest_describes_a_scene_split(demo):
+    out, result = demo
+    manifest = json.loads((out / "dataset" / "manifest.json").read_text())
+    train, val = manifest["splits"]["train"], manifest["splits"]["validation"]
+    assert manifest["split"] == "scene" and train["patches"] > 0 and val["patches"] > 0
+    assert not set(train["dates"]) & set(val["dates"])
+    assert len(manifest["normalisation"]["low"]) == 13 and manifest["channels"][-1] == "DEM"
+    images = np.load(out / "dataset" / "train_images.npy", mmap_mode="r")
+    assert images.shape[0] == train["patches"] and np.isfinite(images).all()
+    assert "dataset: 3 done" in result.stderr and "annotate: 3 done" in result.stderr
+
+
+def test_a_second_run_skips_complete_outputs_and_force_redoes_them(demo):
+    out, _ = demo
+    config = str(out / "pipeline-config.yml")
+    again = snowpipe("run", config, "--stages", "annotate,dataset")
+    assert again.returncode == 0
+    assert "annotate: 0 done, 3 already complete" in again.stderr
+    assert "dataset: 0 done, 3 already complete" in again.stderr
+    date = sorted(p.stem for p in (out / "truth").glob("*.tif"))[1]
+    one = snowpipe("stage", "annotate", config, "--scene", date, "--force")
+    assert one.returncode == 0 and "annotate: 1 done" in one.stderr
+
+
+def test_a_slurm_array_task_annotates_the_scene_at_its_index(demo):
+    out, _ = demo
+    dates = sorted(p.stem for p in (out / "truth").glob("*.tif"))
+    env_run = subprocess.run([sys.executable, "-m", "pipeline", "stage", "annotate",
+                              str(out / "pipeline-config.yml"), "--force"],
+                             capture_output=True, text=True, env={**__import__("os").environ,
+                                                                  "SLURM_ARRAY_TASK_ID": "2"})
+    assert env_run.returncode == 0, env_run.stderr
+    assert dates[2] in env_run.stderr and dates[0] not in env_run.stderr
+
+
+def test_unknown_stages_and_dates_are_plain_errors(demo):
+    out, _ = demo
+    config = str(out / "pipeline-config.yml")
+    result = snowpipe("run", config, "--stages", "annotate,train")
+    assert result.returncode == 2 and "stage 'train' is not available in this version" in result.stderr
+    result = snowpipe("stage", "annotate", config, "--scene", "20990101T000000")
+    assert result.returncode == 1 and "20990101T000000 in the config match no scene" in result.stderr
