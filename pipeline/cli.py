@@ -69,16 +69,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from pipeline.runner import STAGES, run_stages, scene_for_task
+    from pipeline.runner import STAGES, run_stages, scene_for_task, unknown_stage
 
     config = load_config(args.config)
     if args.name not in STAGES:
-        from pipeline.runner import _unknown
-
-        raise _unknown(args.name)
-    dates = scene_for_task(config, args.scene) if STAGES[args.name].info.per_scene else None
-    if args.scene and not STAGES[args.name].info.per_scene:
+        raise unknown_stage(args.name)
+    per_scene = STAGES[args.name].info.per_scene
+    if args.scene and not per_scene:
         raise ConfigError(f"stage {args.name} runs over all scenes at once; drop --scene")
+    dates = scene_for_task(config, args.scene) if per_scene else None
     reports = run_stages(config, [args.name], dates=dates, force=args.force)
     return 1 if any(r.failed for r in reports) else 0
 
@@ -126,12 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    if args.command == "demo-data":
-        if args.scenes < 1:
-            raise ConfigError(f"--scenes must be at least 1, got {args.scenes}")
-        if args.size < 60:
-            raise ConfigError(f"--size must be at least 60 pixels, got {args.size}")
+def _merge_config_option(args: argparse.Namespace) -> None:
+    """`snowpipe stage NAME --config PATH` (what batch scripts write) equals the positional form."""
     if getattr(args, "config_option", None):
         args.config = args.config_option
 
@@ -139,7 +134,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _check_numbers(args)
+        _merge_config_option(args)
         return args.func(args)
     except SnowpipeError as exc:
         if args.debug:

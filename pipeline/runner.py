@@ -37,7 +37,7 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def _unknown(name: str) -> SnowpipeError:
+def unknown_stage(name: str) -> SnowpipeError:
     if name in PIPELINE_ORDER:
         return ConfigError(f"stage {name!r} is not available in this version of snowpipe; "
                            f"available: {', '.join(STAGES)}")
@@ -49,7 +49,7 @@ def select_stages(config: PipelineConfig, requested: list[str] | None = None) ->
     if requested:
         for name in requested:
             if name not in STAGES:
-                raise _unknown(name)
+                raise unknown_stage(name)
         return [name for name in STAGES if name in requested], []
     enabled = [name for name, section in PIPELINE_ORDER.items() if getattr(config, section).enable]
     return [n for n in enabled if n in STAGES], [n for n in enabled if n not in STAGES]
