@@ -43,6 +43,8 @@ def test_masks_lie_on_the_scene_grid_and_agree_with_the_truth(demo):
             assert mask.dtypes[0] == "uint8" and mask.nodata == 255 and mask.profile["tiled"]
             predicted, reference = mask.read(1), truth.read(1)
         assert ((predicted == 255) >= (reference == 255)).all()  # outside the swath is never labelled
+        with rasterio.open(out / "annotated_masks" / date / "preview.png") as preview:
+            assert preview.driver == "PNG" and (preview.width, preview.height) == (2 * 240 + 8, 240)
         matrix += confusion_matrix(predicted, reference)
     scores = class_scores(matrix)
     assert scores["snow"]["iou"] >= 0.75

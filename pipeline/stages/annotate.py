@@ -18,6 +18,7 @@ from pipeline.bands import CLOUDS, EXO_NO_DATA, EXO_SNOW, NODATA, SNOW, WATER
 from pipeline.config import Annotation, PipelineConfig
 from pipeline.data.grid import Tile, iter_tiles
 from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
+from pipeline.data.preview import write_mask_preview
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster
 from pipeline.errors import SnowpipeError
@@ -76,7 +77,7 @@ def annotate_window(reader: SceneReader, tile: Tile, settings: Annotation,
 
 def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, threads: int = 0,
                    on_window: ProgressCallback | None = None) -> SceneOutcome:
-    """Write {annotated_masks}/{date}/mask.tif and coverage.tif, then the completion record."""
+    """Write {annotated_masks}/{date}/mask.tif, coverage.tif, preview.png, then the completion record."""
     start = time.perf_counter()
     settings = config.annotation
     auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
@@ -103,6 +104,7 @@ def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, th
                 counts += np.bincount(mask.ravel(), minlength=256)
                 if on_window:
                     on_window(done, len(tiles))
+        write_mask_preview(out_dir / "preview.png", reader, out_dir / "mask.tif")
     valid = counts[:4].sum()
     details = {
         "coverage": round(float(valid / counts.sum()), 4),

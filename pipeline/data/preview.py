@@ -1,0 +1,56 @@
+"""PNG quicklooks: true colour beside the class mask, where a person would rather look than read."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from pipeline.bands import BANDS, NODATA
+from pipeline.data.reader import SceneReader
+from pipeline.data.writer import atomic_path
+
+# background, snow, clouds, water; no data is black.
+CLASS_COLOURS = np.array([[34, 120, 34], [0, 220, 255], [255, 0, 200], [20, 40, 220]], np.uint8)
+MAX_SIDE = 1024
+
+
+def true_colour(reflectance: np.ndarray, top: float = 1.0, gamma: float = 0.5) -> np.ndarray:
+    """(3, h, w) uint8 from B04, B03, B02 reflectance; the gamma keeps dark valleys and bright snow apart."""
+    rgb = reflectance[[BANDS.index("B04"), BANDS.index("B03"), BANDS.index("B02")]]
+    return (np.clip(rgb / top, 0, 1) ** gamma * 255).astype(np.uint8)
+
+
+def colourise(mask: np.ndarray) -> np.ndarray:
+    out = np.zeros((3, *mask.shape), np.uint8)
+    for cls, colour in enumerate(CLASS_COLOURS):
+        out[:, mask == cls] = colour[:, None]
+    return out
+
+
+def write_png(target: Path, image: np.ndarray) -> None:
+    with atomic_path(target) as tmp:
+        with rasterio.open(tmp, "w", driver="PNG", width=image.shape[2], height=image.shape[1], count=3,
+                           dtype="uint8") as png:
+            png.write(image)
+        tmp.with_name(tmp.name + ".aux.xml").unlink(missing_ok=True)
+
+
+def write_mask_preview(target: Path, reader: SceneReader, mask_path: Path) -> None:
+    """True colour (left) and mask (right), at most MAX_SIDE px high, read decimated (cheap)."""
+    grid = reader.grid
+    factor = max(1, math.ceil(max(grid.width, grid.height) / MAX_SIDE))
+    coarse = grid.scaled(factor)
+    reflectance, valid = reader.read_bands(Window(0, 0, coarse.width, coarse.height), factor=factor)
+    with rasterio.open(mask_path) as src:
+        mask = src.read(1, out_shape=(coarse.height, coarse.width), resampling=Resampling.nearest)
+    rgb = true_colour(reflectance)
+    rgb[:, ~valid] = 0
+    classes = colourise(mask)
+    classes[:, mask == NODATA] = 0
+    gap = np.full((3, coarse.height, 8), 255, np.uint8)
+    write_png(target, np.concatenate([rgb, gap, classes], axis=2))
