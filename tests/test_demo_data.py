@@ -13,7 +13,6 @@ import rasterio
 from pipeline.bands import AUX_FILES, BAND_RESOLUTION, BANDS, BASELINE_04_OFFSET, NODATA
 from pipeline.data.tiles import tile_crs, tile_origin
 from pipeline.demo import generate_demo
-from pipeline.demo.rasters import atomic
 from pipeline.demo.render import band_reflectance, band_valid, make_fields
 from pipeline.demo.scenes import plan_scenes
 from pipeline.demo.terrain import make_terrain
@@ -236,11 +235,3 @@ def test_arguments_are_checked(tmp_path):
     for kwargs in (dict(scenes=0), dict(size=10), dict(tile="nope")):
         with pytest.raises(SnowpipeError):
             generate_demo(tmp_path, **kwargs)
-
-
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "x.tif"
-    with pytest.raises(RuntimeError), atomic(target) as partial:
-        partial.write_bytes(b"half")
-        raise RuntimeError("interrupted")
-    assert list(tmp_path.iterdir()) == []
