@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.transform import Affine, from_origin
+from affine import Affine
 
 from pipeline.data.grid import Grid
 from pipeline.data.tiles import tile_crs, tile_origin
@@ -16,7 +16,7 @@ from pipeline.data.writer import atomic_path, atomic_raster
 def grid_transform(tile: str, res: int) -> Affine:
     """Every grid of a tile shares the upper-left corner; only the pixel size differs."""
     x0, y0 = tile_origin(tile)
-    return from_origin(x0, y0, res, res)
+    return Affine(res, 0.0, x0, 0.0, -res, y0)
 
 
 def write_geotiff(path: Path, array: np.ndarray, tile: str, res: int, nodata: float | None = None) -> None:
