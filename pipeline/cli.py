@@ -71,9 +71,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from pipeline.runner import STAGES, run_stages, scene_for_task, unknown_stage
 
-    config = load_config(args.config)
     if args.name not in STAGES:
         raise unknown_stage(args.name)
+    config = load_config(args.config)
     per_scene = STAGES[args.name].info.per_scene
     if args.scene and not per_scene:
         raise ConfigError(f"stage {args.name} runs over all scenes at once; drop --scene")
@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the scene at index $SLURM_ARRAY_TASK_ID.")
     p.add_argument("name", help="stage name: annotate, dataset")
     p.add_argument("config", nargs="?", help="config file (default: ./pipeline-config.yml)")
-    p.add_argument("--config", dest="config_option", help="config file (same as the positional argument)")
+    p.add_argument("--config", dest="config_option", metavar="PATH",
+                   help="config file (same as the positional argument)")
     p.add_argument("--scene", help="scene date key YYYYMMDDTHHMMSS (per-scene stages)")
     p.add_argument("--force", action="store_true", help="redo outputs that are already complete")
     p.set_defaults(func=cmd_stage)
