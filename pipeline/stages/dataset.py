@@ -164,16 +164,8 @@ def _is_complete(manifest: Path, inputs: str, config_hash: str) -> bool:
     return data.get("inputs") == inputs and data.get("config") == config_hash
 
 
-def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
-    start = time.perf_counter()
-    settings = config.dataset
-    out = config.path("dataset")
-    report = StageReport(INFO.name, output=str(out))
-    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
-    if settings.include_dem and auxiliary.layers.get("dem") is None:
-        folder = auxiliary.folder or config.path("extracted_data")
-        raise DataError(f"the dataset's DEM channel needs {config.tile_id}_30m_DEM_AW3D30.tif in {folder} "
-                        f"(or set dataset.include_dem: false)")
+def _find_scenes(config: PipelineConfig, dates: list[str] | None, report: StageReport) -> list[ScenePlan]:
+    """Scenes with an annotated mask; the others are reported as failed, by date."""
     plans: list[ScenePlan] = []
     masks_root = config.path("annotated_masks")
     for scene in discover_scenes(config.path("extracted_data"), config.tile_id, dates or config.dates):
@@ -184,14 +176,10 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
                 f"run the annotate stage or add the mask")))
         else:
             plans.append(ScenePlan(scene, files))
-    inputs = records.fingerprint([p for plan in plans for p in (*plan.scene.bands.values(), plan.masks.mask,
-                                                                 plan.masks.coverage)])
-    config_hash = config.section_hash("dataset")
-    if not force and not report.failed and _is_complete(out / MANIFEST, inputs, config_hash):
-        report.outcomes = [SceneOutcome(p.scene.date, "skipped") for p in plans]
-        report.seconds = time.perf_counter() - start
-        return report
+    return plans
 
+
+def _scan(plans: list[ScenePlan], config: PipelineConfig, auxiliary: Auxiliary, report: StageReport) -> None:
     with make_progress() as progress:
         bar = progress.add_task("dataset: scanning masks", total=len(plans))
         for plan in list(plans):
@@ -201,16 +189,10 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
                 report.outcomes.append(SceneOutcome(plan.scene.date, "failed", message=failure_message(exc)))
                 plans.remove(plan)
             progress.advance(bar)
-    for outcome in report.failed:
-        say(f"  {outcome.date}: FAILED: {outcome.message}")
-    enforce_policy(report, settings.on_scene_error, "dataset")
-    if not plans:
-        raise DataError("no scene is usable for the dataset (see the messages above)")
 
-    validation, split = split_scenes([p.scene.date for p in plans], settings)
-    if split != settings.split:
-        report.note = "one scene only: patches split at random instead of by scene"
-    rng = np.random.default_rng(settings.seed)
+
+def _choose_positions(plans: list[ScenePlan], validation: set[str], settings: Dataset,
+                      rng: np.random.Generator) -> None:
     train_pixels = sum((p.candidates.counts.sum(0) for p in plans if p.scene.date not in validation),
                        np.zeros(len(CLASS_NAMES), np.int64))
     weights = sampling.class_weights(train_pixels) if settings.sampling == "balanced" else None
@@ -218,13 +200,14 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
         plan.split = "validation" if plan.scene.date in validation else "train"
         # Validation patches are drawn uniformly, so validation metrics see the true class mix.
         use = weights if plan.split == "train" else None
-        plan.positions = sampling.choose(rng, plan.candidates, settings.patches_per_scene,
-                                         settings.patch_size, use)
+        plan.positions = sampling.choose(rng, plan.candidates, settings.patches_per_scene, settings.patch_size, use)
 
-    counts = _assign_rows(plans, split, settings, rng)
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+
+def _write_splits(partial: Path, plans: list[ScenePlan], counts: dict[str, int], config: PipelineConfig,
+                  auxiliary: Auxiliary, rng: np.random.Generator,
+                  report: StageReport) -> tuple[Normaliser, dict[str, dict]]:
+    """Cut all patches into the split arrays, fit the normalisation on the training ones, apply it."""
+    settings = config.dataset
     channels, size = len(BANDS) + int(settings.include_dem), settings.patch_size
     arrays = {name: (open_memmap(partial / f"{name}_images.npy", "w+", np.float16, (n, channels, size, size)),
                      open_memmap(partial / f"{name}_masks.npy", "w+", np.uint8, (n, size, size)))
@@ -242,7 +225,6 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     dem_sample = np.concatenate([s[1] for s in stats]).astype(np.float32) if settings.include_dem else None
     normaliser = Normaliser.fit(bands_sample, dem_sample, settings.normalisation.low_percentile,
                                 settings.normalisation.high_percentile)
-
     splits_info = {}
     for name, (images, masks) in arrays.items():
         _normalise_in_place(images, normaliser, settings.include_dem)
@@ -260,11 +242,50 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
             "class_fraction": [round(p / max(sum(pixels), 1), 6) for p in pixels],
             "positions": [[date, r, c] for _, date, r, c in rows],
         }
-    del arrays, images, masks
+    return normaliser, splits_info
+
+
+def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
+    start = time.perf_counter()
+    settings = config.dataset
+    out = config.path("dataset")
+    report = StageReport(INFO.name, output=str(out))
+    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    if settings.include_dem and auxiliary.layers.get("dem") is None:
+        folder = auxiliary.folder or config.path("extracted_data")
+        raise DataError(f"the dataset's DEM channel needs {config.tile_id}_30m_DEM_AW3D30.tif in {folder} "
+                        f"(or set dataset.include_dem: false)")
+    plans = _find_scenes(config, dates, report)
+    inputs = records.fingerprint([p for plan in plans for p in (*plan.scene.bands.values(), plan.masks.mask,
+                                                                 plan.masks.coverage)])
+    config_hash = config.section_hash("dataset")
+    if not force and plans and _is_complete(out / MANIFEST, inputs, config_hash):
+        report.outcomes += [SceneOutcome(p.scene.date, "skipped") for p in plans]
+    else:
+        _scan(plans, config, auxiliary, report)
+    for outcome in report.failed:
+        say(f"  {outcome.date}: FAILED: {outcome.message}")
+    enforce_policy(report, settings.on_scene_error, "dataset")
+    if report.count("skipped"):
+        report.seconds = time.perf_counter() - start
+        return report
+    if not plans:
+        raise DataError("no scene is usable for the dataset (see the messages above)")
+
+    validation, split = split_scenes([p.scene.date for p in plans], settings)
+    if split != settings.split:
+        report.note = "one scene only: patches split at random instead of by scene"
+    rng = np.random.default_rng(settings.seed)
+    _choose_positions(plans, validation, settings, rng)
+    counts = _assign_rows(plans, split, settings, rng)
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    normaliser, splits_info = _write_splits(partial, plans, counts, config, auxiliary, rng, report)
     write_json(partial / MANIFEST, {
         "version": 1,
         "tile_id": config.tile_id,
-        "patch_size": size,
+        "patch_size": settings.patch_size,
         "channels": normaliser.channels,
         "classes": list(CLASS_NAMES),
         "split": split,
