@@ -139,3 +139,20 @@ def test_auxiliary_layers_are_aligned_to_the_10m_grid(tmp_path):
         layer = reader.read_layer("glacier", FULL)
     assert layer.shape == (SIZE, SIZE)
     assert set(zip(*np.nonzero(layer))) == {(r, c) for r in range(6, 9) for c in range(9, 12)}
+
+
+def test_coverage_without_resampling_matches_the_nearest_footprint_of_every_band(tmp_path):
+    b09 = np.full(band_shape(SIZE, "B09"), 3000, np.uint16)
+    b09[0:2, 7:] = 0  # 60 m no-data: 10 m rows 0..11, cols 42..59
+    b11 = np.full(band_shape(SIZE, "B11"), 3000, np.uint16)
+    b11[20:, 0:3] = 0  # 20 m no-data: 10 m rows 40..59, cols 0..5
+    b02 = np.full((SIZE, SIZE), 3000, np.uint16)
+    b02[30, 30] = 0
+    write_scene(tmp_path, dn={"B09": b09, "B11": b11, "B02": b02})
+    scene = discover_scenes(tmp_path, TILE)[0]
+    expected = np.ones((SIZE, SIZE), bool)
+    expected[0:12, 42:] = expected[40:, 0:6] = expected[30, 30] = False
+    with SceneReader(scene, TILE) as reader:
+        assert np.array_equal(reader.read_valid(FULL), expected)
+        window = Window(5, 7, 41, 37)  # offsets that are not multiples of 2 or 6
+        assert np.array_equal(reader.read_valid(window), expected[7:44, 5:46])

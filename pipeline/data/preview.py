@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from pipeline.bands import BANDS, NODATA
@@ -33,7 +35,8 @@ def colourise(mask: np.ndarray) -> np.ndarray:
 
 
 def write_png(target: Path, image: np.ndarray) -> None:
-    with atomic_path(target) as tmp:
+    with atomic_path(target) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a picture, not a raster
         with rasterio.open(tmp, "w", driver="PNG", width=image.shape[2], height=image.shape[1], count=3,
                            dtype="uint8") as png:
             png.write(image)

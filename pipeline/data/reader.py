@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
@@ -127,6 +128,29 @@ class SceneReader:
         out /= QUANTIFICATION_VALUE
         out[:, ~valid] = 0.0
         return out, valid
+
+    def read_valid(self, window: Window) -> np.ndarray:
+        """Where all 13 bands have data (h, w) on the 10 m grid, without resampling any values.
+
+        Each band is read at its native resolution and its validity repeated onto the 10 m pixels it
+        covers (Sentinel-2 grids share their upper-left corner), which is exact and much cheaper than
+        resampling the bands when only coverage is needed.
+        """
+        row0, col0 = int(window.row_off), int(window.col_off)
+        height, width = int(window.height), int(window.width)
+        valid = np.ones((height, width), bool)
+        for band in BANDS:
+            source = self._sources[band]
+            k = round(source.res[0] / self.grid.resolution)
+            aligned = source.transform.almost_equals(self.grid.transform @ Affine.scale(k))
+            if not aligned:  # an unusual product: fall back to the resampled read
+                return self.read_bands(window)[1]
+            r0, c0 = row0 // k, col0 // k
+            native = Window(c0, r0, (col0 + width - 1) // k - c0 + 1, (row0 + height - 1) // k - r0 + 1)
+            dn = self._read(source, native, source.name)
+            band_valid = np.repeat(np.repeat(dn > 0, k, axis=0), k, axis=1)
+            valid &= band_valid[row0 - r0 * k:row0 - r0 * k + height, col0 - c0 * k:col0 - c0 * k + width]
+        return valid
 
     def read_layer(self, name: str, window: Window, factor: int = 1) -> np.ndarray:
         """An auxiliary layer ('lakes', 'surface_water', 'glacier', 'dem') or 'exolabs' on the grid."""

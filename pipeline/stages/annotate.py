@@ -58,7 +58,7 @@ def annotate_window(reader: SceneReader, tile: Tile, settings: Annotation,
     if detector is not None:
         cloud, valid = detector.mask(reader, tile)
     if valid is None:
-        valid = reader.read_bands(core)[1]
+        valid = reader.read_valid(core)
     mask = np.zeros(valid.shape, np.uint8)
     if settings.water:
         water = (reader.read_layer("lakes", core) == 1) | (reader.read_layer("surface_water", core) == 1)

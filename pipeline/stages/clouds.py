@@ -20,6 +20,9 @@ from pipeline.data.grid import Tile
 from pipeline.data.reader import SceneReader
 
 
+MAX_BLOCK = 2048  # 10 m pixels: keeps the 10 m layers of one window near 100 MB
+
+
 class CloudDetector:
     """One per process: loads the LightGBM model shipped in the s2cloudless wheel once."""
 
@@ -43,8 +46,9 @@ class CloudDetector:
 
     @property
     def block(self) -> int:
-        """Core window size in 10 m pixels (a multiple of the detector's grid factor)."""
-        size = self.settings.window * self.factor
+        """Core window size in 10 m pixels: `window` detector pixels, at most MAX_BLOCK (memory), a multiple
+        of the detector's grid factor."""
+        size = min(self.settings.window * self.factor, max(MAX_BLOCK, self.factor))
         return size - size % self.factor
 
     def probability(self, reflectance: np.ndarray) -> np.ndarray:
