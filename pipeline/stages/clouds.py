@@ -19,7 +19,6 @@ from pipeline.config import CloudDetection
 from pipeline.data.grid import Tile
 from pipeline.data.reader import SceneReader
 
-
 MAX_BLOCK = 2048  # 10 m pixels: keeps the 10 m layers of one window near 100 MB
 
 
