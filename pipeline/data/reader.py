@@ -21,7 +21,7 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from pipeline.bands import BAND_RESOLUTION, BANDS, QUANTIFICATION_VALUE
+from pipeline.bands import BANDS, QUANTIFICATION_VALUE
 from pipeline.data.grid import Grid
 from pipeline.data.layout import Auxiliary, Scene
 from pipeline.data.tiles import tile_crs
@@ -104,20 +104,43 @@ class SceneReader:
         except RasterioError as exc:
             raise SceneError(self.scene.date, f"cannot read {label}: {exc}") from None
 
+    def _shares_corner(self, source: rasterio.DatasetReader) -> bool:
+        """Sentinel-2 band grids share the tile's upper-left corner and differ only in pixel size."""
+        k = source.res[0] / self.grid.resolution
+        return source.crs == self.grid.crs and source.transform.almost_equals(self.grid.transform @ Affine.scale(k))
+
+    def _read_band(self, band: str, window: Window, factor: int) -> np.ndarray:
+        """Digital numbers of one band on the (possibly coarser) grid.
+
+        Coarser than the band: averaged straight from the file, so GDAL decodes JPEG 2000 at a reduced
+        resolution level (about 4x cheaper than decoding every pixel). Finer: a no-data-aware bilinear
+        WarpedVRT. The same grid: a plain windowed read.
+        """
+        source = self._sources[band]
+        target_res = self.grid.resolution * factor
+        if source.res[0] < target_res - 1e-6 and self._shares_corner(source):
+            scale = target_res / source.res[0]
+            native = Window(window.col_off * scale, window.row_off * scale, window.width * scale,
+                            window.height * scale)
+            outside = native.col_off + native.width > source.width or native.row_off + native.height > source.height
+            try:
+                return source.read(1, window=native, out_shape=(int(window.height), int(window.width)),
+                                   resampling=Resampling.average, boundless=outside, fill_value=0)
+            except RasterioError as exc:
+                raise SceneError(self.scene.date, f"cannot read {source.name}: {exc}") from None
+        resampling = Resampling.bilinear if source.res[0] > target_res + 1e-6 else Resampling.average
+        return self._read(self._view(band, source, factor, resampling, 0), window, source.name)
+
     def read_bands(self, window: Window, factor: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Top-of-atmosphere reflectance (13, h, w) float32 and validity (h, w) bool for a window.
 
         DN are converted as real products require: (DN - offset) / 10000 in floating point, where the
         offset is 1000 from processing baseline 04.00 on. DN 0 is no-data: reflectance 0, not valid.
         """
-        target_res = self.grid.resolution * factor
         out: np.ndarray | None = None
         valid: np.ndarray | None = None
         for i, band in enumerate(BANDS):
-            source = self._sources[band]
-            upsample = BAND_RESOLUTION[band] > target_res + 1e-6
-            resampling = Resampling.bilinear if upsample else Resampling.average
-            dn = self._read(self._view(band, source, factor, resampling, 0), window, source.name)
+            dn = self._read_band(band, window, factor)
             if out is None:
                 out = np.zeros((len(BANDS), *dn.shape), np.float32)
                 valid = np.ones(dn.shape, bool)
@@ -142,8 +165,7 @@ class SceneReader:
         for band in BANDS:
             source = self._sources[band]
             k = round(source.res[0] / self.grid.resolution)
-            aligned = source.transform.almost_equals(self.grid.transform @ Affine.scale(k))
-            if not aligned:  # an unusual product: fall back to the resampled read
+            if not self._shares_corner(source):  # an unusual product: fall back to the resampled read
                 return self.read_bands(window)[1]
             r0, c0 = row0 // k, col0 // k
             native = Window(c0, r0, (col0 + width - 1) // k - c0 + 1, (row0 + height - 1) // k - r0 + 1)
