@@ -109,6 +109,19 @@ class SceneReader:
         k = source.res[0] / self.grid.resolution
         return source.crs == self.grid.crs and source.transform.almost_equals(self.grid.transform @ Affine.scale(k))
 
+    def _read_decimated(self, source: rasterio.DatasetReader, window: Window, scale: float) -> np.ndarray:
+        """Average `scale` x `scale` source pixels per output pixel; a last output row or column that
+        overhangs the file (grids coarser than the scene) repeats its neighbour."""
+        height, width = int(window.height), int(window.width)
+        rows = min(height, int((source.height - window.row_off * scale) // scale))
+        cols = min(width, int((source.width - window.col_off * scale) // scale))
+        native = Window(window.col_off * scale, window.row_off * scale, cols * scale, rows * scale)
+        try:
+            dn = source.read(1, window=native, out_shape=(rows, cols), resampling=Resampling.average)
+        except RasterioError as exc:
+            raise SceneError(self.scene.date, f"cannot read {source.name}: {exc}") from None
+        return np.pad(dn, ((0, height - rows), (0, width - cols)), mode="edge")
+
     def _read_band(self, band: str, window: Window, factor: int) -> np.ndarray:
         """Digital numbers of one band on the (possibly coarser) grid.
 
@@ -119,15 +132,7 @@ class SceneReader:
         source = self._sources[band]
         target_res = self.grid.resolution * factor
         if source.res[0] < target_res - 1e-6 and self._shares_corner(source):
-            scale = target_res / source.res[0]
-            native = Window(window.col_off * scale, window.row_off * scale, window.width * scale,
-                            window.height * scale)
-            outside = native.col_off + native.width > source.width or native.row_off + native.height > source.height
-            try:
-                return source.read(1, window=native, out_shape=(int(window.height), int(window.width)),
-                                   resampling=Resampling.average, boundless=outside, fill_value=0)
-            except RasterioError as exc:
-                raise SceneError(self.scene.date, f"cannot read {source.name}: {exc}") from None
+            return self._read_decimated(source, window, target_res / source.res[0])
         resampling = Resampling.bilinear if source.res[0] > target_res + 1e-6 else Resampling.average
         return self._read(self._view(band, source, factor, resampling, 0), window, source.name)
 
