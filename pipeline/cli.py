@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -132,8 +133,14 @@ def _merge_config_option(args: argparse.Namespace) -> None:
         args.config = args.config_option
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SLURM cancels and times out jobs with SIGTERM: unwind normally, so temporary outputs are removed."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         _merge_config_option(args)
         return args.func(args)
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; finished outputs are kept, unfinished ones were not written", file=sys.stderr)
+        print("interrupted: finished outputs are kept, unfinished ones were not written", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not a user error: one line, the traceback on request
         if args.debug:

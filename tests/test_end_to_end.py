@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import rasterio
+import yaml
 
 from pipeline.metrics import class_scores, confusion_matrix
 
@@ -81,7 +85,7 @@ def test_a_slurm_array_task_annotates_the_scene_at_its_index(demo):
     dates = sorted(p.stem for p in (out / "truth").glob("*.tif"))
     env_run = subprocess.run([sys.executable, "-m", "pipeline", "stage", "annotate",
                               str(out / "pipeline-config.yml"), "--force"],
-                             capture_output=True, text=True, env={**__import__("os").environ,
+                             capture_output=True, text=True, env={**os.environ,
                                                                   "SLURM_ARRAY_TASK_ID": "2"})
     assert env_run.returncode == 0, env_run.stderr
     assert dates[2] in env_run.stderr and dates[0] not in env_run.stderr
@@ -94,3 +98,24 @@ def test_unknown_stages_and_dates_are_plain_errors(demo):
     assert result.returncode == 2 and "stage 'train' is not available in this version" in result.stderr
     result = snowpipe("stage", "annotate", config, "--scene", "20990101T000000")
     assert result.returncode == 1 and "20990101T000000 in the config match no scene" in result.stderr
+
+
+def test_a_cancelled_job_leaves_no_file_that_looks_complete(demo):
+    out, _ = demo
+    config = yaml.safe_load((out / "pipeline-config.yml").read_text())
+    config["annotation"]["cloud_detection"]["window"] = 16  # many small windows: slow enough to interrupt
+    slow = out / "slow.yml"
+    slow.write_text(yaml.safe_dump(config))
+    date = sorted(p.stem for p in (out / "truth").glob("*.tif"))[0]
+    folder = out / "annotated_masks" / date
+    job = subprocess.Popen([sys.executable, "-m", "pipeline", "stage", "annotate", str(slow), "--scene", date,
+                            "--force"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(folder.glob(".mask.tif.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)  # what SLURM sends on scancel or at the time limit
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert not list(folder.glob(".*.tmp")) and not (folder / ".snowpipe-complete.json").exists()
+    rerun = snowpipe("stage", "annotate", str(out / "pipeline-config.yml"), "--scene", date)
+    assert rerun.returncode == 0 and "annotate: 1 done" in rerun.stderr

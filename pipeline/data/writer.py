@@ -49,6 +49,13 @@ def atomic_raster(target: Path, profile: dict[str, Any]) -> Iterator[rasterio.io
             yield dataset
 
 
+def remove_temporaries(folder: Path) -> None:
+    """Delete temporary files a killed run left behind (they never look complete, but they take space)."""
+    if folder.is_dir():
+        for stale in folder.glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
+
+
 def write_json(target: Path, data: Any) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

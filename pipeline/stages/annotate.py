@@ -20,7 +20,7 @@ from pipeline.data.grid import Tile, iter_tiles
 from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
 from pipeline.data.preview import write_mask_preview
 from pipeline.data.reader import SceneReader
-from pipeline.data.writer import atomic_raster
+from pipeline.data.writer import atomic_raster, remove_temporaries
 from pipeline.errors import SnowpipeError
 from pipeline.progress import make_progress, say
 from pipeline.stages import records
@@ -87,6 +87,7 @@ def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, th
     if not force and records.is_complete(out_dir, INFO.name, inputs, config_hash):
         return SceneOutcome(scene.date, "skipped")
     records.clear(out_dir)
+    remove_temporaries(out_dir)
     with SceneReader(scene, config.tile_id, auxiliary) as reader:
         grid = reader.grid
         detector = None
