@@ -35,6 +35,7 @@ def demo(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # preview.png is a picture
 def test_masks_lie_on_the_scene_grid_and_agree_with_the_truth(demo):
     out, _ = demo
     matrix = np.zeros((4, 4), np.int64)
