@@ -92,16 +92,57 @@ class Dataset(Section):
     _dates = field_validator("validation_dates")(_check_dates)
 
 
+class ModelSettings(Section):
+    base_channels: Annotated[int, Field(ge=2, le=256)] = 64
+    depth: Annotated[int, Field(ge=1, le=6)] = 4
+
+
+class Augmentation(Section):
+    flip: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25  # per axis
+    channel_dropout: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3  # probability that a patch drops channels
+    random_erasing: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+
+
 class Training(Section):
     enable: bool = False
+    model: ModelSettings = ModelSettings()
+    epochs: Annotated[int, Field(ge=1)] = 60
+    batch_size: Annotated[int, Field(ge=1)] = 48
+    steps_per_epoch: Annotated[int, Field(ge=0)] = 0  # 0 = every training patch once per epoch
+    learning_rate: Annotated[float, Field(gt=0.0)] = 0.001
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    lr_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    lr_patience: Annotated[int, Field(ge=0)] = 1
+    early_stopping_patience: Annotated[int, Field(ge=1)] = 30
+    gradient_clip: Annotated[float, Field(ge=0.0)] = 1.0
+    class_weights: Literal["sqrt_inverse_frequency", "inverse_frequency", "none"] = "sqrt_inverse_frequency"
+    mixed_precision: bool = True
+    augmentation: Augmentation = Augmentation()
+    workers: Annotated[int, Field(ge=0, le=64)] = 4
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: Literal["auto", "never"] = "auto"
+    seed: int = 42
 
 
 class Inference(Section):
     enable: bool = False
+    dates: list[str] = []  # [] = the top-level dates
+    checkpoint: str = "best"  # best | last | a path (relative to the config file)
+    window: Annotated[int, Field(ge=32, le=8192)] = 1024
+    halo: Annotated[int, Field(ge=0, le=1024)] = 64
+    batch_size: Annotated[int, Field(ge=1)] = 4
+    tta: bool = False
+    save_probabilities: bool = False
+    quicklooks: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    _dates = field_validator("dates")(_check_dates)
 
 
 class Testing(Section):
     enable: bool = False
+    dates: list[str] = []  # [] = the inference dates
+    reference: Literal["exolabs", "annotated_masks"] = "exolabs"
 
 
 class PipelineConfig(Section):

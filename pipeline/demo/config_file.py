@@ -59,12 +59,30 @@ dataset:
 
 training:
   enable: true
+  model:
+    base_channels: 8            # a small U-Net, so that CPU training takes minutes
+    depth: 3
+  epochs: 8
+  batch_size: 8
+  steps_per_epoch: 0
+  learning_rate: 0.003
+  early_stopping_patience: 10
+  workers: 0
+  device: auto
+  resume: auto
 
 inference:
   enable: true
+  checkpoint: best
+  window: 512
+  halo: 32
+  batch_size: 2
+  tta: false
+  quicklooks: true
 
 testing:
   enable: true
+  reference: exolabs
 """
 
 
