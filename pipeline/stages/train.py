@@ -1,0 +1,63 @@
+"""Stage 4, train: the U-Net on the dataset's patches, resumable, on one or several GPUs (or the CPU).
+
+Writes {results}/training/last.pt (every epoch), best.pt (lowest validation loss), history.json
+(one record per finished epoch) and loss / IoU curves. Started under torchrun or srun with several
+tasks it trains with DistributedDataParallel; the global batch is split over the processes, so an
+epoch has the same number of optimisation steps as on one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+from pipeline.config import PipelineConfig
+from pipeline.progress import say
+from pipeline.stages.base import SceneOutcome, StageInfo, StageReport
+from pipeline.training import distributed
+from pipeline.training.data import read_manifest
+from pipeline.training.loop import Trainer
+
+INFO = StageInfo("train", "training", per_scene=False, needs_gpu=True,
+                 summary="U-Net training: checkpoints every epoch, resume, curves")
+# Keys that may change between a run and its resumption (continue for more epochs, other hardware).
+RESUMABLE_KEYS = {"enable", "epochs", "resume", "workers", "device", "early_stopping_patience"}
+
+
+def training_hash(config: PipelineConfig, manifest: dict) -> str:
+    """Identity of a training: its settings (minus resumable keys) and the exact dataset."""
+    settings = {k: v for k, v in config.training.model_dump(mode="json").items() if k not in RESUMABLE_KEYS}
+    dataset = {"inputs": manifest.get("inputs"), "config": manifest.get("config")}
+    text = json.dumps({"training": settings, "dataset": dataset}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
+    start = time.perf_counter()
+    out = config.path("results") / "training"
+    report = StageReport(INFO.name, output=str(out))
+    manifest = read_manifest(config.path("dataset"))
+    procs = distributed.start(config.training.device)
+    try:
+        trainer = Trainer(config, manifest, procs, training_hash(config, manifest))
+        last = out / "last.pt"
+        resumed = not force and config.training.resume == "auto" and last.is_file() and trainer.resume(last)
+        if resumed and trainer.state.finished:
+            report.outcomes.append(SceneOutcome("model", "skipped"))
+            report.note = f"finished after {trainer.state.epoch} epochs (use --force to train again)"
+            return report
+        if procs.main:
+            where = f"resuming after epoch {trainer.state.epoch}" if resumed else "new training"
+            say(f"  {where}: {len(trainer.train_set)} train / {len(trainer.val_set) * procs.world} validation "
+                f"patches, {procs.world} process(es) on {procs.device}, U-Net base {trainer.spec.base_channels} "
+                f"depth {trainer.spec.depth}")
+        state = trainer.fit()
+    finally:
+        distributed.stop()
+    report.outcomes.append(SceneOutcome("model", "done", time.perf_counter() - start))
+    best = min(state.history, key=lambda r: r["val_loss"])
+    iou = ", ".join(f"{c} {v:.3f}" for c, v in best["val_metrics"]["iou"].items() if v is not None)
+    report.note = f"{state.epoch} epochs; best val loss {best['val_loss']:.4f} at epoch {best['epoch']} (IoU {iou})"
+    report.seconds = time.perf_counter() - start
+    return report

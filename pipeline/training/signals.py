@@ -1,0 +1,35 @@
+"""Stop requests: SLURM sends SIGUSR1 before the time limit (`--signal=B:USR1@600`) and SIGTERM on
+scancel or pre-emption. Training finishes the current step, saves last.pt and exits with EXIT_REQUEUE,
+so the batch script can requeue the job and the next run resumes."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again later"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    """A context manager that turns the stop signals into a flag checked between optimisation steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def __enter__(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
