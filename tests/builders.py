@@ -87,3 +87,31 @@ def make_config(root: Path, **sections: dict) -> PipelineConfig:
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return parse_config(data, root)
+
+
+def write_dataset(folder: Path, train: int = 24, validation: int = 8, size: int = 32, channels: int = 14,
+                  seed: int = 0) -> Path:
+    """A learnable toy dataset in the dataset stage's format: the class is a function of two channels."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for name, n in (("train", train), ("validation", validation)):
+        images = rng.normal(0, 0.5, (n, channels, size, size)).astype(np.float16)
+        masks = ((images[:, 0] > 0).astype(np.uint8) + 2 * (images[:, 1] > 0.3)).astype(np.uint8)
+        np.save(folder / f"{name}_images.npy", images)
+        np.save(folder / f"{name}_masks.npy", masks)
+        pixels = [int((masks == c).sum()) for c in range(4)]
+        splits[name] = {"dates": [], "patches": n, "images": f"{name}_images.npy", "masks": f"{name}_masks.npy",
+                        "class_pixels": pixels, "class_fraction": [p / sum(pixels) for p in pixels], "positions": []}
+    names = [*BANDS, "DEM"][:channels]
+    manifest = {"version": 1, "tile_id": TILE, "patch_size": size, "channels": names,
+                "classes": ["background", "snow", "clouds", "water"], "split": "scene", "splits": splits,
+                "normalisation": {"low": [0.1] * 13, "high": [0.3] * 13, "mean": [0.2] * 13, "low_percentile": 30,
+                                  "high_percentile": 70, "dem_mean": 1500.0 if channels == 14 else None,
+                                  "dem_scale": 500.0 if channels == 14 else None, "method": "log_percentile",
+                                  "channels": names},
+                "inputs": f"toy-{seed}", "config": "toy"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder

@@ -43,7 +43,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
         trainer = Trainer(config, manifest, procs, training_hash(config, manifest))
         last = out / "last.pt"
         resumed = not force and config.training.resume == "auto" and last.is_file() and trainer.resume(last)
-        if resumed and trainer.state.finished:
+        if resumed and (trainer.state.finished or trainer.state.epoch >= config.training.epochs):
             report.outcomes.append(SceneOutcome("model", "skipped"))
             report.note = f"finished after {trainer.state.epoch} epochs (use --force to train again)"
             return report

@@ -52,7 +52,7 @@ class Progress:
     epoch: int = 0  # finished epochs
     best_loss: float = math.inf
     bad_epochs: int = 0
-    finished: bool = False
+    finished: bool = False  # stopped early: more epochs would not help
     history: list[dict] = field(default_factory=list)
 
 
@@ -246,12 +246,13 @@ class Trainer:
                 best = val_loss < state.best_loss
                 state.best_loss, state.bad_epochs = (val_loss, 0) if best else (state.best_loss, state.bad_epochs + 1)
                 stopped_early = state.bad_epochs > settings.early_stopping_patience
-                state.finished = stopped_early or state.epoch >= settings.epochs
+                state.finished = stopped_early
                 metrics = epoch_metrics(matrix)
                 state.history.append({
                     "epoch": state.epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                     "lr": lr, "steps": steps, "seconds": round(time.perf_counter() - start, 2),
                     "pixel_accuracy": _json_number(np.trace(matrix) / max(matrix.sum(), 1)),
+                    "val_pixels": int(matrix.sum()),
                     "val_metrics": metrics, "best": best,
                 })
                 self.save(best)
