@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pipeline.bands import CLASS_NAMES, NODATA
@@ -28,3 +30,17 @@ def class_scores(matrix: np.ndarray) -> dict[str, dict[str, float]]:
     names = CLASS_NAMES[: matrix.shape[0]]
     return {name: {"iou": float(iou[i]), "dice": float(dice[i]), "precision": float(precision[i]),
                    "recall": float(recall[i])} for i, name in enumerate(names)}
+
+
+def mean_iou(matrix: np.ndarray) -> float:
+    """Mean IoU over the classes present in the reference or the prediction (NaN when nothing compared)."""
+    present = (matrix.sum(0) + matrix.sum(1)) > 0
+    if not present.any():
+        return math.nan
+    ious = [scores["iou"] for scores in class_scores(matrix).values()]
+    return float(np.mean(np.asarray(ious)[present]))
+
+
+def json_number(value: float | None) -> float | None:
+    """JSON has no NaN: a score that is undefined (a class absent from both sides) is null."""
+    return None if value is None or math.isnan(value) else round(float(value), 6)

@@ -47,7 +47,7 @@ from pipeline.data.masks import find_mask
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_path, remove_temporaries, write_json
 from pipeline.errors import SceneError, SnowpipeError
-from pipeline.metrics import class_scores, confusion_matrix
+from pipeline.metrics import class_scores, confusion_matrix, json_number, mean_iou
 from pipeline.progress import console, make_progress, say
 from pipeline.stages import records
 from pipeline.stages.base import (
@@ -101,38 +101,24 @@ def mask_reference(mask: np.ndarray, coverage: np.ndarray | None) -> np.ndarray:
 # ---------------------------------------------------------------- scores of one confusion matrix
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no NaN: a class absent from both masks has no score (null)."""
-    return None if math.isnan(value) else round(value, 6)
-
-
 def summarise(matrix: np.ndarray, total_pixels: int) -> dict:
     """Per-class scores and pixel counts, multi-class IoU, accuracy and the matrix (rows: reference)."""
     matrix = np.asarray(matrix, np.int64)
     scores = class_scores(matrix)
     reference, predicted = matrix.sum(1), matrix.sum(0)
     classes = {
-        name: {**{k: _finite(v) for k, v in scores[name].items()},
+        name: {**{k: json_number(v) for k, v in scores[name].items()},
                "pixels": int(reference[i]), "predicted_pixels": int(predicted[i])}
         for i, name in enumerate(CLASS_NAMES[: matrix.shape[0]])
     }
     compared = int(matrix.sum())
     return {
         "classes": classes,
-        "miou": _finite(mean_iou(matrix)),
-        "pixel_accuracy": _finite(float(np.trace(matrix) / compared) if compared else math.nan),
+        "miou": json_number(mean_iou(matrix)),
+        "pixel_accuracy": json_number(float(np.trace(matrix) / compared) if compared else math.nan),
         "confusion_matrix": matrix.tolist(),
         "pixels": {"total": total_pixels, "compared": compared, "ignored": total_pixels - compared},
     }
-
-
-def mean_iou(matrix: np.ndarray) -> float:
-    """Mean IoU over the classes present in the reference or the prediction (NaN when nothing compared)."""
-    present = (matrix.sum(0) + matrix.sum(1)) > 0
-    if not present.any():
-        return math.nan
-    ious = [scores["iou"] for scores in class_scores(matrix).values()]
-    return float(np.mean(np.asarray(ious)[present]))
 
 
 # ---------------------------------------------------------------- reading one scene
@@ -322,7 +308,7 @@ def write_outputs(out: Path, reference: str, results: list[SceneResult], failed:
     overall_matrix = sum((r.matrix for r in results), np.zeros((N_CLASSES, N_CLASSES), np.int64))
     overall = summarise(overall_matrix, sum(r.total_pixels for r in results))
     scene_mious = [s["miou"] for s in scenes.values() if s["miou"] is not None]
-    overall["mean_scene_miou"] = _finite(float(np.mean(scene_mious))) if scene_mious else None
+    overall["mean_scene_miou"] = json_number(float(np.mean(scene_mious))) if scene_mious else None
     metrics = {
         "reference": reference,
         "classes": list(CLASS_NAMES),

@@ -24,7 +24,7 @@ from pipeline.bands import CLASS_NAMES
 from pipeline.config import PipelineConfig
 from pipeline.data.writer import write_json
 from pipeline.errors import SnowpipeError
-from pipeline.metrics import class_scores
+from pipeline.metrics import class_scores, json_number
 from pipeline.model.checkpoint import read_checkpoint, save_checkpoint
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.progress import make_progress, say
@@ -56,10 +56,6 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
-def _json_number(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else round(float(value), 6)
-
-
 def epoch_metrics(matrix: np.ndarray) -> dict[str, Any]:
     """Per-class IoU, Dice, precision, recall and binary pixel accuracy from one confusion matrix."""
     scores = class_scores(matrix)
@@ -67,9 +63,9 @@ def epoch_metrics(matrix: np.ndarray) -> dict[str, Any]:
     metrics: dict[str, Any] = {name: {} for name in ("iou", "dice", "precision", "recall", "accuracy")}
     for i, cls in enumerate(CLASS_NAMES):
         for name in ("iou", "dice", "precision", "recall"):
-            metrics[name][cls] = _json_number(scores[cls][name])
+            metrics[name][cls] = json_number(scores[cls][name])
         errors = matrix[i, :].sum() + matrix[:, i].sum() - 2 * matrix[i, i]
-        metrics["accuracy"][cls] = _json_number(1 - errors / total) if total else None
+        metrics["accuracy"][cls] = json_number(1 - errors / total) if total else None
     return metrics
 
 
@@ -251,7 +247,7 @@ class Trainer:
                 state.history.append({
                     "epoch": state.epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                     "lr": lr, "steps": steps, "seconds": round(time.perf_counter() - start, 2),
-                    "pixel_accuracy": _json_number(np.trace(matrix) / max(matrix.sum(), 1)),
+                    "pixel_accuracy": json_number(np.trace(matrix) / max(matrix.sum(), 1)),
                     "val_pixels": int(matrix.sum()),
                     "val_metrics": metrics, "best": best,
                 })
