@@ -10,7 +10,7 @@ from pipeline.config import PipelineConfig, check_data_folders
 from pipeline.data.layout import discover_scenes
 from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import say
-from pipeline.stages import annotate, dataset, evaluate, train
+from pipeline.stages import annotate, dataset, evaluate, infer, train
 from pipeline.stages.base import StageInfo, StageReport
 
 # Every stage of the pipeline, in order, with the config section that enables it.
@@ -35,6 +35,7 @@ STAGES: dict[str, Stage] = {
     "annotate": Stage(annotate.INFO, annotate.run),
     "dataset": Stage(dataset.INFO, dataset.run),
     "train": Stage(train.INFO, train.run),
+    "infer": Stage(infer.INFO, infer.run),
     "test": Stage(evaluate.INFO, evaluate.run),
 }
 

@@ -1,0 +1,1 @@
+"""Whole-scene inference: large windows with a halo, the thesis' patch blend for comparison, outputs."""

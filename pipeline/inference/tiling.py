@@ -1,0 +1,127 @@
+"""Predict a whole scene window by window: large windows with a halo (default) or the thesis' patch blend.
+
+Large windows: the scene is cut into `window` px cores, each read with `halo` px of context on every side
+(clipped at the scene edge), predicted at once and cropped back to the core. Every pixel is predicted
+exactly once, borders and corners included, and the only extra computation is the halo.
+
+Patch blend (the thesis, kept for comparison): 256 px patches at stride 128, probabilities blended with a
+tent weight and normalised by the weight sum; 4x the computation per pixel.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+
+from pipeline.data.grid import Tile, iter_tiles
+from pipeline.inference.predictor import Predictor
+from pipeline.inference.readahead import read_ahead
+from pipeline.inference.source import OpenInput
+
+
+@dataclass
+class WindowPrediction:
+    core: Window  # where it belongs in the scene
+    classes: np.ndarray  # (h, w) uint8 argmax (whether or not the scene has data there)
+    valid: np.ndarray  # (h, w) bool: the scene has data
+    probabilities: np.ndarray | None  # (classes, h, w) uint8 = probability x 255, when asked for
+
+
+def window_tiles(height: int, width: int, window: int, halo: int) -> list[Tile]:
+    """Tiles ordered by padded shape (edge windows differ), so that a batch is one stack of equal windows."""
+    tiles = list(iter_tiles(height, width, window, halo))
+    return sorted(tiles, key=lambda t: (int(t.padded.height), int(t.padded.width)))
+
+
+def _to_uint8(probabilities: torch.Tensor) -> np.ndarray:
+    return (probabilities * 255).round_().to(torch.uint8).cpu().numpy()
+
+
+def _predict_batch(items: list[tuple[Tile, np.ndarray, np.ndarray]], predictor: Predictor,
+                   with_probabilities: bool) -> Iterator[WindowPrediction]:
+    probs = predictor.probabilities(np.stack([x for _, x, _ in items]))
+    classes = probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
+    scaled = _to_uint8(probs) if with_probabilities else None
+    for i, (tile, _, valid) in enumerate(items):
+        rows, cols = tile.inner
+        yield WindowPrediction(tile.core, classes[i, rows, cols], valid[rows, cols],
+                               None if scaled is None else scaled[i, :, rows, cols])
+
+
+def predict_windows(open_input: OpenInput, height: int, width: int, predictor: Predictor, window: int = 1024,
+                    halo: int = 64, batch_size: int = 4, readers: int = 1, probabilities: bool = False,
+                    on_window: Callable[[int, int], None] | None = None) -> Iterator[WindowPrediction]:
+    """Predictions of every core window of a height x width scene, `batch_size` windows per forward pass.
+
+    Windows of one padded shape are batched together; a shape whose windows are all read is flushed, so
+    at most one partial batch per shape waits (a handful of windows, whatever the scene size).
+    """
+    tiles = window_tiles(height, width, window, halo)
+    remaining = Counter((int(t.padded.height), int(t.padded.width)) for t in tiles)
+    pending: dict[tuple[int, int], list] = {}
+    done = 0
+    for index, x, valid in read_ahead(open_input, [t.padded for t in tiles], readers, depth=2 * batch_size):
+        shape = (int(x.shape[-2]), int(x.shape[-1]))
+        pending.setdefault(shape, []).append((tiles[index], x, valid))
+        remaining[shape] -= 1
+        if len(pending[shape]) == batch_size or remaining[shape] == 0:
+            for prediction in _predict_batch(pending.pop(shape), predictor, probabilities):
+                done += 1
+                yield prediction
+                if on_window:
+                    on_window(done, len(tiles))
+
+
+def tent(length: int) -> np.ndarray:
+    """The thesis' (1 - |x|) weight, sampled at pixel centres so that border pixels keep a small weight."""
+    x = (np.arange(length) + 0.5) / length * 2 - 1
+    return (1 - np.abs(x)).astype(np.float32)
+
+
+def patch_starts(length: int, patch: int, stride: int) -> list[int]:
+    """Patch offsets at `stride`; the last one ends on the scene edge (the thesis left an eastern strip)."""
+    if length <= patch:
+        return [0]
+    return [*range(0, length - patch, stride), length - patch]
+
+
+def predict_patch_blend(open_input: OpenInput, height: int, width: int, predictor: Predictor, patch: int = 256,
+                        stride: int = 128, batch_size: int = 16,
+                        readers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The thesis scheme: (classes, H, W) blended probabilities and (H, W) validity of the whole scene.
+
+    For comparison only (tests, benchmark): it holds the scene's probabilities in memory, as the thesis did.
+    """
+    windows = [Window(c, r, min(patch, width - c), min(patch, height - r))
+               for r in patch_starts(height, patch, stride) for c in patch_starts(width, patch, stride)]
+    total = np.zeros((predictor.classes, height, width), np.float32)
+    weights = np.zeros((height, width), np.float32)
+    valid = np.zeros((height, width), bool)
+    batch: list[tuple[Window, np.ndarray]] = []
+
+    def flush() -> None:
+        probs = predictor.probabilities(np.stack([x for _, x in batch])).cpu().numpy()
+        for (win, _), p in zip(batch, probs):
+            rows, cols = win.toslices()
+            kernel = np.outer(tent(p.shape[1]), tent(p.shape[2]))
+            total[:, rows, cols] += p * kernel
+            weights[rows, cols] += kernel
+        batch.clear()
+
+    for index, x, ok in read_ahead(open_input, windows, readers, depth=2 * batch_size):
+        win = windows[index]
+        rows, cols = win.toslices()
+        valid[rows, cols] = ok
+        if batch and batch[0][1].shape != x.shape:
+            flush()
+        batch.append((win, x))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return total / weights, valid

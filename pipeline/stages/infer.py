@@ -1,0 +1,191 @@
+"""Stage 5, infer: predict whole scenes with the trained U-Net and write class masks on the 10 m grid.
+
+Each scene is read in large windows with a halo of context and predicted window by window (see
+pipeline/inference/tiling.py), so memory depends on the window, never on the scene. Outputs go to
+{results}/predictions/{date}/: mask.tif (255 outside coverage), optional probabilities.tif, quicklooks,
+then the completion record.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bands import BANDS, CLASS_NAMES, NODATA
+from pipeline.config import PipelineConfig
+from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
+from pipeline.data.normalise import Normaliser
+from pipeline.data.reader import SceneReader
+from pipeline.data.writer import atomic_raster, remove_temporaries
+from pipeline.errors import SnowpipeError
+from pipeline.inference.outputs import write_quicklooks
+from pipeline.inference.predictor import Predictor, pick_device
+from pipeline.inference.source import scene_input
+from pipeline.inference.tiling import predict_windows
+from pipeline.model.checkpoint import check_compatible, load_model
+from pipeline.progress import make_progress, say
+from pipeline.stages import records
+from pipeline.stages.base import (
+    ProgressCallback,
+    SceneOutcome,
+    StageFailed,
+    StageInfo,
+    StageReport,
+    failure_message,
+)
+
+INFO = StageInfo("infer", "inference", per_scene=True, needs_gpu=True,
+                 summary="predict whole scenes with the trained U-Net: masks, probabilities, quicklooks")
+
+
+def checkpoint_path(config: PipelineConfig) -> Path:
+    """"best" and "last" are the training stage's checkpoints; anything else is a path."""
+    name = config.inference.checkpoint
+    if name in ("best", "last"):
+        return config.path("results") / "training" / f"{name}.pt"
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else (Path(config.base_dir) / path).resolve()
+
+
+def data_channels(config: PipelineConfig) -> list[str]:
+    """The input channels this data provides to a model: the 13 bands, and the DEM where the dataset uses it."""
+    return [*BANDS, "DEM"] if config.dataset.include_dem else list(BANDS)
+
+
+def reader_threads() -> int:
+    """Decoding JPEG 2000 is often slower than the forward pass (always on a GPU), so read in parallel.
+
+    GDAL and numpy release the GIL; when the model is the slower side, idle readers wait on the bounded queue.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus - 1 if cpus > 2 else cpus))
+
+
+@dataclass
+class LoadedModel:
+    """The network ready to predict, and what identifies it in completion records."""
+
+    predictor: Predictor
+    normaliser: Normaliser
+    path: Path
+    readers: int = 1
+
+
+def load_predictor(config: PipelineConfig) -> LoadedModel:
+    """Load and check the checkpoint once per run (every scene uses the same model)."""
+    settings = config.inference
+    path = checkpoint_path(config)
+    device = pick_device(settings.device)
+    model, state = load_model(path, device)
+    check_compatible(state, data_channels(config), list(CLASS_NAMES), path)
+    normaliser = Normaliser.from_dict(state["normalisation"])
+    predictor = Predictor(model, device, tta=settings.tta)
+    return LoadedModel(predictor, normaliser, path, reader_threads())
+
+
+def _inputs(scene: Scene, auxiliary: Auxiliary, loaded: LoadedModel) -> str:
+    files: list[Path | None] = [*scene.bands.values(), loaded.path]
+    if loaded.normaliser.dem_mean is not None:
+        files.append(auxiliary.path("dem"))
+    return records.fingerprint(files)
+
+
+def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force: bool = False,
+                on_window: ProgressCallback | None = None) -> SceneOutcome:
+    """Write {results}/predictions/{date}/mask.tif (and the optional outputs), then the completion record."""
+    start = time.perf_counter()
+    settings = config.inference
+    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    out_dir = config.path("results") / "predictions" / scene.date
+    inputs = _inputs(scene, auxiliary, loaded)
+    config_hash = config.section_hash("inference")
+    if not force and records.is_complete(out_dir, INFO.name, inputs, config_hash):
+        return SceneOutcome(scene.date, "skipped")
+    records.clear(out_dir)
+    remove_temporaries(out_dir)
+    classes = len(CLASS_NAMES)
+    counts = np.zeros(256, np.int64)
+    with SceneReader(scene, config.tile_id, auxiliary) as reader:
+        grid = reader.grid
+        windows = predict_windows(
+            scene_input(scene, config.tile_id, auxiliary, loaded.normaliser), grid.height, grid.width,
+            loaded.predictor, settings.window, settings.halo, settings.batch_size, loaded.readers,
+            probabilities=settings.save_probabilities, on_window=on_window,
+        )
+        with atomic_raster(out_dir / "mask.tif", grid.geotiff_profile("uint8", NODATA)) as mask_out:
+            if settings.save_probabilities:
+                with atomic_raster(out_dir / "probabilities.tif",
+                                   grid.geotiff_profile("uint8", None, count=classes)) as prob_out:
+                    for result in windows:
+                        counts += _write_window(mask_out, result)
+                        assert result.probabilities is not None
+                        result.probabilities[:, ~result.valid] = 0
+                        prob_out.write(result.probabilities, window=result.core)
+            else:
+                for result in windows:
+                    counts += _write_window(mask_out, result)
+        if settings.quicklooks:
+            write_quicklooks(out_dir, reader, out_dir / "mask.tif")
+    valid = counts[:classes].sum()
+    details = {
+        "coverage": round(float(valid / max(counts.sum(), 1)), 4),
+        "class_fraction": [round(float(c / max(valid, 1)), 4) for c in counts[:classes]],
+        "checkpoint": str(loaded.path),
+    }
+    records.mark_complete(out_dir, INFO.name, inputs, config_hash, **details)
+    return SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+
+
+def _write_window(mask_out, result) -> np.ndarray:
+    """Write one core's classes (255 outside coverage) and return its class histogram."""
+    mask = result.classes
+    mask[~result.valid] = NODATA
+    mask_out.write(mask, 1, window=result.core)
+    return np.bincount(mask.ravel(), minlength=256)
+
+
+def _describe(outcome: SceneOutcome) -> str:
+    if outcome.status == "failed":
+        return f"  {outcome.date}: FAILED: {outcome.message}"
+    if outcome.status == "skipped":
+        return f"  {outcome.date}: already complete (use --force to redo)"
+    fractions = outcome.details["class_fraction"]
+    return (f"  {outcome.date}: coverage {outcome.details['coverage']:.0%}, background {fractions[0]:.1%}, "
+            f"snow {fractions[1]:.1%}, clouds {fractions[2]:.1%}, water {fractions[3]:.1%} "
+            f"({outcome.seconds:.1f} s)")
+
+
+def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
+    """Predict the selected scenes: `dates`, else inference.dates, else the config's dates (all by default)."""
+    start = time.perf_counter()
+    wanted = dates or config.inference.dates or config.dates
+    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, wanted)
+    loaded = load_predictor(config)  # a missing or mismatched checkpoint stops the stage before any scene
+    report = StageReport(INFO.name, output=str(config.path("results") / "predictions"),
+                         note=f"{loaded.path.name} on {loaded.predictor.device}")
+    with make_progress() as progress:
+        scene_bar = progress.add_task("infer: scenes", total=len(scenes))
+        for scene in scenes:
+            window_bar = progress.add_task(f"  {scene.date} windows", total=None)
+
+            def on_window(done: int, total: int, bar: int = window_bar) -> None:
+                progress.update(bar, completed=done, total=total)
+
+            try:
+                outcome = infer_scene(scene, config, loaded, force, on_window)
+            except SnowpipeError as exc:
+                outcome = SceneOutcome(scene.date, "failed", message=failure_message(exc))
+            progress.remove_task(window_bar)
+            report.outcomes.append(outcome)
+            say(_describe(outcome))
+            progress.advance(scene_bar)
+    report.seconds = time.perf_counter() - start
+    if report.failed:
+        lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
+        raise StageFailed(f"infer failed for {len(report.failed)} scene(s):\n  {lines}\n"
+                          f"(the other scenes finished; rerun to retry only the missing ones)")
+    return report
