@@ -7,7 +7,7 @@ SNOWPIPE    := $(VENV)/bin/snowpipe
 STAMP       := $(VENV)/.snowpipe-installed
 TORCH_SPEC  ?= torch==2.13.0
 DEMO        ?= demo
-DEMO_ARGS   ?= --scenes 3 --size 480
+DEMO_ARGS   ?= --scenes 4 --size 480
 PYTEST_ARGS ?=
 SYSTEM_PACKAGES := python3 python3-venv python3-dev rsync openssh-client
 
@@ -37,8 +37,13 @@ $(STAMP): pyproject.toml | $(PY)
 demo: setup
 	$(SNOWPIPE) demo-data $(DEMO) $(DEMO_ARGS)
 	$(SNOWPIPE) run $(DEMO)/pipeline-config.yml
+	@echo "== automatic masks against the demo's truth:"
 	$(PY) bench/annotation_quality.py $(DEMO)
-	@echo "results: $(DEMO)/annotated_masks/ (masks), $(DEMO)/dataset/manifest.json (dataset)"
+	@echo "== U-Net predictions against the demo's truth:"
+	$(PY) bench/annotation_quality.py $(DEMO) --predictions
+	@echo "results: $(DEMO)/annotated_masks/ (automatic masks), $(DEMO)/dataset/ (patches),"
+	@echo "         $(DEMO)/results/training/ (checkpoints, curves), $(DEMO)/results/predictions/ (masks, quicklooks),"
+	@echo "         $(DEMO)/results/testing/ (metrics.json, metrics.csv, plots)"
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests bench

@@ -1,7 +1,9 @@
-"""Score the annotate stage's masks of a demo folder against the demo's true class maps.
+"""Score a demo folder's masks against the demo's true class maps.
 
-usage: python bench/annotation_quality.py DEMO_DIR     (after `snowpipe run DEMO_DIR/pipeline-config.yml`)
-Prints IoU per class and scene, and overall; reads both rasters in windows.
+usage: python bench/annotation_quality.py DEMO_DIR [--predictions]
+  (after `snowpipe run DEMO_DIR/pipeline-config.yml`)
+Scores the annotate stage's masks, or with --predictions the infer stage's
+(results/predictions/{date}/mask.tif). Prints IoU per class and scene, and overall.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ def scene_matrix(mask_path: Path, truth_path: Path) -> np.ndarray:
     return total
 
 
-def main(demo: Path) -> int:
+def main(demo: Path, predictions: bool = False) -> int:
     overall = np.zeros((4, 4), np.int64)
     print(f"{'scene':<17}" + "".join(f"{name:>12}" for name in CLASS_NAMES) + "   (IoU vs truth)")
     for truth_path in sorted((demo / "truth").glob("*.tif")):
-        mask_path = demo / "annotated_masks" / truth_path.stem / "mask.tif"
+        mask_path = (demo / "results" / "predictions" if predictions else demo / "annotated_masks") \
+            / truth_path.stem / "mask.tif"
         if not mask_path.is_file():
-            print(f"{truth_path.stem:<17} no mask (run the annotate stage first)")
+            print(f"{truth_path.stem:<17} no mask ({mask_path} is missing)")
             continue
         matrix = scene_matrix(mask_path, truth_path)
         overall += matrix
@@ -42,6 +45,7 @@ def main(demo: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    args = [a for a in sys.argv[1:] if a != "--predictions"]
+    if len(args) != 1:
         sys.exit(__doc__)
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(args[0]), predictions="--predictions" in sys.argv))

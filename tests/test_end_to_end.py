@@ -120,3 +120,25 @@ def test_a_cancelled_job_leaves_no_file_that_looks_complete(demo):
     assert not list(folder.glob(".*.tmp")) and not (folder / ".snowpipe-complete.json").exists()
     rerun = snowpipe("stage", "annotate", str(out / "pipeline-config.yml"), "--scene", date)
     assert rerun.returncode == 0 and "annotate: 1 done" in rerun.stderr
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_train_infer_and_test_follow_on_the_demo(demo):
+    out, _ = demo
+    config = yaml.safe_load((out / "pipeline-config.yml").read_text())
+    config["training"].update(epochs=2, model={"base_channels": 4, "depth": 2})  # a smoke run, not a good model
+    quick = out / "quick.yml"
+    quick.write_text(yaml.safe_dump(config))
+    result = snowpipe("run", str(quick), "--stages", "train,infer,test")
+    assert result.returncode == 0, result.stderr
+    assert "train: 1 done" in result.stderr and "infer: 3 done" in result.stderr
+    for truth_path in sorted((out / "truth").glob("*.tif")):
+        folder = out / "results" / "predictions" / truth_path.stem
+        with rasterio.open(folder / "mask.tif") as mask, rasterio.open(truth_path) as truth:
+            assert (mask.crs, mask.transform, mask.shape) == (truth.crs, truth.transform, truth.shape)
+            assert set(np.unique(mask.read(1))) <= {0, 1, 2, 3, 255}
+        assert (folder / "overlay.png").is_file()
+    metrics = json.loads((out / "results" / "testing" / "metrics.json").read_text())
+    assert metrics["reference"] == "exolabs" and len(metrics["scenes"]) == 3
+    assert set(metrics["overall"]["classes"]) == {"background", "snow", "clouds", "water"}
+    assert (out / "results" / "training" / "loss.png").is_file()

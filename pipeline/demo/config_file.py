@@ -60,12 +60,13 @@ dataset:
 training:
   enable: true
   model:
-    base_channels: 8            # a small U-Net, so that CPU training takes minutes
-    depth: 3
-  epochs: 8
-  batch_size: 8
+    base_channels: 16           # a small U-Net (thesis: 64), so that CPU training takes a few minutes
+    depth: 4
+  epochs: 40
+  batch_size: 16
   steps_per_epoch: 0
   learning_rate: 0.003
+  lr_patience: 5
   early_stopping_patience: 10
   workers: 0
   device: auto
@@ -95,7 +96,7 @@ class DemoLike(Protocol):
 
 def demo_config_text(summary: DemoLike) -> str:
     patch = 64 if summary.size < 1024 else 256
-    patches = max(8, min(512, (summary.size // patch) ** 2 // 2))
+    patches = max(8, min(512, (summary.size // patch) ** 2 * 2))
     return TEMPLATE.format(
         scenes=len(summary.dates), size=summary.size, tile=summary.tile, patch=patch, patches=patches
     )
