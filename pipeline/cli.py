@@ -78,7 +78,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     per_scene = STAGES[args.name].info.per_scene
     if args.scene and not per_scene:
         raise ConfigError(f"stage {args.name} runs over all scenes at once; drop --scene")
-    dates = scene_for_task(config, args.scene) if per_scene else None
+    dates = scene_for_task(config, args.scene, args.name) if per_scene else None
     reports = run_stages(config, [args.name], dates=dates, force=args.force)
     return 1 if any(r.failed for r in reports) else 0
 
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stage", help="run one stage (what SLURM batch scripts call)",
                        description="Run one stage. Per-scene stages take --scene DATE or, in a job array, "
                                    "the scene at index $SLURM_ARRAY_TASK_ID.")
-    p.add_argument("name", help="stage name: annotate, dataset")
+    p.add_argument("name", help="stage name: annotate, dataset, train, infer, test")
     p.add_argument("config", nargs="?", help="config file (default: ./pipeline-config.yml)")
     p.add_argument("--config", dest="config_option", metavar="PATH",
                    help="config file (same as the positional argument)")

@@ -58,14 +58,21 @@ def select_stages(config: PipelineConfig, requested: list[str] | None = None) ->
     return [n for n in enabled if n in STAGES], [n for n in enabled if n not in STAGES]
 
 
-def scene_for_task(config: PipelineConfig, scene: str | None) -> list[str] | None:
-    """--scene DATE, or the SLURM array task's scene (index into the config's scenes), or all."""
+def stage_dates(config: PipelineConfig, name: str) -> list[str]:
+    """The scenes a per-scene stage covers: inference may list its own, the others use `dates`."""
+    if name == "infer" and config.inference.dates:
+        return config.inference.dates
+    return config.dates
+
+
+def scene_for_task(config: PipelineConfig, scene: str | None, name: str) -> list[str] | None:
+    """--scene DATE, or the SLURM array task's scene (index into the stage's sorted scenes), or all."""
     if scene:
         return [scene]
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     if task is None:
         return None
-    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, config.dates)
+    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, name))
     index = int(task)
     if not 0 <= index < len(scenes):
         raise DataError(f"SLURM_ARRAY_TASK_ID={index} but only {len(scenes)} scene(s) exist "
