@@ -29,8 +29,10 @@ from pipeline.stages.base import (
     SceneOutcome,
     StageInfo,
     StageReport,
+    describe,
     enforce_policy,
     failure_message,
+    run_scenes,
     worker_threads,
 )
 from pipeline.stages.clouds import CloudDetector
@@ -122,16 +124,6 @@ def _annotate_in_worker(scene: Scene, config: PipelineConfig, force: bool, threa
         return SceneOutcome(scene.date, "failed", message=failure_message(exc))
 
 
-def _describe(outcome: SceneOutcome) -> str:
-    if outcome.status == "failed":
-        return f"  {outcome.date}: FAILED: {outcome.message}"
-    if outcome.status == "skipped":
-        return f"  {outcome.date}: already complete (use --force to redo)"
-    fractions = outcome.details["class_fraction"]
-    return (f"  {outcome.date}: coverage {outcome.details['coverage']:.0%}, snow {fractions[1]:.1%}, "
-            f"clouds {fractions[2]:.1%}, water {fractions[3]:.1%} ({outcome.seconds:.1f} s)")
-
-
 def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False,
         workers: int | None = None) -> StageReport:
     """Annotate the selected scenes (all of the config's by default), several in parallel."""
@@ -141,32 +133,18 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     workers = min(workers or settings.workers, len(scenes))
     threads = worker_threads(workers)
     report = StageReport(INFO.name, output=str(config.path("annotated_masks")))
-    with make_progress() as progress:
-        scene_bar = progress.add_task("annotate: scenes", total=len(scenes))
-        if workers <= 1:
-            for scene in scenes:
-                window_bar = progress.add_task(f"  {scene.date}", total=None)
-
-                def on_window(done: int, total: int, bar: int = window_bar) -> None:
-                    progress.update(bar, completed=done, total=total)
-
-                try:
-                    outcome = annotate_scene(scene, config, force, threads, on_window)
-                except SnowpipeError as exc:
-                    outcome = SceneOutcome(scene.date, "failed", message=failure_message(exc))
-                progress.remove_task(window_bar)
+    if workers <= 1:
+        run_scenes(report, scenes, lambda scene, on_window: annotate_scene(scene, config, force, threads, on_window))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with make_progress() as progress, ProcessPoolExecutor(workers, mp_context=context) as pool:
+            scene_bar = progress.add_task("annotate: scenes", total=len(scenes))
+            futures = [pool.submit(_annotate_in_worker, s, config, force, threads) for s in scenes]
+            for future in as_completed(futures):
+                outcome = future.result()
                 report.outcomes.append(outcome)
-                say(_describe(outcome))
+                say(describe(outcome))
                 progress.advance(scene_bar)
-        else:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                futures = [pool.submit(_annotate_in_worker, s, config, force, threads) for s in scenes]
-                for future in as_completed(futures):
-                    outcome = future.result()
-                    report.outcomes.append(outcome)
-                    say(_describe(outcome))
-                    progress.advance(scene_bar)
     report.outcomes.sort(key=lambda o: o.date)
     report.seconds = time.perf_counter() - start
     enforce_policy(report, settings.on_scene_error, "annotation")

@@ -6,7 +6,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rich.progress import Progress
+
 from pipeline.errors import SceneError, SnowpipeError
+from pipeline.progress import make_progress, say
 
 
 @dataclass(frozen=True)
@@ -79,3 +82,39 @@ def worker_threads(workers: int) -> int:
 
 
 ProgressCallback = Callable[[int, int], None]
+
+
+def describe(outcome: SceneOutcome) -> str:
+    """One line per scene: what a per-scene stage found (coverage, class shares) or why it failed."""
+    if outcome.status == "failed":
+        return f"  {outcome.date}: FAILED: {outcome.message}"
+    if outcome.status == "skipped":
+        return f"  {outcome.date}: already complete (use --force to redo)"
+    fractions = outcome.details["class_fraction"]
+    return (f"  {outcome.date}: coverage {outcome.details['coverage']:.0%}, background {fractions[0]:.1%}, "
+            f"snow {fractions[1]:.1%}, clouds {fractions[2]:.1%}, water {fractions[3]:.1%} "
+            f"({outcome.seconds:.1f} s)")
+
+
+def run_scenes(report: StageReport, scenes: list, work: Callable[[object, ProgressCallback], SceneOutcome],
+               progress: Progress | None = None) -> None:
+    """Process scenes one after the other in this process, with a bar per scene's windows.
+
+    A scene's SnowpipeError becomes its failed outcome, so the other scenes still run.
+    """
+    with progress or make_progress() as bars:
+        scene_bar = bars.add_task(f"{report.stage}: scenes", total=len(scenes))
+        for scene in scenes:
+            window_bar = bars.add_task(f"  {scene.date}", total=None)
+
+            def on_window(done: int, total: int, bar: int = window_bar) -> None:
+                bars.update(bar, completed=done, total=total)
+
+            try:
+                outcome = work(scene, on_window)
+            except SnowpipeError as exc:
+                outcome = SceneOutcome(scene.date, "failed", message=failure_message(exc))
+            bars.remove_task(window_bar)
+            report.outcomes.append(outcome)
+            say(describe(outcome))
+            bars.advance(scene_bar)

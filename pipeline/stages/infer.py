@@ -21,13 +21,11 @@ from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxilia
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster, remove_temporaries
-from pipeline.errors import SnowpipeError
 from pipeline.inference.outputs import write_quicklooks
 from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
 from pipeline.inference.tiling import predict_windows
 from pipeline.model.checkpoint import check_compatible, load_model
-from pipeline.progress import make_progress, say
 from pipeline.stages import records
 from pipeline.stages.base import (
     ProgressCallback,
@@ -35,7 +33,7 @@ from pipeline.stages.base import (
     StageFailed,
     StageInfo,
     StageReport,
-    failure_message,
+    run_scenes,
 )
 
 INFO = StageInfo("infer", "inference", per_scene=True, needs_gpu=True,
@@ -148,17 +146,6 @@ def _write_window(mask_out, result) -> np.ndarray:
     return np.bincount(mask.ravel(), minlength=256)
 
 
-def _describe(outcome: SceneOutcome) -> str:
-    if outcome.status == "failed":
-        return f"  {outcome.date}: FAILED: {outcome.message}"
-    if outcome.status == "skipped":
-        return f"  {outcome.date}: already complete (use --force to redo)"
-    fractions = outcome.details["class_fraction"]
-    return (f"  {outcome.date}: coverage {outcome.details['coverage']:.0%}, background {fractions[0]:.1%}, "
-            f"snow {fractions[1]:.1%}, clouds {fractions[2]:.1%}, water {fractions[3]:.1%} "
-            f"({outcome.seconds:.1f} s)")
-
-
 def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
     """Predict the selected scenes: `dates`, else inference.dates, else the config's dates (all by default)."""
     start = time.perf_counter()
@@ -167,22 +154,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     loaded = load_predictor(config)  # a missing or mismatched checkpoint stops the stage before any scene
     report = StageReport(INFO.name, output=str(config.path("results") / "predictions"),
                          note=f"{loaded.path.name} on {loaded.predictor.device}")
-    with make_progress() as progress:
-        scene_bar = progress.add_task("infer: scenes", total=len(scenes))
-        for scene in scenes:
-            window_bar = progress.add_task(f"  {scene.date} windows", total=None)
-
-            def on_window(done: int, total: int, bar: int = window_bar) -> None:
-                progress.update(bar, completed=done, total=total)
-
-            try:
-                outcome = infer_scene(scene, config, loaded, force, on_window)
-            except SnowpipeError as exc:
-                outcome = SceneOutcome(scene.date, "failed", message=failure_message(exc))
-            progress.remove_task(window_bar)
-            report.outcomes.append(outcome)
-            say(_describe(outcome))
-            progress.advance(scene_bar)
+    run_scenes(report, scenes, lambda scene, on_window: infer_scene(scene, config, loaded, force, on_window))
     report.seconds = time.perf_counter() - start
     if report.failed:
         lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
