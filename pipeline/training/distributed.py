@@ -68,3 +68,8 @@ def sum_all(tensor: torch.Tensor, procs: Processes) -> torch.Tensor:
     if procs.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def barrier(procs: Processes) -> None:
+    if procs.distributed:
+        dist.barrier()

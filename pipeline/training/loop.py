@@ -27,9 +27,10 @@ from pipeline.errors import SnowpipeError
 from pipeline.metrics import class_scores, json_number
 from pipeline.model.checkpoint import read_checkpoint, save_checkpoint
 from pipeline.model.unet import ModelSpec, UNet
+from pipeline.plots import plot_training_curves
 from pipeline.progress import make_progress, say
 from pipeline.training.data import IGNORE, Augmenter, PatchDataset, class_weights
-from pipeline.training.distributed import Processes, sum_all
+from pipeline.training.distributed import Processes, barrier, sum_all
 from pipeline.training.signals import EXIT_REQUEUE, StopRequest
 
 N_CLASSES = len(CLASS_NAMES)
@@ -144,16 +145,15 @@ class Trainer:
         return True
 
     def save(self, best: bool) -> None:
-        if not self.procs.main:
-            return
-        state = self.checkpoint()
-        save_checkpoint(self.out / "last.pt", state)
-        if best:
-            save_checkpoint(self.out / "best.pt", state)
-        write_json(self.out / "history.json", self.state.history)
-        from pipeline.plots import plot_training_curves
-
-        plot_training_curves(self.state.history, self.out)
+        """Rank 0 writes; every rank waits for it, so no process runs ahead or exits while it saves."""
+        if self.procs.main:
+            state = self.checkpoint()
+            save_checkpoint(self.out / "last.pt", state)
+            if best:
+                save_checkpoint(self.out / "best.pt", state)
+            write_json(self.out / "history.json", self.state.history)
+            plot_training_curves(self.state.history, self.out)
+        barrier(self.procs)
 
     # --- one epoch ---------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
