@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import check_data_folders, load_config
 from pipeline.data.layout import discover_scenes
+from pipeline.data.writer import write_json
 from pipeline.errors import ConfigError, SnowpipeError
 from pipeline.progress import say
 
@@ -33,6 +34,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     note = f" (enabled but not in this version: {', '.join(unavailable)})" if unavailable else ""
     print(f"{args.config or 'pipeline-config.yml'} is valid: tile {config.tile_id}{found}, "
           f"stages: {', '.join(stages) or 'none'}{note}")
+    if args.freeze:
+        write_json(Path(args.freeze), config.resolved())
+        print(f"resolved config (absolute paths) frozen to {args.freeze}: `snowpipe stage NAME --config "
+              f"{args.freeze}` reads it")
     return 0
 
 
@@ -95,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check pipeline-config.yml; exit 0 when valid, 2 otherwise",
                        description="Check pipeline-config.yml: keys, types, dates, data folders.")
     p.add_argument("config", nargs="?", help="config file (default: ./pipeline-config.yml)")
+    p.add_argument("--freeze", metavar="JSON", help="also write the resolved config (absolute paths) as JSON, "
+                                                    "what a batch job reads")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("demo-data", help="write synthetic Sentinel-2 scenes, truth and a ready config",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 
 from pipeline.config import PipelineConfig, check_data_folders, load_config
 from pipeline.errors import ConfigError
+from tests.builders import write_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,3 +116,18 @@ def test_validate_reports_a_missing_data_folder_with_exit_2(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "paths.extracted_data: folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_frozen_config_is_what_a_batch_job_reads(tmp_path):
+    write_scene(tmp_path / "extracted_data")
+    source = write(tmp_path, "tile_id: 32TNS\npaths:\n  extracted_data: extracted_data\n")
+    frozen = tmp_path / "run" / "config.json"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(source), "--freeze", str(frozen)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(frozen.read_text())
+    assert data["paths"]["extracted_data"] == str(tmp_path / "extracted_data") and "base_dir" not in data
+    original, reloaded = load_config(source), load_config(frozen)
+    assert reloaded.path("dataset") == original.path("dataset")
+    # Completion records stay valid whichever of the two a stage was started with.
+    assert reloaded.section_hash("annotation", "dataset") == original.section_hash("annotation", "dataset")
