@@ -75,10 +75,14 @@ def failure_message(exc: SnowpipeError) -> str:
     return exc.detail if isinstance(exc, SceneError) else str(exc)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use (a SLURM job's allocation, not the whole node)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def worker_threads(workers: int) -> int:
     """Threads for each parallel worker, so that workers x threads matches the CPUs we may use."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, workers))
+    return max(1, usable_cpus() // max(1, workers))
 
 
 ProgressCallback = Callable[[int, int], None]

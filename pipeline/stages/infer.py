@@ -8,7 +8,6 @@ then the completion record.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from pipeline.stages.base import (
     StageInfo,
     StageReport,
     run_scenes,
+    usable_cpus,
 )
 
 INFO = StageInfo("infer", "inference", per_scene=True, needs_gpu=True,
@@ -59,7 +59,7 @@ def reader_threads() -> int:
 
     GDAL and numpy release the GIL; when the model is the slower side, idle readers wait on the bounded queue.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     return max(1, min(8, cpus - 1 if cpus > 2 else cpus))
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import SnowpipeError
+
 
 @dataclass(frozen=True)
 class Processes:
@@ -47,8 +49,6 @@ def start(device_setting: str) -> Processes:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and device_setting != "cpu"
     if device_setting == "cuda" and not torch.cuda.is_available():
-        from pipeline.errors import SnowpipeError
-
         raise SnowpipeError("training.device is cuda but no CUDA device is visible (set device: auto or cpu)")
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
