@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config import check_data_folders, load_config
+from pipeline.config import apply_settings, check_data_folders, load_config
 from pipeline.data.layout import discover_scenes
 from pipeline.data.writer import write_json
 from pipeline.errors import ConfigError, SnowpipeError
@@ -79,7 +79,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     if args.name not in STAGES:
         raise unknown_stage(args.name)
-    config = load_config(args.config)
+    config = apply_settings(load_config(args.config), args.set or [])
     per_scene = STAGES[args.name].info.per_scene
     if args.scene and not per_scene:
         raise ConfigError(f"stage {args.name} runs over all scenes at once; drop --scene")
@@ -130,7 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config file (same as the positional argument)")
     p.add_argument("--scene", help="scene date key YYYYMMDDTHHMMSS (per-scene stages)")
     p.add_argument("--force", action="store_true", help="redo outputs that are already complete")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. paths.results=/scratch/results (repeatable)")
     p.set_defaults(func=cmd_stage)
+
+    from pipeline.cluster.commands import add_cluster_parser
+    from pipeline.cluster.plan_command import add_plan_parser
+
+    add_plan_parser(sub)
+    add_cluster_parser(sub)
     return parser
 
 

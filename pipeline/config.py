@@ -307,3 +307,25 @@ def check_data_folders(config: PipelineConfig, stages: list[str]) -> list[str]:
             f"annotation stage (annotation.enable: true) to create the masks"
         )
     return problems
+
+
+def apply_settings(config: PipelineConfig, settings: list[str]) -> PipelineConfig:
+    """`--set KEY=VALUE` overrides (dotted keys, YAML values), validated like the file itself.
+
+    Batch scripts use it to point a stage at node-local copies of its folders.
+    """
+    if not settings:
+        return config
+    data = config.model_dump(mode="json")
+    for setting in settings:
+        key, sep, raw = setting.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {setting!r}: expected KEY=VALUE, e.g. paths.results=/scratch/results")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {setting!r}: {part!r} is not a section of the config")
+            node = node[part]
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return parse_config(data, Path(config.base_dir), source="the config with --set overrides")

@@ -1,0 +1,332 @@
+"""The submission plan: everything Ansible needs to stage, render and submit one run, computed once.
+
+`snowpipe plan` prints it as JSON; the Ansible roles only move files and call sbatch. Keeping the
+decisions here (remote layout, frozen config, array sizes, sbatch options, launch commands) makes them
+testable without a cluster and the same for a real submission, a dry run and a local run.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.cluster.jobspec import Job, Resources, load_jobs, parse_resources
+from pipeline.config import PipelineConfig, check_data_folders
+from pipeline.data.layout import discover_scenes
+from pipeline.errors import ConfigError, DataError
+from pipeline.runner import PIPELINE_ORDER, STAGES, stage_dates
+
+Mode = Literal["cluster", "dry_run", "local_run"]
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+TEMPORARY_FILES = (".*.tmp", "*.tmp", ".snowpipe-tmp-*", "__pycache__/")
+# What each stage reads (r) and writes (w) among the config's folders: what a job stages to node-local disk.
+STAGE_FOLDERS: dict[str, dict[str, str]] = {
+    "annotate": {"extracted_data": "r", "annotated_masks": "w"},
+    "dataset": {"extracted_data": "r", "annotated_masks": "r", "results": "w"},
+    "train": {"results": "w"},
+    "infer": {"extracted_data": "r", "results": "w"},
+    "test": {"extracted_data": "r", "annotated_masks": "r", "results": "w"},
+}
+# Large result folders a stage does not read, left behind when results are staged to node-local disk.
+RESULTS_NOT_READ: dict[str, list[str]] = {
+    "dataset": ["predictions/", "testing/", "training/"],
+    "train": ["predictions/", "testing/"],
+    "infer": ["predictions/", "testing/", "dataset/"],
+    "test": ["dataset/", "training/"],
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """The cluster, as the inventory describes it (host variables prefixed `snowpipe_`)."""
+
+    host: str
+    remote_root: str
+    python: str = "python3"
+    venv: str | None = None
+    gpu_request: Literal["gres", "gpus"] = "gres"
+    defaults: Resources = field(default_factory=Resources)
+    overrides: dict[str, Resources] = field(default_factory=dict)
+
+    @classmethod
+    def from_vars(cls, host: str, variables: dict[str, Any]) -> Target:
+        root = variables.get("snowpipe_remote_root")
+        if not root or not str(root).startswith("/"):
+            raise ConfigError(f"inventory host {host}: snowpipe_remote_root must be an absolute path on the cluster "
+                              f"(got {root!r}); set it in the inventory, e.g. /cluster/scratch/$USER/snowpipe")
+        gpu_request = variables.get("snowpipe_gpu_request", "gres")
+        if gpu_request not in ("gres", "gpus"):
+            raise ConfigError(f"inventory host {host}: snowpipe_gpu_request must be 'gres' (--gres=gpu:N) or "
+                              f"'gpus' (--gpus=N), got {gpu_request!r}")
+        overrides = variables.get("snowpipe_job_overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"inventory host {host}: snowpipe_job_overrides must map job names (or '*') to "
+                              f"resources")
+        return cls(
+            host=host,
+            remote_root=str(root).rstrip("/"),
+            python=variables.get("snowpipe_python") or "python3",
+            venv=variables.get("snowpipe_venv") or None,
+            gpu_request=gpu_request,
+            defaults=parse_resources(variables.get("snowpipe_job_defaults"), f"{host}: snowpipe_job_defaults"),
+            overrides={name: parse_resources(value, f"{host}: snowpipe_job_overrides.{name}")
+                       for name, value in overrides.items()},
+        )
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def git_commit(root: Path = REPO_ROOT) -> tuple[str, bool]:
+    """The checked-out commit and whether the tree has uncommitted changes ("unknown" outside git)."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        return commit, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", True
+
+
+def folder_size(path: Path) -> tuple[int, int]:
+    """(files, bytes) below a folder, temporary files excluded: what rsync would consider."""
+    files = size = 0
+    if path.is_dir():
+        for item in path.rglob("*"):
+            if item.is_file() and not item.name.endswith(".tmp") and ".snowpipe-tmp-" not in item.name:
+                files += 1
+                size += item.stat().st_size
+    return files, size
+
+
+def enabled_jobs(jobs: list[Job], config: PipelineConfig, spec: str) -> list[Job]:
+    """Jobs with the stages the config enables; a job left without one is dropped and its dependents
+    wait for what it waited for instead."""
+    enabled = {name for name, section in PIPELINE_ORDER.items() if getattr(config, section).enable}
+    kept: list[Job] = []
+    waits: dict[str, list[str]] = {}
+    for job in jobs:
+        after: list[str] = []
+        for name in job.after:
+            for before in waits.get(name, [name]):
+                if before not in after:
+                    after.append(before)
+        stages = [stage for stage in job.stages if stage in enabled]
+        if stages:
+            kept.append(job.model_copy(update={"stages": stages, "after": after}))
+        else:
+            waits[job.name] = after
+    if not kept:
+        raise ConfigError(f"jobs/{spec}.yml: none of its stages is enabled in the config "
+                          f"(enabled: {', '.join(sorted(enabled)) or 'none'}); set `enable: true` where needed")
+    return kept
+
+
+def _array_sizes(config: PipelineConfig, jobs: list[Job]) -> dict[str, int]:
+    sizes = {}
+    for job in jobs:
+        if job.array:
+            counts = {len(discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, s)))
+                      for s in job.stages}
+            if len(counts) != 1:
+                raise ConfigError(f"job {job.name}: its stages cover different numbers of scenes ({sorted(counts)}); "
+                                  f"split it into one job per stage")
+            sizes[job.name] = counts.pop()
+            if sizes[job.name] == 0:
+                raise DataError(f"job {job.name}: no scene to process in {config.path('extracted_data')}")
+    return sizes
+
+
+def _gpu_options(resources: Resources, gpu_request: str) -> dict[str, str]:
+    gres = list(resources.gres or [])
+    options: dict[str, str] = {}
+    if resources.gpus:
+        kind = f"{resources.gpu_type}:" if resources.gpu_type else ""
+        if gpu_request == "gpus":
+            options["gpus"] = f"{kind}{resources.gpus}"
+        else:
+            gres.insert(0, f"gpu:{kind}{resources.gpus}")
+    if gres:
+        options["gres"] = ",".join(gres)
+    return options
+
+
+def sbatch_options(job: Job, run_id: str, run_dir: str, array_size: int | None, gpu_request: str) -> dict[str, Any]:
+    """#SBATCH options (name -> value; None for a flag). Dependencies are added at submission."""
+    r = job.resources
+    log = f"{run_dir}/logs/%x-%A_%a.out" if array_size else f"{run_dir}/logs/%x-%j.out"
+    options: dict[str, Any] = {
+        "job-name": job.name,
+        "comment": f"snowpipe run {run_id}",
+        "output": log,
+        "chdir": run_dir,
+        "time": r.time,
+        "cpus-per-task": r.cpus,
+        "mem": r.memory,
+        "nodes": 1,
+        "open-mode": "append",
+        "partition": r.partition,
+        "account": r.account,
+        "tmp": r.tmp,
+        "constraint": r.constraint,
+        "mail-type": r.mail_type,
+        "mail-user": r.mail_user,
+        **_gpu_options(r, gpu_request),
+    }
+    if array_size:
+        options["array"] = f"0-{array_size - 1}" + (f"%{r.throttle}" if r.throttle else "")
+    if "train" in job.stages:
+        options["signal"] = "B:USR1@300"  # time to save last.pt before the time limit
+        options["requeue"] = None
+        if (r.gpus or 0) > 1:
+            options["ntasks-per-node"] = r.gpus
+    return {k: v for k, v in options.items() if v is not None or k == "requeue"}
+
+
+def _stage_command(stage: str, job: Job, paths: dict[str, str]) -> dict[str, Any]:
+    """One stage of a job: its arguments, processes, and the folders staged to node-local scratch."""
+    processes = (job.resources.gpus or 0) if stage == "train" and (job.resources.gpus or 0) > 1 else 1
+    staged, sets = [], []
+    if job.resources.stage_inputs:
+        for name, access in STAGE_FOLDERS[stage].items():
+            staged.append({"name": name, "source": paths[name], "writable": access == "w",
+                           "excludes": RESULTS_NOT_READ.get(stage, []) if name == "results" else []})
+            sets.append({"key": f"paths.{name}", "scratch": name})
+            if name == "results":
+                sets.append({"key": "paths.dataset", "scratch": "results/dataset"})
+    return {"stage": stage, "args": ["stage", stage], "processes": processes,
+            "staged": staged, "sets": sets}
+
+
+def dependency_args(job_ids: list[str]) -> list[str]:
+    """sbatch arguments that start a job only after all of `job_ids` ended well; a failed one cancels it."""
+    return [f"--dependency=afterok:{':'.join(job_ids)}", "--kill-on-invalid-dep=yes"] if job_ids else []
+
+
+def submit_display(job: Job, script: str) -> str:
+    """The sbatch call as a line of shell, job ids in variables: `train=$(sbatch ... afterok:$dataset ...)`."""
+    def variable(name: str) -> str:
+        return name.replace("-", "_")
+
+    after = [f"${variable(name)}" for name in job.after]
+    flags = " ".join(dependency_args(after))
+    return f"{variable(job.name)}=$(sbatch --parsable {flags + ' ' if flags else ''}{shlex.quote(script)})"
+
+
+def sbatch_quote(value: Any) -> str:
+    """A value as sbatch reads it from an #SBATCH line: double quotes, backslash escapes."""
+    text = str(value)
+    if "\n" in text or "\r" in text:
+        raise ConfigError(f"an sbatch option value may not contain a line break: {text!r}")
+    if re.fullmatch(r"[A-Za-z0-9_.,:/%@+=-]+", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sbatch_lines(options: dict[str, Any]) -> list[str]:
+    """Sorted `--name=value` lines (flags without a value) for the script's header."""
+    return [f"--{name}" if value is None else f"--{name}={sbatch_quote(value)}"
+            for name, value in sorted(options.items())]
+
+
+def frozen_config(config: PipelineConfig, data_root: str | None, run_dir: str) -> dict[str, Any]:
+    """The resolved config a job reads: data under the shared data folder, outputs in the run folder."""
+    frozen = config.resolved()
+    paths = frozen["paths"]
+    if data_root:
+        paths["extracted_data"] = f"{data_root}/extracted_data"
+        paths["annotated_masks"] = f"{data_root}/annotated_masks"
+    paths["results"] = f"{run_dir}/results"
+    paths["dataset"] = f"{run_dir}/results/dataset"
+    paths["work"] = f"{run_dir}/work"
+    return frozen
+
+
+def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Target, mode: Mode = "cluster",
+              run_id: str | None = None, jobs_dir: Path = REPO_ROOT / "jobs", repo_root: Path = REPO_ROOT,
+              build_dir: Path | None = None) -> dict[str, Any]:
+    """The run as data: folders, files to sync, frozen config, and one entry per job in submission order."""
+    run_id = run_id or new_run_id()
+    jobs = enabled_jobs(load_jobs(jobs_dir, spec, target.defaults, target.overrides), config, spec)
+    for job in jobs:
+        for stage in job.stages:
+            if stage not in STAGES:
+                raise ConfigError(f"job {job.name} runs stage {stage!r}, not available in this version")
+    problems = check_data_folders(config, sorted({stage for job in jobs for stage in job.stages}))
+    if problems:
+        raise DataError("\n".join(problems))
+    sizes = _array_sizes(config, jobs)
+    commit, dirty = git_commit(repo_root)
+    build_dir = build_dir or repo_root / "build"
+    if mode == "cluster":
+        root, python, venv = target.remote_root, target.python, target.venv
+        run_dir, data_root, code_dir = f"{root}/runs/{run_id}", f"{root}/data", f"{root}/runs/{run_id}/code"
+    elif mode == "dry_run":
+        root, python, venv = target.remote_root, target.python, target.venv
+        run_dir, data_root, code_dir = f"{root}/runs/{run_id}", f"{root}/data", f"{root}/runs/{run_id}/code"
+    else:  # local_run: this machine's data and code, a run folder under build/
+        root, python, venv = str(build_dir / "local-run"), sys.executable, None
+        run_dir, data_root, code_dir = f"{root}/runs/{run_id}", None, str(repo_root)
+    render_dir = str(build_dir / "dry-run" / run_id) if mode == "dry_run" else run_dir
+    config_json = f"{run_dir}/config.json"
+    sync = []
+    for name in ("extracted_data", "annotated_masks"):
+        source = config.path(name)
+        if mode != "local_run" and source.is_dir():
+            files, size = folder_size(source)
+            sync.append({"name": name, "source": f"{source}/", "dest": f"{data_root}/{name}/", "files": files,
+                         "bytes": size})
+    frozen = frozen_config(config, data_root, run_dir)
+    planned = []
+    for job in jobs:
+        size = sizes.get(job.name)
+        options = sbatch_options(job, run_id, run_dir, size, target.gpu_request)
+        planned.append({
+            "name": job.name,
+            "description": job.description,
+            "stages": job.stages,
+            "after": job.after,
+            "array": f"0-{size - 1}" if size else None,
+            "array_size": size or 0,
+            "script": f"{run_dir}/jobs/{job.name}.sbatch",
+            "render_path": f"{render_dir}/jobs/{job.name}.sbatch",
+            "sbatch": options,
+            "sbatch_lines": sbatch_lines(options),
+            "modules": job.resources.modules or [],
+            "setup": job.resources.setup or [],
+            "stage_inputs": bool(job.resources.stage_inputs),
+            "requeue_limit": job.resources.requeue_limit or 0,
+            "submit_display": submit_display(job, f"{run_dir}/jobs/{job.name}.sbatch"),
+            "commands": [_stage_command(stage, job, frozen["paths"]) for stage in job.stages],
+        })
+    return {
+        "run_id": run_id,
+        "mode": mode,
+        "host": target.host,
+        "spec": spec,
+        "remote_root": root,
+        "run_dir": run_dir,
+        "render_dir": render_dir,
+        "data_root": data_root,
+        "code_dir": code_dir,
+        "config_json": config_json,
+        "config_source": str(config_path),
+        "python": python,
+        "venv": venv,
+        "commit": commit,
+        "dirty": dirty,
+        "config_hash": config.section_hash("annotation", "dataset", "training", "inference", "testing"),
+        "config": frozen,
+        "sync": sync,
+        "sync_excludes": list(TEMPORARY_FILES),
+        "jobs": planned,
+    }

@@ -1,0 +1,135 @@
+"""The embedded local cluster as a user meets it: up, ssh in, submit jobs (GPU ones too), down, up again."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cluster import embedded
+from pipeline.cluster.commands import EXIT_STOPPED, add_cluster_parser
+from pipeline.cluster.embedded import ClusterInfo
+from pipeline.cluster.embedded_files import ClusterPaths
+from pipeline.errors import SnowpipeError
+
+pytestmark = pytest.mark.cluster
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+def _pids() -> dict[str, int | None]:
+    return embedded.status().pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="snowpipe")
+    add_cluster_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def _sbatch_over_ssh(info: ClusterInfo, *sbatch_args: str) -> str:
+    done = subprocess.run(info.ssh_command(shlex.join(["sbatch", "--parsable", *sbatch_args])),
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def _wait_for_job(info: ClusterInfo, job_id: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    state = "UNKNOWN"
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=info.env(), capture_output=True,
+                               text=True, timeout=15).stdout
+        fields = dict(item.split("=", 1) for item in shown.split() if "=" in item)
+        state = fields.get("JobState", state)
+        if state in FINAL_STATES:
+            return state
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {state} after {timeout} s")
+
+
+def test_up_brings_the_node_to_idle_and_ssh_checks_host_keys(local_cluster: ClusterInfo, tmp_path: Path) -> None:
+    sinfo = subprocess.run(["sinfo", "-h", "-o", "%P %t"], env=local_cluster.env(), capture_output=True, text=True)
+    partition, state = sinfo.stdout.split()
+    assert partition == "local*" and state in {"idle", "mix", "alloc"}  # mix/alloc: someone else's jobs run
+
+    assert subprocess.run(local_cluster.ssh_command("true"), timeout=15).returncode == 0
+    assert local_cluster.known_hosts.read_text().startswith("[127.0.0.1]:2222 ssh-ed25519 AAAA")
+    empty = tmp_path / "known_hosts"
+    empty.touch()
+    strict = [arg.replace(str(local_cluster.known_hosts), str(empty)) for arg in local_cluster.ssh_command("true")]
+    refused = subprocess.run(strict, capture_output=True, text=True, timeout=15)
+    assert refused.returncode != 0 and "Host key verification failed" in refused.stderr
+    assert _cli("cluster", "status") == 0
+
+
+def test_a_second_up_reports_the_running_cluster_and_starts_nothing(local_cluster: ClusterInfo) -> None:
+    before = _pids()
+    said: list[str] = []
+    assert embedded.up(report=said.append) == local_cluster
+    assert said == [f"cluster: already running ({embedded.cluster_dir()})"]
+    assert _pids() == before
+
+
+def test_up_with_another_min_job_age_reconfigures_the_running_cluster(local_cluster: ClusterInfo) -> None:
+    def min_job_age() -> str:
+        shown = subprocess.run(["scontrol", "show", "config"], env=local_cluster.env(), capture_output=True,
+                               text=True, timeout=15).stdout
+        return next(line.split("=", 1)[1].strip() for line in shown.splitlines() if line.startswith("MinJobAge"))
+
+    before = _pids()
+    try:
+        embedded.up(min_job_age=7, report=lambda line: None)
+        assert min_job_age() == "7 sec"
+    finally:
+        embedded.up(report=lambda line: None)
+    assert min_job_age() == "300 sec"
+    assert _pids() == before
+
+
+def test_a_batch_job_submitted_over_ssh_completes(local_cluster: ClusterInfo, tmp_path: Path) -> None:
+    job_id = _sbatch_over_ssh(local_cluster, f"--output={tmp_path}/hostname-%j.out", "--wrap", "hostname")
+    assert _wait_for_job(local_cluster, job_id) == "COMPLETED"
+    assert (tmp_path / f"hostname-{job_id}.out").read_text().strip() == os.uname().nodename
+
+
+def test_a_gpu_job_is_scheduled_and_sees_its_gpu(local_cluster: ClusterInfo, tmp_path: Path) -> None:
+    job_id = _sbatch_over_ssh(local_cluster, "--gres=gpu:1", f"--output={tmp_path}/gpu-%j.out",
+                              "--wrap", "echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES")
+    assert _wait_for_job(local_cluster, job_id) == "COMPLETED"
+    assert (tmp_path / f"gpu-{job_id}.out").read_text().strip() == "CUDA_VISIBLE_DEVICES=0"
+
+
+def test_a_second_cluster_on_the_same_ports_is_refused(local_cluster: ClusterInfo, tmp_path: Path) -> None:
+    other = ClusterPaths(tmp_path / "other")
+    with pytest.raises(SnowpipeError, match="port 0.0.0.0:6817 is taken"):
+        embedded.up(paths=other, report=lambda line: None)
+    assert not embedded.status(other).any_running
+
+
+def test_down_stops_the_daemons_and_a_later_up_works_again(local_cluster: ClusterInfo) -> None:
+    before = _pids()
+    assert embedded.down(report=lambda line: None) == ["sshd", "slurmd", "slurmctld", "munged"]
+    assert not any(_alive(pid) for pid in before.values() if pid)
+    assert not any(embedded.ClusterPaths.default().pid(daemon).exists() for daemon in embedded.DAEMONS)
+    assert _cli("cluster", "status") == EXIT_STOPPED
+    assert embedded.down(report=lambda line: None) == []
+
+    info = embedded.up(report=lambda line: None)
+    assert embedded.is_up() and subprocess.run(info.ssh_command("true"), timeout=15).returncode == 0
+    assert set(_pids().values()).isdisjoint(before.values())
