@@ -48,7 +48,12 @@ def build_record(plan: dict[str, Any], ids: dict[str, str], connection: dict[str
 
 
 def write_record(runs_dir: Path, record: dict[str, Any]) -> Path:
+    """Write the record; a later submission into the same run (-e run_id=ID) adds its jobs to the list."""
     path = runs_dir / f"{record['run_id']}.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        record = {**record, "submitted": earlier.get("submitted", record["submitted"]),
+                  "jobs": earlier.get("jobs", []) + record["jobs"]}
     write_json(path, record)
     return path
 
