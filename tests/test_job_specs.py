@@ -1,0 +1,150 @@
+"""Job specs and the submission plan, without a cluster: what a user writing jobs/*.yml and an inventory meets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.cluster.jobspec import Resources, load_jobs
+from pipeline.cluster.plan import REPO_ROOT, Target, make_plan, sbatch_lines, sbatch_quote
+from pipeline.cluster.records import build_record, write_record
+from pipeline.config import apply_settings
+from pipeline.errors import ConfigError
+from tests.builders import make_config, write_scene
+
+JOBS = REPO_ROOT / "jobs"
+DATES = ["20220301T102309", "20220311T102309"]
+ALL_STAGES = {"training": {"enable": True}, "inference": {"enable": True}, "testing": {"enable": True}}
+
+
+def target(**variables) -> Target:
+    return Target.from_vars("test-cluster", {"snowpipe_remote_root": "/scratch/me/snowpipe", **variables})
+
+
+@pytest.fixture
+def scenes(tmp_path: Path):
+    for date in DATES:
+        write_scene(tmp_path, date=date, size=60)
+    return make_config(tmp_path, **ALL_STAGES)
+
+
+def test_the_shipped_pipeline_chains_five_jobs_with_arrays_over_scenes(scenes, tmp_path):
+    plan = make_plan(scenes, tmp_path / "pipeline-config.yml", "pipeline", target(), run_id="r1")
+
+    assert [job["name"] for job in plan["jobs"]] == ["annotate", "dataset", "train", "infer", "test"]
+    assert [job["after"] for job in plan["jobs"]] == [[], ["annotate"], ["dataset"], ["train"], ["infer"]]
+    assert plan["jobs"][0]["array"] == "0-1" and plan["jobs"][3]["array"] == "0-1"
+    assert plan["jobs"][0]["sbatch"]["array"] == "0-1%8"
+    assert plan["run_dir"] == "/scratch/me/snowpipe/runs/r1"
+    assert plan["config"]["paths"]["extracted_data"] == "/scratch/me/snowpipe/data/extracted_data"
+    assert plan["config"]["paths"]["results"] == "/scratch/me/snowpipe/runs/r1/results"
+    train = plan["jobs"][2]
+    assert train["sbatch"]["gres"] == "gpu:1" and train["sbatch"]["signal"] == "B:USR1@300"
+    assert train["submit_display"] == ("train=$(sbatch --parsable --dependency=afterok:$dataset "
+                                       "--kill-on-invalid-dep=yes /scratch/me/snowpipe/runs/r1/jobs/train.sbatch)")
+
+
+def test_every_shipped_job_spec_loads():
+    for path in sorted(JOBS.glob("*.yml")):
+        assert load_jobs(JOBS, path.stem), path
+
+
+def test_resources_layer_inventory_defaults_then_spec_then_overrides():
+    defaults = Resources(account="es_group", time="10:00:00", modules=["cuda/11.8.0"])
+    overrides = {"*": Resources(memory="1G"), "train": Resources(gpus=2)}
+    jobs = {job.name: job for job in load_jobs(JOBS, "pipeline", defaults, overrides)}
+
+    assert jobs["train"].resources.account == "es_group"       # inventory default
+    assert jobs["train"].resources.time == "24:00:00"          # the job spec wins over the default
+    assert jobs["train"].resources.memory == "1G"              # "*" override wins over the spec
+    assert jobs["train"].resources.gpus == 2                   # per-job override
+    assert jobs["annotate"].resources.modules == ["cuda/11.8.0"]
+
+
+def test_two_gpus_launch_one_training_process_per_gpu(scenes, tmp_path):
+    plan = make_plan(scenes, tmp_path / "c.yml", "train-multi-gpu", target(snowpipe_gpu_request="gpus",
+                     snowpipe_job_defaults={"gpu_type": "a100"}), run_id="r1")
+    train = plan["jobs"][0]
+    assert train["sbatch"]["gpus"] == "a100:2" and train["sbatch"]["ntasks-per-node"] == 2
+    assert train["commands"][0]["processes"] == 2
+
+
+def test_a_disabled_stage_drops_its_job_and_rewires_the_chain(tmp_path):
+    for date in DATES:
+        write_scene(tmp_path, date=date, size=60)
+    (tmp_path / "masks").mkdir()
+    config = make_config(tmp_path, annotation={"enable": False}, **ALL_STAGES)
+    plan = make_plan(config, tmp_path / "c.yml", "pipeline", target(), run_id="r1")
+    assert [job["name"] for job in plan["jobs"]] == ["dataset", "train", "infer", "test"]
+    assert plan["jobs"][0]["after"] == []
+
+
+def test_mistakes_in_a_job_spec_name_the_key_and_the_fix(tmp_path):
+    (tmp_path / "bad.yml").write_text("jobs:\n  - name: x\n    stages: [train]\n    gpu: 1\n")
+    with pytest.raises(ConfigError, match=r"jobs.0.gpu: unknown key; valid keys: .*gpus"):
+        load_jobs(tmp_path, "bad")
+    (tmp_path / "order.yml").write_text("jobs:\n  - name: a\n    stages: [train]\n    after: [b]\n")
+    with pytest.raises(ConfigError, match="runs after 'b', which is not a job listed before it"):
+        load_jobs(tmp_path, "order")
+    (tmp_path / "array.yml").write_text("jobs:\n  - name: a\n    stages: [train]\n    array: true\n")
+    with pytest.raises(ConfigError, match="must be per-scene stages"):
+        load_jobs(tmp_path, "array")
+    (tmp_path / "time.yml").write_text("jobs:\n  - name: a\n    stages: [train]\n    time: 2 hours\n")
+    with pytest.raises(ConfigError, match="expected a SLURM time"):
+        load_jobs(tmp_path, "time")
+    with pytest.raises(ConfigError, match="job spec .*missing.yml not found; job specs in .*: array, bad"):
+        load_jobs(tmp_path, "missing")
+
+
+def test_inventory_mistakes_are_named():
+    with pytest.raises(ConfigError, match="snowpipe_remote_root must be an absolute path"):
+        Target.from_vars("c", {"snowpipe_remote_root": "scratch"})
+    with pytest.raises(ConfigError, match="snowpipe_gpu_request must be 'gres'"):
+        target(snowpipe_gpu_request="cards")
+    with pytest.raises(ConfigError, match="snowpipe_job_defaults is invalid"):
+        target(snowpipe_job_defaults={"cpu": 4})
+
+
+def test_sbatch_values_are_quoted_as_sbatch_reads_them():
+    assert sbatch_quote("04:00:00") == "04:00:00"
+    assert sbatch_quote("snowpipe run 1") == '"snowpipe run 1"'
+    assert sbatch_quote('a"b\\c') == '"a\\"b\\\\c"'
+    with pytest.raises(ConfigError, match="line break"):
+        sbatch_quote("a\n#SBATCH --uid=0")
+    assert sbatch_lines({"time": "1:00", "requeue": None, "comment": "a b"}) == [
+        '--comment="a b"', "--requeue", "--time=1:00"]
+
+
+def test_set_overrides_are_validated_like_the_file(scenes):
+    changed = apply_settings(scenes, ["paths.results=/scratch/r", "training.epochs=3"])
+    assert changed.path("results") == Path("/scratch/r") and changed.training.epochs == 3
+    with pytest.raises(ConfigError, match="epochs"):
+        apply_settings(scenes, ["training.epochs=many"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_settings(scenes, ["training.epochs"])
+
+
+def test_snowpipe_plan_prints_the_jobs_and_their_json(scenes, tmp_path, capsys):
+    config = tmp_path / "pipeline-config.yml"
+    config.write_text(f"tile_id: 32TNS\npaths:\n  extracted_data: {tmp_path}\n"
+                      "training: {enable: true}\ninference: {enable: true}\ntesting: {enable: true}\n")
+    variables = json.dumps({"snowpipe_remote_root": "/scratch/x"})
+    assert main(["plan", str(config), "--target-vars", variables, "--run-id", "r9", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["run_id"] == "r9" and len(plan["jobs"]) == 5
+    assert main(["plan", str(config), "--target-vars", variables, "--job", "nope"]) == 2
+    assert "job spec" in capsys.readouterr().err
+
+
+def test_the_run_record_lists_jobs_with_ids_and_dependencies(scenes, tmp_path):
+    plan = make_plan(scenes, tmp_path / "c.yml", "pipeline", target(), run_id="r1")
+    ids = {"annotate": "11", "dataset": "14", "train": "15", "infer": "16", "test": "19"}
+    record = build_record(plan, ids, {"host": "local", "address": "127.0.0.1", "port": 2222, "user": "me"})
+    path = write_record(tmp_path / "runs", record)
+    saved = json.loads(path.read_text())
+    assert {"run_id", "host", "remote_dir", "commit", "config_hash", "jobs"} <= saved.keys()
+    assert saved["jobs"][1] == {**saved["jobs"][1], "name": "dataset", "id": "14", "after": ["11"], "array": None}
+    assert saved["jobs"][0]["array"] == "0-1"

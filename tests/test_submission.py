@@ -1,0 +1,190 @@
+"""`ansible-playbook submit.yml` as a user runs it, against the real embedded SLURM cluster over SSH:
+a demo submission to COMPLETED (with 2-process DDP training), incremental sync, dry run, check mode,
+local run, golden batch scripts, and the errors a user meets first."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.cluster.plan import REPO_ROOT
+
+pytestmark = pytest.mark.cluster
+
+ANSIBLE_DIR = REPO_ROOT / "ansible"
+PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+GOLDEN = Path(__file__).parent / "golden"
+SMALL_JOBS = {"*": {"cpus": 1, "memory": "1G", "tmp": "0", "time": "01:00:00"}}
+SESSION = time.strftime("%H%M%S")
+
+
+def playbook(*args: str, cwd: Path = ANSIBLE_DIR, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+    return subprocess.run([str(PLAYBOOK), "submit.yml" if cwd == ANSIBLE_DIR else "ansible/submit.yml", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def squeue_ids(cluster) -> set[str]:
+    out = subprocess.run(["squeue", "--noheader", "--format=%i"], env=cluster.env(), capture_output=True,
+                         text=True, check=True).stdout
+    return set(out.split())
+
+
+def job_state(cluster, job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=cluster.env(), capture_output=True,
+                         text=True).stdout
+    states = re.findall(r"JobState=(\w+)", out)
+    return ",".join(sorted(set(states))) or "gone"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo-data", str(out), "--scenes", "3", "--size", "128"]) == 0
+    return out / "pipeline-config.yml"
+
+
+@pytest.fixture(scope="module")
+def submitted(local_cluster, demo):
+    """One demo submission, waited for, with training on the 2 declared GPUs (one process each)."""
+    run_id = f"t{SESSION}-ddp"
+    overrides = {**SMALL_JOBS, "train": {"gpus": 2}}
+    result = playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "wait=true",
+                      "-e", json.dumps({"snowpipe_job_overrides": overrides}))
+    yield run_id, result
+    (REPO_ROOT / "runs" / f"{run_id}.json").unlink(missing_ok=True)
+
+
+def test_a_demo_submission_runs_every_job_to_completed(local_cluster, submitted, demo):
+    run_id, result = submitted
+    assert result.returncode == 0, result.stdout[-3000:]
+    record = json.loads((REPO_ROOT / "runs" / f"{run_id}.json").read_text())
+    assert [job["name"] for job in record["jobs"]] == ["annotate", "dataset", "train", "infer", "test"]
+    ids = [job["id"] for job in record["jobs"]]
+    assert all(i.isdigit() for i in ids)
+    assert [job["after"] for job in record["jobs"]] == [[], [ids[0]], [ids[1]], [ids[2]], [ids[3]]]
+    assert record["jobs"][0]["array"] == "0-2" and record["jobs"][3]["array"] == "0-2"
+    assert record["host"] == "local" and record["remote_dir"].endswith(f"/runs/{run_id}")
+    for job_id in ids:
+        assert job_state(local_cluster, job_id) == "COMPLETED"
+    run_dir = Path(record["remote_dir"])
+    masks = sorted(run_dir.glob("results/predictions/*/mask.tif"))
+    assert len(masks) == 3
+    assert (run_dir / "results/testing/metrics.json").is_file()
+    markers = [json.loads(p.read_text()) for p in (run_dir / "logs").glob("*.exit")]
+    assert len(markers) == 3 + 1 + 1 + 3 + 1 and all(m["exit_code"] == 0 for m in markers)
+    train_log = next((run_dir / "logs").glob("train-*.out")).read_text()
+    assert "srun --ntasks=2" in train_log and "2 process(es)" in train_log
+    assert json.loads((run_dir / "config.json").read_text())["paths"]["results"] == f"{run_dir}/results"
+    assert (run_dir / "code/pipeline/cli.py").is_file()
+
+
+def test_a_second_submission_with_unchanged_data_sends_no_data_file(local_cluster, submitted, demo):
+    run_id, _ = submitted
+    result = playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "job=test", "-e", "wait=true",
+                      "-e", json.dumps({"snowpipe_job_overrides": SMALL_JOBS}), "-v")
+    assert result.returncode == 0, result.stdout[-3000:]
+    itemised = re.findall(r"^[<>ch.][fdL]\S* .*$", result.stdout, flags=re.M)
+    assert not [line for line in itemised if line.startswith(">f")], itemised
+    assert "extracted_data: 0 file(s) sent" in result.stdout
+    record = json.loads((REPO_ROOT / "runs" / f"{run_id}.json").read_text())
+    assert [job["name"] for job in record["jobs"]][-1] == "test" and len(record["jobs"]) == 6
+
+
+def test_dry_run_contacts_no_host_and_prints_the_plan(local_cluster, demo):
+    run_id = f"t{SESSION}-dry"
+    before = squeue_ids(local_cluster)
+    # A port nobody listens on: the dry run must not need the cluster at all.
+    result = playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "dry_run=true",
+                      "-e", "ansible_port=1", cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    out = result.stdout
+    assert re.search(r"would sync \d+ data files", out)
+    assert f"annotate=$(sbatch --parsable {local_cluster.remote_root}/runs/{run_id}/jobs/annotate.sbatch)" in out
+    assert "dataset=$(sbatch --parsable --dependency=afterok:$annotate --kill-on-invalid-dep=yes" in out
+    render_dir = REPO_ROOT / "build" / "dry-run" / run_id
+    assert sorted(p.name for p in (render_dir / "jobs").iterdir()) == [
+        "annotate.sbatch", "dataset.sbatch", "infer.sbatch", "test.sbatch", "train.sbatch"]
+    assert not (local_cluster.remote_root / "runs" / run_id).exists()
+    assert not (REPO_ROOT / "runs" / f"{run_id}.json").exists()
+    assert squeue_ids(local_cluster) == before
+
+
+def test_rendered_scripts_pass_bash_shellcheck_and_sbatch_test_only(local_cluster, demo):
+    run_id = f"t{SESSION}-lint"
+    assert playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "dry_run=true").returncode == 0
+    scripts = sorted((REPO_ROOT / "build" / "dry-run" / run_id / "jobs").glob("*.sbatch"))
+    assert len(scripts) == 5
+    for script in scripts:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        checked = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout
+        test_only = subprocess.run(["sbatch", "--test-only", str(script)], env=local_cluster.env(),
+                                   capture_output=True, text=True)
+        assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
+
+
+@pytest.mark.parametrize("inventory", ["local", "euler"])
+def test_rendered_scripts_match_the_golden_files(local_cluster, demo, inventory):
+    run_id = f"golden-{inventory}"
+    result = playbook("-i", f"../inventory/{inventory}.yml", "-e", f"config={demo}", "-e", f"run_id={run_id}",
+                      "-e", "dry_run=true")
+    assert result.returncode == 0, result.stdout[-3000:]
+    golden = GOLDEN / inventory
+    for script in sorted((REPO_ROOT / "build" / "dry-run" / run_id / "jobs").glob("*.sbatch")):
+        text = script.read_text().replace(str(REPO_ROOT), "<repo>")
+        if os.environ.get("UPDATE_GOLDEN"):
+            golden.mkdir(parents=True, exist_ok=True)
+            (golden / script.name).write_text(text)
+        assert text == (golden / script.name).read_text(), f"{script.name} differs from {golden}"
+
+
+def test_check_mode_shows_the_scripts_as_diffs_and_changes_nothing(local_cluster, demo):
+    run_id = f"t{SESSION}-check"
+    before = squeue_ids(local_cluster)
+    result = playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "--check", "--diff")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "+#SBATCH --job-name=train" in result.stdout
+    assert "fatal:" not in result.stdout
+    assert not (local_cluster.remote_root / "runs" / run_id).exists()
+    assert not (REPO_ROOT / "runs" / f"{run_id}.json").exists()
+    assert squeue_ids(local_cluster) == before
+
+
+def test_a_local_run_executes_the_scripts_here_with_the_same_outputs(local_cluster, submitted, demo):
+    run_id = f"t{SESSION}-local"
+    result = playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "local_run=true")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "every job completed" in result.stdout
+    local = REPO_ROOT / "build" / "local-run" / "runs" / run_id / "results"
+    cluster = local_cluster.remote_root / "runs" / submitted[0] / "results"
+
+    def outputs(results: Path) -> set[str]:
+        return {str(p.relative_to(results)) for folder in ("predictions", "testing")
+                for p in (results / folder).rglob("*") if p.is_file()}
+
+    assert outputs(local) == outputs(cluster) and len(outputs(local)) > 10
+    shutil.rmtree(local.parent)
+
+
+def test_an_unreachable_cluster_is_one_clear_message(local_cluster, demo):
+    result = playbook("-e", f"config={demo}", "-e", "ansible_port=1")
+    assert result.returncode != 0
+    assert "cannot reach local" in result.stdout and "snowpipe cluster up" in result.stdout
+
+
+def test_a_wrong_config_key_stops_before_anything_moves(local_cluster, tmp_path):
+    config = tmp_path / "pipeline-config.yml"
+    config.write_text("tile_id: 32TNS\ntraning: {epochs: 3}\n")
+    result = playbook("-e", f"config={config}")
+    assert result.returncode != 0
+    assert "traning: unknown key" in result.stdout
