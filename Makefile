@@ -9,9 +9,12 @@ TORCH_SPEC  ?= torch==2.13.0
 DEMO        ?= demo
 DEMO_ARGS   ?= --scenes 4 --size 480
 PYTEST_ARGS ?=
-SYSTEM_PACKAGES := python3 python3-venv python3-dev rsync openssh-client
+RUN_ID      ?= demo-$(shell date +%Y%m%d-%H%M%S)
+# The embedded local cluster (snowpipe cluster up) and the batch-script checks (shellcheck) need these too.
+SYSTEM_PACKAGES := python3 python3-venv python3-dev rsync openssh-client openssh-server \
+                   slurmctld slurmd slurm-client munge shellcheck git
 
-.PHONY: setup system-deps demo test lint bench clean
+.PHONY: setup system-deps demo demo-local test lint bench clean
 
 setup: $(STAMP)
 
@@ -34,19 +37,31 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The README's main command: the demo on the embedded local SLURM cluster, through Ansible.
 demo: setup
+	$(SNOWPIPE) cluster up
+	$(SNOWPIPE) demo-data $(DEMO) $(DEMO_ARGS)
+	cd ansible && ../$(VENV)/bin/ansible-playbook submit.yml -e config=$(CURDIR)/$(DEMO)/pipeline-config.yml \
+	  -e run_id=$(RUN_ID) -e wait=true
+	@echo "== U-Net predictions of run $(RUN_ID) against the demo's truth:"
+	$(PY) bench/annotation_quality.py $(DEMO) --predictions --results .cluster/remote/runs/$(RUN_ID)/results
+	@echo "run record: runs/$(RUN_ID).json; run folder: .cluster/remote/runs/$(RUN_ID)/"
+	@echo "  results/training/ (checkpoints, curves), results/predictions/ (masks, quicklooks),"
+	@echo "  results/testing/ (metrics.json, metrics.csv, plots), logs/ (one file per job and array task)"
+
+# The same pipeline without SLURM: every stage on this machine, outputs beside the demo data.
+demo-local: setup
 	$(SNOWPIPE) demo-data $(DEMO) $(DEMO_ARGS)
 	$(SNOWPIPE) run $(DEMO)/pipeline-config.yml
 	@echo "== automatic masks against the demo's truth:"
 	$(PY) bench/annotation_quality.py $(DEMO)
 	@echo "== U-Net predictions against the demo's truth:"
 	$(PY) bench/annotation_quality.py $(DEMO) --predictions
-	@echo "results: $(DEMO)/annotated_masks/ (automatic masks), $(DEMO)/dataset/ (patches),"
-	@echo "         $(DEMO)/results/training/ (checkpoints, curves), $(DEMO)/results/predictions/ (masks, quicklooks),"
-	@echo "         $(DEMO)/results/testing/ (metrics.json, metrics.csv, plots)"
+	@echo "results: $(DEMO)/annotated_masks/, $(DEMO)/dataset/, $(DEMO)/results/"
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests bench
+	cd ansible && ../$(VENV)/bin/ansible-lint --profile production --offline -q .
 
 test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,7 +1,7 @@
 """Score a demo folder's masks against the demo's true class maps.
 
-usage: python bench/annotation_quality.py DEMO_DIR [--predictions]
-  (after `snowpipe run DEMO_DIR/pipeline-config.yml`)
+usage: python bench/annotation_quality.py DEMO_DIR [--predictions [--results RESULTS_DIR]]
+  (after `snowpipe run DEMO_DIR/pipeline-config.yml`, or a cluster run: --results RUN_FOLDER/results)
 Scores the annotate stage's masks, or with --predictions the infer stage's
 (results/predictions/{date}/mask.tif). Prints IoU per class and scene, and overall.
 """
@@ -26,12 +26,12 @@ def scene_matrix(mask_path: Path, truth_path: Path) -> np.ndarray:
     return total
 
 
-def main(demo: Path, predictions: bool = False) -> int:
+def main(demo: Path, predictions: bool = False, results: Path | None = None) -> int:
     overall = np.zeros((4, 4), np.int64)
     print(f"{'scene':<17}" + "".join(f"{name:>12}" for name in CLASS_NAMES) + "   (IoU vs truth)")
     for truth_path in sorted((demo / "truth").glob("*.tif")):
-        mask_path = (demo / "results" / "predictions" if predictions else demo / "annotated_masks") \
-            / truth_path.stem / "mask.tif"
+        folder = (results or demo / "results") / "predictions" if predictions else demo / "annotated_masks"
+        mask_path = folder / truth_path.stem / "mask.tif"
         if not mask_path.is_file():
             print(f"{truth_path.stem:<17} no mask ({mask_path} is missing)")
             continue
@@ -46,6 +46,11 @@ def main(demo: Path, predictions: bool = False) -> int:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--predictions"]
+    results = None
+    if "--results" in args:  # predictions of a cluster run: --results RUN_FOLDER/results
+        at = args.index("--results")
+        results = Path(args[at + 1])
+        del args[at:at + 2]
     if len(args) != 1:
         sys.exit(__doc__)
-    sys.exit(main(Path(args[0]), predictions="--predictions" in sys.argv))
+    sys.exit(main(Path(args[0]), predictions="--predictions" in sys.argv, results=results))

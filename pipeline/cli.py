@@ -31,6 +31,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if config.path("extracted_data").is_dir():
         scenes = discover_scenes(config.path("extracted_data"), config.tile_id, config.dates)
         found = f", {len(scenes)} scene(s)"
+    from pipeline.cluster.jobspec import load_jobs
+    from pipeline.cluster.plan import REPO_ROOT
+
+    specs = sorted((REPO_ROOT / "jobs").glob("*.yml"))
+    for spec in specs:  # a broken job spec fails here, not at submission
+        load_jobs(spec.parent, spec.stem)
+    found += f", {len(specs)} job spec(s) valid" if specs else ""
     note = f" (enabled but not in this version: {', '.join(unavailable)})" if unavailable else ""
     print(f"{args.config or 'pipeline-config.yml'} is valid: tile {config.tile_id}{found}, "
           f"stages: {', '.join(stages) or 'none'}{note}")
