@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.writer import write_json
+from pipeline.errors import SnowpipeError
 
 
 def build_record(plan: dict[str, Any], ids: dict[str, str], connection: dict[str, Any]) -> dict[str, Any]:
@@ -35,6 +36,9 @@ def build_record(plan: dict[str, Any], ids: dict[str, str], connection: dict[str
         "port": int(connection.get("port", 22)),
         "user": connection.get("user", ""),
         "inventory": connection.get("inventory", ""),
+        # Resolved by Ansible from the inventory at submission: what the SSH tools connect with.
+        "key": connection.get("key", ""),
+        "known_hosts": connection.get("known_hosts", ""),
         "remote_root": plan["remote_root"],
         "remote_dir": plan["run_dir"],
         "commit": plan["commit"],
@@ -70,3 +74,41 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+RUNS_DIR = Path(__file__).resolve().parent.parent.parent / "runs"
+
+
+def list_records(runs_dir: Path = RUNS_DIR) -> list[dict[str, Any]]:
+    """Every recorded run, newest first."""
+    records = []
+    for path in runs_dir.glob("*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return sorted(records, key=lambda r: (r.get("submitted", ""), r.get("run_id", "")), reverse=True)
+
+
+def load_record(run_id: str | None, runs_dir: Path = RUNS_DIR) -> dict[str, Any]:
+    """One run's record; None = the newest. An unknown run names the known ones."""
+    records = list_records(runs_dir)
+    if not records:
+        raise SnowpipeError(f"no run recorded in {runs_dir}: submit one with `cd ansible && ansible-playbook "
+                            f"submit.yml`")
+    if run_id is None:
+        return records[0]
+    for record in records:
+        if record.get("run_id") == run_id:
+            return record
+    known = ", ".join(r["run_id"] for r in records[:5])
+    raise SnowpipeError(f"no run {run_id!r} in {runs_dir} (newest: {known}); `snowpipe runs` lists them all")
+
+
+def remember_state(record: dict[str, Any], summary: str, runs_dir: Path = RUNS_DIR) -> None:
+    """Cache the last summary state seen by `snowpipe status`, for `snowpipe runs` (no SSH there)."""
+    path = runs_dir / f"{record['run_id']}.json"
+    if path.is_file():
+        current = json.loads(path.read_text())
+        current["last_state"] = {"summary": summary, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_json(path, current)
