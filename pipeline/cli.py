@@ -143,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pipeline.cluster.commands import add_cluster_parser
     from pipeline.cluster.plan_command import add_plan_parser
+    from pipeline.cluster.tools import add_tool_parsers
 
     add_plan_parser(sub)
     add_cluster_parser(sub)
+    add_tool_parsers(sub)
     return parser
 
 

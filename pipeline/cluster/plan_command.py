@@ -12,11 +12,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cluster.plan import REPO_ROOT, Target, make_plan
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 
-DEFAULT_INVENTORY = REPO_ROOT / "inventory" / "local.yml"
+DEFAULT_INVENTORY = Path(__file__).resolve().parent.parent.parent / "inventory" / "local.yml"
 CLUSTER_GROUP = "cluster"
 
 
@@ -78,6 +77,8 @@ def print_plan(plan: dict[str, Any]) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.cluster.plan import Target, make_plan  # imports the stages (torch): only when planning
+
     config_path = Path(args.config or "pipeline-config.yml")
     config = load_config(config_path)
     if args.target_vars:

@@ -8,6 +8,7 @@ name / id / after / array) plus what the SSH tools need to reconnect and find lo
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,13 +77,13 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-RUNS_DIR = Path(__file__).resolve().parent.parent.parent / "runs"
+RUNS_DIR = Path(os.environ.get("SNOWPIPE_RUNS_DIR") or Path(__file__).resolve().parent.parent.parent / "runs")
 
 
-def list_records(runs_dir: Path = RUNS_DIR) -> list[dict[str, Any]]:
+def list_records(runs_dir: Path | None = None) -> list[dict[str, Any]]:
     """Every recorded run, newest first."""
     records = []
-    for path in runs_dir.glob("*.json"):
+    for path in (runs_dir or RUNS_DIR).glob("*.json"):
         try:
             records.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError):
@@ -90,8 +91,9 @@ def list_records(runs_dir: Path = RUNS_DIR) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r.get("submitted", ""), r.get("run_id", "")), reverse=True)
 
 
-def load_record(run_id: str | None, runs_dir: Path = RUNS_DIR) -> dict[str, Any]:
+def load_record(run_id: str | None, runs_dir: Path | None = None) -> dict[str, Any]:
     """One run's record; None = the newest. An unknown run names the known ones."""
+    runs_dir = runs_dir or RUNS_DIR
     records = list_records(runs_dir)
     if not records:
         raise SnowpipeError(f"no run recorded in {runs_dir}: submit one with `cd ansible && ansible-playbook "
@@ -105,9 +107,9 @@ def load_record(run_id: str | None, runs_dir: Path = RUNS_DIR) -> dict[str, Any]
     raise SnowpipeError(f"no run {run_id!r} in {runs_dir} (newest: {known}); `snowpipe runs` lists them all")
 
 
-def remember_state(record: dict[str, Any], summary: str, runs_dir: Path = RUNS_DIR) -> None:
+def remember_state(record: dict[str, Any], summary: str, runs_dir: Path | None = None) -> None:
     """Cache the last summary state seen by `snowpipe status`, for `snowpipe runs` (no SSH there)."""
-    path = runs_dir / f"{record['run_id']}.json"
+    path = (runs_dir or RUNS_DIR) / f"{record['run_id']}.json"
     if path.is_file():
         current = json.loads(path.read_text())
         current["last_state"] = {"summary": summary, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

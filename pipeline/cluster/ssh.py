@@ -1,0 +1,116 @@
+"""One SSH connection to the cluster's login node per command (paramiko), host keys always checked.
+
+Connection facts come from the run record, where Ansible wrote them as it resolved the inventory at
+submission: address, port, user, key, known_hosts. Every failure is one line naming the host and the fix.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from pipeline.errors import SnowpipeError
+
+CONNECT_TIMEOUT = 10.0
+
+
+class ConnectionFailed(SnowpipeError):
+    """The cluster cannot be reached, refuses us, or presents an unexpected host key."""
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+class Remote:
+    """Commands on the cluster as argv lists (each value shell-quoted), over one connection."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.host = record.get("host", "?")
+        self.address = record.get("address") or self.host
+        self.port = int(record.get("port", 22))
+        self.user = record.get("user") or None
+        self.key = record.get("key") or None
+        self.known_hosts = Path(record.get("known_hosts") or Path.home() / ".ssh" / "known_hosts").expanduser()
+        self.client = self._connect()
+
+    def _where(self) -> str:
+        return f"{self.host} ({self.user + '@' if self.user else ''}{self.address}:{self.port})"
+
+    def _connect(self) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        if self.known_hosts.is_file():
+            client.load_host_keys(str(self.known_hosts))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(self.address, port=self.port, username=self.user, key_filename=self.key,
+                           timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
+                           allow_agent=self.key is None, look_for_keys=self.key is None)
+        except paramiko.BadHostKeyException as exc:
+            raise ConnectionFailed(
+                f"the host key of {self._where()} has CHANGED ({exc.key.get_name()} "
+                f"{exc.key.fingerprint}); refusing to connect. Ask the cluster's admins for the new key's "
+                f"fingerprint; once verified, replace the old line: ssh-keygen -R '[{self.address}]:{self.port}' "
+                f"-f {self.known_hosts}") from None
+        except paramiko.AuthenticationException:
+            raise ConnectionFailed(
+                f"authentication to {self._where()} failed (key {self.key or 'from ssh-agent / ~/.ssh'}): check "
+                f"ansible_user and ansible_ssh_private_key_file in the inventory, then submit again") from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise ConnectionFailed(
+                    f"the host key of {self._where()} is not in {self.known_hosts}: log in once with ssh, compare "
+                    f"the fingerprint with the one the cluster documents, and accept it") from None
+            raise ConnectionFailed(f"SSH to {self._where()} failed: {exc}") from None
+        except OSError as exc:
+            raise ConnectionFailed(
+                f"cannot reach {self._where()}: {exc.strerror or exc}. For the local cluster run `snowpipe "
+                f"cluster up`; otherwise check the network (VPN?) and the host in the inventory") from None
+        return client
+
+    def run(self, argv: list[str], timeout: float = 120.0) -> Result:
+        _, stdout, stderr = self.client.exec_command(shlex.join(argv), timeout=timeout)
+        out = stdout.read().decode(errors="replace")
+        err = stderr.read().decode(errors="replace")
+        return Result(stdout.channel.recv_exit_status(), out, err)
+
+    def stream(self, argv: list[str], write) -> int:
+        """Run a long command (tail -f), passing its output on as it comes; Ctrl-C stops it."""
+        channel = self.client.get_transport().open_session()
+        channel.exec_command(shlex.join(argv))
+        try:
+            while True:
+                if channel.recv_ready():
+                    write(channel.recv(65536).decode(errors="replace"))
+                elif channel.exit_status_ready() and not channel.recv_ready():
+                    return channel.recv_exit_status()
+                else:
+                    channel.status_event.wait(0.2)
+        finally:
+            channel.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Remote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def rsync_shell(record: dict[str, Any]) -> str:
+    """The `rsync -e` command: the same host-key checks as the SSH tools."""
+    parts = ["ssh", "-p", str(record.get("port", 22)), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+    if record.get("key"):
+        parts += ["-i", record["key"], "-o", "IdentitiesOnly=yes"]
+    if record.get("known_hosts"):
+        parts += ["-o", f"UserKnownHostsFile={record['known_hosts']}"]
+    return shlex.join(parts)

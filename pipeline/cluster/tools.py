@@ -1,0 +1,233 @@
+"""`snowpipe runs | status | logs | fetch | cancel`: what happened to a submitted run, from the laptop.
+
+Each command opens one SSH connection (host keys checked) with what the run record says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pipeline.cluster import jobstate
+from pipeline.cluster.records import RUNS_DIR, list_records, load_record, remember_state
+from pipeline.cluster.ssh import Remote, rsync_shell
+from pipeline.errors import SnowpipeError
+from pipeline.progress import say
+
+STATE_STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red", "CANCELLED": "magenta",
+               "TIMEOUT": "red", "OUT_OF_MEMORY": "red", "UNKNOWN": "dim"}
+WATCH_FLOOR = 2.0
+
+
+def _console() -> Console:
+    """Tables as wide as the terminal; 140 columns when the output goes to a file or a pipe."""
+    console = Console()
+    return console if console.is_terminal else Console(width=140)
+
+
+def _styled(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+def status_table(record: dict[str, Any], rows: list[jobstate.TaskState], source: str) -> Table:
+    table = Table(title=f"run {record['run_id']} on {record['host']}: {_styled(jobstate.summary(rows))} "
+                        f"(from {source})", title_justify="left")
+    for column in ("job", "id", "task", "state", "elapsed", "node", "exit", "reason"):
+        table.add_column(column, no_wrap=column != "reason")
+    table.add_column("last log line", no_wrap=True, overflow="ellipsis", ratio=1)
+    for row in rows:
+        table.add_row(row.name, row.id, "" if row.task is None else str(row.task), _styled(row.state), row.elapsed,
+                      row.node, row.exit_code, row.reason, row.last_line)
+    for job in record["jobs"]:
+        if job.get("array"):
+            tasks = [r for r in rows if r.id == job["id"]]
+            counts: dict[str, int] = {}
+            for r in tasks:
+                counts[r.state] = counts.get(r.state, 0) + 1
+            table.caption = (table.caption + "\n" if table.caption else "") + \
+                f"{job['name']} ({len(tasks)} tasks): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return table
+
+
+def _query(record: dict[str, Any], use_sacct: bool) -> tuple[list[jobstate.TaskState], str]:
+    with Remote(record) as remote:
+        return jobstate.query(remote, record, use_sacct=use_sacct)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    record = load_record(args.run)
+    use_sacct = not args.no_sacct
+    if not args.watch:
+        rows, source = _query(record, use_sacct)
+        remember_state(record, jobstate.summary(rows))
+        if args.json:
+            print(json.dumps({"run": record["run_id"], "host": record["host"], "state": jobstate.summary(rows),
+                              "source": source, "jobs": [row.as_dict() for row in rows]}, indent=1))
+        else:
+            _console().print(status_table(record, rows, source))
+        return jobstate.exit_code(rows)
+    interval = max(WATCH_FLOOR, args.interval)
+    delay, previous = interval, None
+    with Live(console=_console(), auto_refresh=False) as live:
+        while True:
+            rows, source = _query(record, use_sacct)
+            live.update(status_table(record, rows, source), refresh=True)
+            states = [(row.key, row.state) for row in rows]
+            if not any(row.state in jobstate.NOT_DONE for row in rows):
+                break
+            # Back off while nothing changes (up to 60 s); come back to the floor when something does.
+            delay = interval if states != previous else min(delay * 1.5, 60.0)
+            previous = states
+            time.sleep(delay)
+    remember_state(record, jobstate.summary(rows))
+    return jobstate.exit_code(rows)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    records = list_records()
+    if not records:
+        say(f"no run recorded in {RUNS_DIR} yet: submit one with `cd ansible && ansible-playbook submit.yml`")
+        return 0
+    table = Table(title="submitted runs, newest first", title_justify="left")
+    for column in ("run", "cluster", "commit", "submitted", "jobs", "last known state"):
+        table.add_column(column)
+    for record in records:
+        state = record.get("last_state")
+        known = f"{_styled(state['summary'])} at {state['at'][11:16]}" if state else "[dim]run snowpipe status[/]"
+        table.add_row(record["run_id"], record.get("host", ""), record.get("commit", "")[:8],
+                      record.get("submitted", "")[:16].replace("T", " "), str(len(record.get("jobs", []))), known)
+    _console().print(table)
+    return 0
+
+
+def _pick_task(record: dict[str, Any], job_name: str | None, task: int | None) -> tuple[dict, int | None]:
+    jobs = record["jobs"]
+    if job_name:
+        matches = [job for job in jobs if job["name"] == job_name or job["id"] == job_name]
+        if not matches:
+            raise SnowpipeError(f"run {record['run_id']} has no job {job_name!r}; its jobs: "
+                                f"{', '.join(job['name'] for job in jobs)}")
+        job = matches[-1]
+    else:
+        job = jobs[-1]
+    if job.get("array"):
+        tasks = jobstate.expand_tasks(job["array"])
+        task = tasks[0] if task is None else task
+        if task not in tasks:
+            raise SnowpipeError(f"job {job['name']} has array tasks {job['array']}, not {task}")
+    elif task is not None:
+        raise SnowpipeError(f"job {job['name']} is not an array job: drop --task")
+    return job, task
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    record = load_record(args.run)
+    job, task = _pick_task(record, args.job, args.task)
+    row = next(r for r in jobstate.expected_tasks({**record, "jobs": [job]}) if r.task == task)
+    marker = f"{record['remote_dir']}/logs/{job['name']}-{row.key}.exit"
+    with Remote(record) as remote:
+        if not args.follow:
+            result = remote.run(["tail", "-n", str(args.lines), row.log])
+            if result.code != 0:
+                raise SnowpipeError(f"no output of {job['name']} ({row.key}) yet at {row.log}: the job may still be "
+                                    f"pending (snowpipe status {record['run_id']})")
+            sys.stdout.write(result.stdout)
+            return 0
+        # Follow until the job's exit marker appears (or Ctrl-C).
+        script = ('tail -n "$1" -F "$2" 2>/dev/null & t=$!; while [ ! -e "$3" ]; do sleep 2; done; sleep 1; '
+                  'kill "$t"')
+        remote.stream(["bash", "-c", script, "follow", str(args.lines), row.log, marker],
+                      lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    record = load_record(args.run)
+    dest = Path(args.dest or RUNS_DIR / record["run_id"]).expanduser()
+    if shutil.which("rsync") is None:
+        raise SnowpipeError("rsync not found on this machine: apt-get install rsync")
+    source = f"{record['user'] + '@' if record.get('user') else ''}{record['address']}:{record['remote_dir']}/"
+    dest.mkdir(parents=True, exist_ok=True)
+    argv = ["rsync", "--archive", "--partial", "--itemize-changes", "--protect-args", "--rsh", rsync_shell(record),
+            "--include=/results/***", "--include=/logs/***", "--include=/config.json", "--include=/COMMIT",
+            "--exclude=*", source, f"{dest}/"]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SnowpipeError(f"rsync from {record['host']} failed: {result.stderr.strip().splitlines()[-1:]}")
+    sent = [line for line in result.stdout.splitlines() if line.startswith(">f")]
+    say(f"fetched {len(sent)} changed file(s) of run {record['run_id']} into {dest} (results/, logs/, config.json)")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    record = load_record(args.run)
+    jobs = [job for job in record["jobs"] if not args.job or args.job in (job["name"], job["id"])]
+    if not jobs:
+        raise SnowpipeError(f"run {record['run_id']} has no job {args.job!r}")
+    ids = [job["id"] for job in jobs]
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise SnowpipeError("cancel needs a confirmation: add --yes")
+        listed = ", ".join(f"{job['name']} ({job['id']})" for job in jobs)
+        answer = input(f"cancel {listed} of run {record['run_id']} on {record['host']}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            say("nothing cancelled")
+            return 1
+    with Remote(record) as remote:
+        result = remote.run(["scancel", *ids])
+    if result.code != 0:
+        raise SnowpipeError(f"scancel on {record['host']} failed: {result.stderr.strip()}")
+    say(f"cancelled {', '.join(ids)} of run {record['run_id']} (finished jobs are not affected)")
+    return 0
+
+
+def add_tool_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list submitted runs, newest first",
+                       description="The runs recorded in runs/*.json, with the last state `snowpipe status` saw.")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("status", help="job states of a run over SSH (exit 0 done, 1 failed, 3 running)",
+                       description="One table per run: every job and array task with state, elapsed time, node, "
+                                   "exit code, reason and the last line of its log. sacct when accounting is on, "
+                                   "else squeue + scontrol + the exit markers the batch scripts write.")
+    p.add_argument("run", nargs="?", help="run id (default: the newest)")
+    p.add_argument("--watch", action="store_true", help="refresh until every job is done")
+    p.add_argument("--interval", type=float, default=5.0,
+                   help=f"seconds between refreshes with --watch (at least {WATCH_FLOOR:g}; backs off while "
+                        f"nothing changes)")
+    p.add_argument("--json", action="store_true", help='print {"run": ..., "jobs": [...]} instead of a table')
+    p.add_argument("--no-sacct", action="store_true", help="skip sacct (use squeue / scontrol / exit markers)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="a job's output over SSH",
+                       description="The output of one job (default: the run's last job) or array task.")
+    p.add_argument("run", help="run id")
+    p.add_argument("job", nargs="?", help="job name or id (default: the last job of the run)")
+    p.add_argument("--task", type=int, help="array task index (default: the first)")
+    p.add_argument("--lines", "-n", type=int, default=40, help="lines from the end (default 40)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("fetch", help="pull a run's results and logs back (rsync over SSH)",
+                       description="rsync results/, logs/ and config.json of the run folder; resumable, only "
+                                   "what changed.")
+    p.add_argument("run", help="run id")
+    p.add_argument("dest", nargs="?", help="local folder (default: runs/RUN/)")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("cancel", help="scancel a run's jobs (after a confirmation)",
+                       description="Cancel every job of the run, or one job.")
+    p.add_argument("run", help="run id")
+    p.add_argument("job", nargs="?", help="job name or id (default: all jobs of the run)")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_cancel)
