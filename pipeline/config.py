@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.data.tiles import is_tile_id
 from pipeline.errors import ConfigError
@@ -47,8 +47,49 @@ class Paths(Section):
     work: str = "work"
 
 
+HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
 class Download(Section):
+    """Where the raw data lives: rsync over SSH from `user@host:remote_path` (pipeline/stages/download.py)."""
+
     enable: bool = False
+    host: str = ""  # the data server; "" is allowed only while enable is false
+    user: str = ""  # "" = ssh's default (the local user or ~/.ssh/config)
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    key: str = ""  # private key file; "" = ssh's default keys and agent
+    known_hosts: str = "~/.ssh/known_hosts"  # host keys are always checked against this file
+    remote_path: str = ""  # folder on the server with the products, ExoLabs_classification_S2/, {tile}_auxiliary_data/
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, host: str) -> str:
+        if host and not HOST_NAME.match(host):
+            raise ValueError(f"expected a host name or IPv4 address such as data.example.org, got {host!r}")
+        return host
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, user: str) -> str:
+        if user and not USER_NAME.match(user):
+            raise ValueError(f"expected a login name (letters, digits, . _ -), got {user!r}")
+        return user
+
+    @field_validator("remote_path")
+    @classmethod
+    def _remote_path(cls, remote: str) -> str:
+        if any(ch in remote for ch in "\n\r\0"):
+            raise ValueError("expected a folder path on one line")
+        return remote
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> Download:
+        missing = [name for name in ("host", "remote_path") if not getattr(self, name)]
+        if self.enable and missing:
+            raise ValueError(f"enable is true but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                             f"empty: set the data server (host) and its data folder (remote_path)")
+        return self
 
 
 class CloudDetection(Section):

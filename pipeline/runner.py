@@ -10,7 +10,7 @@ from pipeline.config import PipelineConfig, check_data_folders
 from pipeline.data.layout import discover_scenes
 from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import say
-from pipeline.stages import annotate, dataset, evaluate, infer, train
+from pipeline.stages import annotate, dataset, download, evaluate, infer, train
 from pipeline.stages.base import StageInfo, StageReport
 
 # Every stage of the pipeline, in order, with the config section that enables it.
@@ -32,6 +32,7 @@ class Stage:
 
 # The stages this version implements; the others are not offered (no stubs).
 STAGES: dict[str, Stage] = {
+    "download": Stage(download.INFO, download.run),
     "annotate": Stage(annotate.INFO, annotate.run),
     "dataset": Stage(dataset.INFO, dataset.run),
     "train": Stage(train.INFO, train.run),

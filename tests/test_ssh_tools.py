@@ -122,8 +122,9 @@ def test_status_reports_every_kind_of_job_then_cancel_ends_the_rest(local_cluste
     assert rows[("long", None)]["state"] == "CANCELLED" and rows[("later", None)]["state"] == "CANCELLED"
 
     assert main(["status", run_id, *extra]) == 1
-    table = capsys.readouterr().out
-    assert "arr (3 tasks): 3 COMPLETED" in table and "CANCELLED" in table
+    captured = capsys.readouterr()
+    table = captured.out
+    assert "arr (3 tasks): 3 COMPLETED" in table and "CANCELLED" in table, captured.err
 
 
 def test_a_job_that_left_the_queue_keeps_its_true_final_state(local_cluster, run_factory, run_dir, capsys):

@@ -72,9 +72,14 @@ def _split_id(job_id: str) -> tuple[str, list[int] | None]:
 
 
 def _apply(rows: dict[str, list[TaskState]], job_id: str, **values: str) -> None:
+    """Set the fields of the rows a SLURM id covers. A range record (`12_[3-9]`, the pending rest of an
+    array) only fills tasks no record of their own has described: accounting keeps it after tasks start."""
     base, tasks = _split_id(job_id)
+    is_range = "[" in job_id
     for row in rows.get(base, []):
         if tasks is None or row.task in tasks:
+            if is_range and row.state != "UNKNOWN":
+                continue
             for name, value in values.items():
                 setattr(row, name, value)
 
@@ -93,7 +98,8 @@ def from_sacct(remote: Remote, rows: list[TaskState]) -> bool:
     if result.code != 0:
         return False
     grouped = _by_job(rows)
-    for line in result.stdout.splitlines():
+    lines = sorted(result.stdout.splitlines(), key=lambda line: "[" in line.split("|")[0])  # ranges last
+    for line in lines:
         parts = line.split("|")
         if len(parts) != 7:
             continue
@@ -176,7 +182,8 @@ def query(remote: Remote, record: dict[str, Any], use_sacct: bool = True) -> tup
     source = "sacct"
     if not (use_sacct and from_sacct(remote, rows)):
         source = "squeue"
-        if not from_squeue(remote, rows):
+    if any(row.state == "UNKNOWN" for row in rows):  # no accounting, or it lags behind a fresh job
+        if not from_squeue(remote, rows) and source == "squeue":
             raise SnowpipeError(f"neither sacct nor squeue works on {record['host']}: is it a SLURM login node? "
                                 f"(check with: ssh {record['address']} squeue)")
         from_scontrol(remote, rows)
