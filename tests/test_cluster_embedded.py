@@ -1,4 +1,4 @@
-"""The embedded local cluster as a user meets it: up, ssh in, submit jobs (GPU ones too), down, up again."""
+"""The embedded local cluster as a user meets it: up, ssh in, submit jobs (GPU ones too), sacct, down, up again."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ import pytest
 from pipeline.cluster import embedded
 from pipeline.cluster.commands import EXIT_STOPPED, add_cluster_parser
 from pipeline.cluster.embedded import ClusterInfo
-from pipeline.cluster.embedded_files import ClusterPaths
+from pipeline.cluster.embedded_files import (
+    ClusterPaths,
+    render_slurm_conf,
+    render_slurmdbd_conf,
+    slurm_conf_accounting,
+)
 from pipeline.errors import SnowpipeError
 
 pytestmark = pytest.mark.cluster
@@ -81,8 +86,9 @@ def test_up_brings_the_node_to_idle_and_ssh_checks_host_keys(local_cluster: Clus
 def test_a_second_up_reports_the_running_cluster_and_starts_nothing(local_cluster: ClusterInfo) -> None:
     before = _pids()
     said: list[str] = []
-    assert embedded.up(report=said.append) == local_cluster
-    assert said == [f"cluster: already running ({embedded.cluster_dir()})"]
+    assert embedded.up(report=said.append) == local_cluster  # keeps the running cluster's accounting choice
+    assert said == [f"cluster: already running ({embedded.cluster_dir()}); "
+                    f"{embedded.accounting_line(local_cluster.accounting)}"]
     assert _pids() == before
 
 
@@ -122,14 +128,86 @@ def test_a_second_cluster_on_the_same_ports_is_refused(local_cluster: ClusterInf
     assert not embedded.status(other).any_running
 
 
+def test_accounting_config_points_slurm_at_our_slurmdbd_and_munge_socket(tmp_path: Path) -> None:
+    paths = ClusterPaths(tmp_path)
+    on = render_slurm_conf(paths, "n1", 2, 1024, accounting=True)
+    off = render_slurm_conf(paths, "n1", 2, 1024)
+    assert slurm_conf_accounting(on) and not slurm_conf_accounting(off)
+    assert f"AccountingStoragePass={paths.munge_socket}" in on.splitlines()  # clients' munge socket for slurmdbd
+    assert "AccountingStorageType=accounting_storage/none" in off.splitlines()
+    dbd = render_slurmdbd_conf(paths, "secret").splitlines()
+    assert {"StoragePass=secret", "StorageHost=127.0.0.1", "StoragePort=3307", "DbdPort=6819",
+            f"AuthInfo=socket={paths.munge_socket}", f"PidFile={paths.pid('slurmdbd')}"} <= set(dbd)
+
+
+def _sacct(info: ClusterInfo, *job_ids: str, timeout: float = 20) -> dict[str, str]:
+    """`JobID|State|ExitCode` per job once sacct reports every job finished (slurmctld sends records async)."""
+    deadline = time.monotonic() + timeout
+    rows: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        done = subprocess.run(["sacct", "-j", ",".join(job_ids), "--noheader", "--parsable2", "-X",
+                               "--format=JobID,State,ExitCode"], env=info.env(), capture_output=True, text=True,
+                              timeout=15)
+        assert done.returncode == 0, done.stderr
+        rows = {line.split("|")[0]: line for line in done.stdout.split()}
+        if all(job_id in rows and rows[job_id].split("|")[1] in FINAL_STATES for job_id in job_ids):
+            return rows
+        time.sleep(0.3)
+    raise AssertionError(f"sacct did not report {job_ids} finished within {timeout} s: {rows}")
+
+
+def test_sacct_reports_finished_jobs_with_their_state_and_exit_code(local_cluster: ClusterInfo,
+                                                                    tmp_path: Path) -> None:
+    if not local_cluster.accounting:
+        pytest.skip("the cluster runs without accounting (SNOWPIPE_TEST_ACCOUNTING=0 or slurmdbd did not start)")
+    ok = _sbatch_over_ssh(local_cluster, f"--output={tmp_path}/%j.out", "--wrap", "true")
+    failed = _sbatch_over_ssh(local_cluster, f"--output={tmp_path}/%j.out", "--wrap", "false")
+    assert _wait_for_job(local_cluster, ok) == "COMPLETED"
+    assert _wait_for_job(local_cluster, failed) == "FAILED"
+    rows = _sacct(local_cluster, ok, failed)
+    assert rows[ok] == f"{ok}|COMPLETED|0:0"
+    assert rows[failed] == f"{failed}|FAILED|1:0"
+
+    over_ssh = subprocess.run(local_cluster.ssh_command(f"sacct -j {ok} --noheader --parsable2 "
+                                                        "--format=JobID,State,ExitCode"),
+                              capture_output=True, text=True, timeout=30)
+    assert over_ssh.returncode == 0 and over_ssh.stdout.split()[0] == f"{ok}|COMPLETED|0:0", over_ssh.stderr
+
+
+def test_status_reports_accounting(local_cluster: ClusterInfo, capsys: pytest.CaptureFixture[str]) -> None:
+    state = embedded.status()
+    assert state.accounting == local_cluster.accounting == embedded.accounting_enabled()
+    assert ("slurmdbd" in state.pids and "mariadbd" in state.pids) == local_cluster.accounting
+    assert _cli("cluster", "status") == 0
+    shown = capsys.readouterr().out
+    assert ("accounting: on (sacct works)" if local_cluster.accounting else "accounting: off") in shown
+
+
 def test_down_stops_the_daemons_and_a_later_up_works_again(local_cluster: ClusterInfo) -> None:
     before = _pids()
-    assert embedded.down(report=lambda line: None) == ["sshd", "slurmd", "slurmctld", "munged"]
+    running = [daemon for daemon in reversed(embedded.ALL_DAEMONS) if before.get(daemon)]
+    assert embedded.down(report=lambda line: None) == running
     assert not any(_alive(pid) for pid in before.values() if pid)
-    assert not any(embedded.ClusterPaths.default().pid(daemon).exists() for daemon in embedded.DAEMONS)
+    assert not any(embedded.ClusterPaths.default().pid(daemon).exists() for daemon in embedded.ALL_DAEMONS)
     assert _cli("cluster", "status") == EXIT_STOPPED
     assert embedded.down(report=lambda line: None) == []
+    assert embedded.accounting_enabled() == local_cluster.accounting  # down keeps the choice
 
-    info = embedded.up(report=lambda line: None)
-    assert embedded.is_up() and subprocess.run(info.ssh_command("true"), timeout=15).returncode == 0
-    assert set(_pids().values()).isdisjoint(before.values())
+    if not local_cluster.accounting:
+        info = embedded.up(report=lambda line: None)
+        assert embedded.is_up() and subprocess.run(info.ssh_command("true"), timeout=15).returncode == 0
+        assert set(_pids().values()).isdisjoint(before.values())
+        return
+    # from stopped without accounting, then switching it on while the cluster runs (what `up --accounting` does)
+    info = embedded.up(accounting=False, report=lambda line: None)
+    assert not info.accounting and not embedded.status().accounting and embedded.is_up()
+    assert set(_pids()) == set(embedded.DAEMONS) and set(_pids().values()).isdisjoint(before.values())
+    plain = _pids()
+    said: list[str] = []
+    info = embedded.up(accounting=True, report=said.append)
+    assert info == local_cluster and embedded.is_up()
+    assert any("turning accounting on: restarting slurmctld and slurmd" in line for line in said), said
+    after = _pids()
+    assert after["sshd"] == plain["sshd"] and after["munged"] == plain["munged"]
+    assert after["slurmctld"] != plain["slurmctld"] and after["slurmdbd"] and after["mariadbd"]
+    assert subprocess.run(info.ssh_command("sacct --noheader -X -S now-1minute"), timeout=30).returncode == 0

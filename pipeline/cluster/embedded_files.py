@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
+import secrets
 import shutil
 import stat
 import subprocess
@@ -23,12 +25,17 @@ HOST = "127.0.0.1"
 SSH_PORT = 2222
 SLURMCTLD_PORT = 6817
 SLURMD_PORT = 6818
+SLURMDBD_PORT = 6819
+MARIADB_PORT = 3307  # not 3306: a MariaDB/MySQL of the machine's own may listen there
+DB_NAME = "slurm_acct_db"
+DB_USER = "slurm"
 PARTITION = "local"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PACKAGES = {  # Debian package -> a program it installs
     "slurmctld": "slurmctld", "slurmd": "slurmd", "slurm-client": "sbatch", "munge": "munged",
     "openssh-server": "sshd", "rsync": "rsync",
 }
+ACCOUNTING_PACKAGES = {"slurmdbd": "slurmdbd", "mariadb-server": "mariadbd"}  # only for `up --accounting`
 CLUSTER_NAME = "snowpipe-local"
 GPUS = 2
 BANNER = "# rendered by snowpipe (pipeline/cluster/embedded_files.py) — do not edit; `snowpipe cluster up` rewrites it"
@@ -60,6 +67,29 @@ class ClusterPaths:
     @property
     def gres_conf(self) -> Path:
         return self.root / "gres.conf"
+
+    @property
+    def slurmdbd_conf(self) -> Path:
+        """Next to slurm.conf: slurmdbd has no -f and reads slurmdbd.conf from $SLURM_CONF's folder."""
+        return self.root / "slurmdbd.conf"
+
+    @property
+    def accounting_choice(self) -> Path:
+        """`on` or `off`: whether `up` without --accounting/--no-accounting starts slurmdbd + MariaDB."""
+        return self.root / "accounting"
+
+    # MariaDB (accounting only)
+    @property
+    def mysql_dir(self) -> Path:
+        return self.root / "mysql"
+
+    @property
+    def mysql_datadir(self) -> Path:
+        return self.mysql_dir / "data"
+
+    @property
+    def mysql_socket(self) -> Path:
+        return self.mysql_dir / "mysqld.sock"
 
     # munge
     @property
@@ -160,12 +190,30 @@ def real_memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int:
     return 1024
 
 
-def render_slurm_conf(paths: ClusterPaths, node: str, cpus: int, memory_mib: int, *, min_job_age: int = 300) -> str:
-    """slurm.conf for one node that is also its own controller: no cgroups, no accounting, munge on our socket.
+def render_slurm_conf(paths: ClusterPaths, node: str, cpus: int, memory_mib: int, *, min_job_age: int = 300,
+                      accounting: bool = False) -> str:
+    """slurm.conf for one node that is also its own controller: no cgroups, munge on our socket.
 
     `min_job_age` is how many seconds a finished job stays visible to squeue/scontrol (the fallback when sacct is
-    unavailable); tests of that fallback lower it.
+    unavailable); tests of that fallback lower it. `accounting` sends job records to our slurmdbd (sacct works);
+    without it there is no accounting at all.
     """
+    if accounting:
+        accounting_lines = [
+            f"# slurmdbd on {HOST}:{SLURMDBD_PORT} (MariaDB behind it): sacct works",
+            "JobAcctGatherType=jobacct_gather/linux",
+            "AccountingStorageType=accounting_storage/slurmdbd",
+            f"AccountingStorageHost={HOST}",
+            f"AccountingStoragePort={SLURMDBD_PORT}",
+            "# for slurmdbd connections the munge socket is AccountingStoragePass (AuthInfo is not used there)",
+            f"AccountingStoragePass={paths.munge_socket}",
+        ]
+    else:
+        accounting_lines = [
+            "JobAcctGatherType=jobacct_gather/none",
+            "# no slurmdbd: sacct is unavailable, status falls back to squeue/scontrol",
+            "AccountingStorageType=accounting_storage/none",
+        ]
     lines = [
         BANNER,
         f"ClusterName={CLUSTER_NAME}",
@@ -188,9 +236,7 @@ def render_slurm_conf(paths: ClusterPaths, node: str, cpus: int, memory_mib: int
         "# no cgroups on this machine",
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
-        "JobAcctGatherType=jobacct_gather/none",
-        "# no slurmdbd: sacct is unavailable, status falls back to squeue/scontrol",
-        "AccountingStorageType=accounting_storage/none",
+        *accounting_lines,
         "JobCompType=jobcomp/none",
         "MpiDefault=none",
         "MailProg=/bin/true",
@@ -213,6 +259,43 @@ def render_slurm_conf(paths: ClusterPaths, node: str, cpus: int, memory_mib: int
         f"PartitionName={PARTITION} Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
     ]
     return "\n".join(lines) + "\n"
+
+
+def slurm_conf_accounting(text: str) -> bool:
+    """Whether a slurm.conf text sends job records to slurmdbd (what a slurmctld started from it does)."""
+    return re.search(r"^AccountingStorageType=accounting_storage/slurmdbd\s*$", text, re.MULTILINE) is not None
+
+
+def render_slurmdbd_conf(paths: ClusterPaths, password: str) -> str:
+    """slurmdbd.conf (mode 0600: it holds the database password): our munge socket, MariaDB over 127.0.0.1."""
+    lines = [
+        BANNER,
+        "AuthType=auth/munge",
+        f"AuthInfo=socket={paths.munge_socket}",
+        "DbdHost=localhost",
+        f"DbdAddr={HOST}",
+        f"DbdPort={SLURMDBD_PORT}",
+        "SlurmUser=root",
+        "DebugLevel=info",
+        f"LogFile={paths.log('slurmdbd')}",
+        f"PidFile={paths.pid('slurmdbd')}",
+        "StorageType=accounting_storage/mysql",
+        f"StorageHost={HOST}",
+        f"StoragePort={MARIADB_PORT}",
+        f"StorageUser={DB_USER}",
+        f"StoragePass={password}",
+        f"StorageLoc={DB_NAME}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def db_password(paths: ClusterPaths) -> str:
+    """The database password in an existing slurmdbd.conf, else a new random one (it is never printed)."""
+    try:
+        match = re.search(r"^StoragePass=(\S+)$", paths.slurmdbd_conf.read_text(), re.MULTILINE)
+    except OSError:
+        match = None
+    return match.group(1) if match else secrets.token_urlsafe(24)
 
 
 def render_gres_conf(paths: ClusterPaths, node: str) -> str:
@@ -259,13 +342,18 @@ def which_program(program: str) -> str | None:
     return shutil.which(program, path=f"{os.environ.get('PATH', '')}:{SYSTEM_PATH}")
 
 
-def missing_packages() -> list[str]:
-    return [package for package, program in PACKAGES.items() if which_program(program) is None]
+def missing_packages(accounting: bool = False) -> list[str]:
+    wanted = {**PACKAGES, **ACCOUNTING_PACKAGES} if accounting else PACKAGES
+    return [package for package, program in wanted.items() if which_program(program) is None]
 
 
-def ensure_packages(report: Callable[[str], None] = say) -> None:
-    """Install missing Debian packages with apt-get when root; otherwise say exactly what to run."""
-    missing = missing_packages()
+def ensure_packages(report: Callable[[str], None] = say, *, accounting: bool = False) -> None:
+    """Install missing Debian packages with apt-get when root; otherwise say exactly what to run.
+
+    Services the packages bring (mariadb) are not started by apt here: the container's policy-rc.d forbids it,
+    and without one `invoke-rc.d` finds no runlevel; the cluster runs its own MariaDB from `.cluster/mysql/`.
+    """
+    missing = missing_packages(accounting)
     if not missing:
         return
     command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
@@ -279,7 +367,7 @@ def ensure_packages(report: Callable[[str], None] = say) -> None:
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise SnowpipeError(f"`{' '.join(argv)}` failed (exit {done.returncode}): {' | '.join(tail)}")
-    still = missing_packages()
+    still = missing_packages(accounting)
     if still:
         raise SnowpipeError(f"apt-get finished but {', '.join(still)} still missing: install them by hand")
 
@@ -291,7 +379,9 @@ def _write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
     if path.exists() and path.read_text() == text:
         return False
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as out:  # never briefly 0644
+        out.write(text)
     tmp.chmod(mode)
     tmp.replace(path)
     return True
@@ -328,8 +418,12 @@ def _gpu_device(path: Path) -> None:
                             "run `snowpipe cluster up` as root") from exc
 
 
-def write_files(paths: ClusterPaths, *, min_job_age: int = 300) -> list[str]:
-    """Create the layout; keys are generated once and kept, config files are rewritten when they differ."""
+def write_files(paths: ClusterPaths, *, min_job_age: int = 300, accounting: bool = False) -> list[str]:
+    """Create the layout; keys are generated once and kept, config files are rewritten when they differ.
+
+    With `accounting`, also slurmdbd.conf (0600, password generated once and kept); without it an existing
+    slurmdbd.conf stays as it is (the password in it is reused when accounting is turned on again).
+    """
     for folder in paths.folders():
         folder.mkdir(parents=True, exist_ok=True)
     paths.munge_dir.chmod(0o755)  # clients need to reach the socket; munged refuses a group/world-writable dir
@@ -343,10 +437,16 @@ def write_files(paths: ClusterPaths, *, min_job_age: int = 300) -> list[str]:
     node = node_name()
     texts = {
         paths.slurm_conf: render_slurm_conf(paths, node, os.cpu_count() or 1, real_memory_mib(),
-                                            min_job_age=min_job_age),
+                                            min_job_age=min_job_age, accounting=accounting),
         paths.gres_conf: render_gres_conf(paths, node),
         paths.sshd_config: render_sshd_config(paths),
         paths.authorized_keys: paths.user_key.with_name("id_ed25519.pub").read_text(),
         paths.known_hosts: known_hosts_line(paths.host_key.with_name(paths.host_key.name + ".pub").read_text()),
     }
-    return [path.name for path, text in texts.items() if _write_if_changed(path, text)]
+    changed = [path.name for path, text in texts.items() if _write_if_changed(path, text)]
+    if accounting:
+        paths.mysql_dir.mkdir(mode=0o700, exist_ok=True)
+        if _write_if_changed(paths.slurmdbd_conf, render_slurmdbd_conf(paths, db_password(paths)), mode=0o600):
+            changed.append(paths.slurmdbd_conf.name)
+        paths.slurmdbd_conf.chmod(0o600)  # slurmdbd refuses a slurmdbd.conf others can read
+    return changed
