@@ -41,6 +41,8 @@ def test_the_shipped_pipeline_chains_five_jobs_with_arrays_over_scenes(scenes, t
     assert plan["run_dir"] == "/scratch/me/snowpipe/runs/r1"
     assert plan["config"]["paths"]["extracted_data"] == "/scratch/me/snowpipe/data/extracted_data"
     assert plan["config"]["paths"]["results"] == "/scratch/me/snowpipe/runs/r1/results"
+    # "every scene" is pinned to the scenes sent: the cluster's shared data may hold other runs' scenes
+    assert plan["config"]["dates"] == DATES
     train = plan["jobs"][2]
     assert train["sbatch"]["gres"] == "gpu:1" and train["sbatch"]["signal"] == "B:USR1@300"
     assert train["submit_display"] == ("train=$(sbatch --parsable --dependency=afterok:$dataset "

@@ -241,6 +241,10 @@ def sbatch_lines(options: dict[str, Any]) -> list[str]:
 def frozen_config(config: PipelineConfig, data_root: str | None, run_dir: str) -> dict[str, Any]:
     """The resolved config a job reads: data under the shared data folder, outputs in the run folder."""
     frozen = config.resolved()
+    if not frozen["dates"] and config.path("extracted_data").is_dir():
+        # "every scene found" is decided here, on the data being sent: the shared data folder on the cluster
+        # may hold scenes of other runs, and array task i must mean the same scene there as here.
+        frozen["dates"] = [scene.date for scene in discover_scenes(config.path("extracted_data"), config.tile_id)]
     paths = frozen["paths"]
     if data_root:
         paths["extracted_data"] = f"{data_root}/extracted_data"
