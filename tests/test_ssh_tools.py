@@ -207,3 +207,21 @@ def test_mistakes_and_network_trouble_are_one_clear_line(local_cluster, run_fact
 
     assert main(["cancel", "moved"]) == 1  # no terminal to confirm on, no --yes
     assert "--yes" in capsys.readouterr().err
+
+
+class NoSlurm:
+    """A login node without SLURM client commands (cannot be had on this machine, which has them)."""
+
+    def run(self, argv, timeout=120.0):
+        from pipeline.cluster.ssh import Result
+
+        return Result(127, "", f"bash: {argv[0]}: command not found")
+
+
+def test_a_host_without_sacct_and_squeue_is_named():
+    from pipeline.cluster.jobstate import query
+    from pipeline.errors import SnowpipeError
+
+    record = {"host": "login", "address": "login.example", "remote_dir": "/r", "jobs": [job("x", "1")]}
+    with pytest.raises(SnowpipeError, match="neither sacct nor squeue works on login: is it a SLURM login node"):
+        query(NoSlurm(), record)

@@ -188,3 +188,20 @@ def test_a_wrong_config_key_stops_before_anything_moves(local_cluster, tmp_path)
     result = playbook("-e", f"config={config}")
     assert result.returncode != 0
     assert "traning: unknown key" in result.stdout
+
+
+def test_after_a_submission_status_logs_and_fetch_tell_what_happened(local_cluster, submitted, tmp_path, capsys):
+    run_id, result = submitted
+    assert result.returncode == 0
+    assert main(["status", run_id, "--watch", "--interval", "2"]) == 0
+    assert "COMPLETED" in capsys.readouterr().out
+    assert main(["status", run_id, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["state"] == "COMPLETED" and len(data["jobs"]) == 9
+    assert {row["state"] for row in data["jobs"]} == {"COMPLETED"}
+    assert main(["logs", run_id, "train"]) == 0
+    assert "srun --ntasks=2" in capsys.readouterr().out
+    assert main(["fetch", run_id, str(tmp_path / "back")]) == 0
+    assert len(list((tmp_path / "back" / "results" / "predictions").glob("*/mask.tif"))) == 3
+    assert main(["status", "no-such-run"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
