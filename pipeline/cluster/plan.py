@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pipeline.cluster.jobspec import Job, Resources, load_jobs, parse_resources
 from pipeline.config import PipelineConfig, check_data_folders
-from pipeline.data.layout import discover_scenes
+from pipeline.data.layout import EXOLABS_FOLDER, discover_scenes, find_auxiliary
 from pipeline.errors import ConfigError, DataError
 from pipeline.runner import PIPELINE_ORDER, STAGES, stage_dates
 
@@ -192,14 +192,31 @@ def sbatch_options(job: Job, run_id: str, run_dir: str, array_size: int | None, 
     return {k: v for k, v in options.items() if v is not None or k == "requeue"}
 
 
-def _stage_command(stage: str, job: Job, paths: dict[str, str]) -> dict[str, Any]:
+def task_filters(config: PipelineConfig, stage: str) -> list[str]:
+    """Per array task, the rsync filters that stage only its own scene (with its ExoLabs file and the
+    auxiliary layers) out of extracted_data: a task never copies the other scenes to its node."""
+    extracted = config.path("extracted_data")
+    auxiliary = find_auxiliary(extracted, config.tile_id).folder
+    shared = [f"--include=/{auxiliary.name}/***"] if auxiliary else []
+    filters = []
+    for scene in discover_scenes(extracted, config.tile_id, stage_dates(config, stage)):
+        rules = [f"--include=/{scene.safe_dir.name}/***", *shared]
+        if scene.exolabs:
+            rules += [f"--include=/{EXOLABS_FOLDER}/", f"--include=/{EXOLABS_FOLDER}/{scene.exolabs.name}"]
+        filters.append(" ".join([*rules, "--exclude=*"]))
+    return filters
+
+
+def _stage_command(stage: str, job: Job, paths: dict[str, str], config: PipelineConfig) -> dict[str, Any]:
     """One stage of a job: its arguments, processes, and the folders staged to node-local scratch."""
     processes = (job.resources.gpus or 0) if stage == "train" and (job.resources.gpus or 0) > 1 else 1
     staged, sets = [], []
     if job.resources.stage_inputs:
         for name, access in STAGE_FOLDERS[stage].items():
+            per_task = job.array and name == "extracted_data"
             staged.append({"name": name, "source": paths[name], "writable": access == "w",
-                           "excludes": RESULTS_NOT_READ.get(stage, []) if name == "results" else []})
+                           "excludes": RESULTS_NOT_READ.get(stage, []) if name == "results" else [],
+                           "task_filters": task_filters(config, stage) if per_task else []})
             sets.append({"key": f"paths.{name}", "scratch": name})
             if name == "results":
                 sets.append({"key": "paths.dataset", "scratch": "results/dataset"})
@@ -308,9 +325,13 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
             "modules": job.resources.modules or [],
             "setup": job.resources.setup or [],
             "stage_inputs": bool(job.resources.stage_inputs),
+            # Array task i processes scene_dates[i] (passed as --scene), whatever else the cluster holds.
+            "scene_dates": [scene.date for scene in discover_scenes(config.path("extracted_data"), config.tile_id,
+                                                                   stage_dates(config, job.stages[0]))]
+            if size else [],
             "requeue_limit": job.resources.requeue_limit or 0,
             "submit_display": submit_display(job, f"{run_dir}/jobs/{job.name}.sbatch"),
-            "commands": [_stage_command(stage, job, frozen["paths"]) for stage in job.stages],
+            "commands": [_stage_command(stage, job, frozen["paths"], config) for stage in job.stages],
         })
     return {
         "run_id": run_id,
