@@ -199,7 +199,7 @@ def test_after_a_submission_status_logs_and_fetch_tell_what_happened(local_clust
     data = json.loads(capsys.readouterr().out)
     assert data["state"] == "COMPLETED" and len(data["jobs"]) == 9
     assert {row["state"] for row in data["jobs"]} == {"COMPLETED"}
-    assert main(["logs", run_id, "train"]) == 0
+    assert main(["logs", run_id, "train", "--lines", "500"]) == 0
     assert "srun --ntasks=2" in capsys.readouterr().out
     assert main(["fetch", run_id, str(tmp_path / "back")]) == 0
     assert len(list((tmp_path / "back" / "results" / "predictions").glob("*/mask.tif"))) == 3
