@@ -203,5 +203,6 @@ def test_after_a_submission_status_logs_and_fetch_tell_what_happened(local_clust
     assert "srun --ntasks=2" in capsys.readouterr().out
     assert main(["fetch", run_id, str(tmp_path / "back")]) == 0
     assert len(list((tmp_path / "back" / "results" / "predictions").glob("*/mask.tif"))) == 3
+    capsys.readouterr()
     assert main(["status", "no-such-run"]) == 1
     assert capsys.readouterr().err.count("\n") == 1
