@@ -150,3 +150,15 @@ def test_the_run_record_lists_jobs_with_ids_and_dependencies(scenes, tmp_path):
     assert {"run_id", "host", "remote_dir", "commit", "config_hash", "jobs"} <= saved.keys()
     assert saved["jobs"][1] == {**saved["jobs"][1], "name": "dataset", "id": "14", "after": ["11"], "array": None}
     assert saved["jobs"][0]["array"] == "0-1"
+
+
+def test_snowpipe_plan_reads_the_inventory_as_ansible_templates_it(scenes, tmp_path, capsys):
+    config = tmp_path / "pipeline-config.yml"
+    config.write_text(f"tile_id: 32TNS\npaths:\n  extracted_data: {tmp_path}\n"
+                      "training: {enable: true}\ninference: {enable: true}\ntesting: {enable: true}\n")
+    assert main(["plan", str(config), "-i", str(REPO_ROOT / "inventory" / "euler.yml"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["host"] == "euler" and plan["remote_root"] == "/cluster/scratch/your_eth_username/snowpipe"
+    assert plan["jobs"][2]["sbatch"]["account"] == "es_your_group" and plan["jobs"][2]["sbatch"]["gpus"] == "1"
+    assert main(["plan", str(config), "--json"]) == 0  # the default: the local cluster's inventory
+    assert json.loads(capsys.readouterr().out)["remote_root"] == str(REPO_ROOT / ".cluster" / "remote")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +18,28 @@ CLUSTER_GROUP = "cluster"
 
 
 def inventory_host_vars(inventory: Path, host: str | None = None) -> tuple[str, dict[str, Any]]:
-    """The first host of group `cluster` (or `host`) and its variables, as Ansible resolves them."""
-    executable = shutil.which("ansible-inventory")
-    if executable is None:
-        raise ConfigError("ansible-inventory not found: install ansible-core (make setup does)")
-    result = subprocess.run([executable, "-i", str(inventory), "--list"], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ConfigError(f"inventory {inventory} cannot be read: {result.stderr.strip().splitlines()[-1:]}")
-    data = json.loads(result.stdout)
-    hosts = data.get(CLUSTER_GROUP, {}).get("hosts", [])
-    if host is None:
-        if not hosts:
-            raise ConfigError(f"inventory {inventory} has no host in group `{CLUSTER_GROUP}`")
-        host = hosts[0]
-    variables = data.get("_meta", {}).get("hostvars", {}).get(host)
-    if variables is None:
-        raise ConfigError(f"host {host} is not in inventory {inventory}")
-    return host, variables
+    """The first host of group `cluster` (or `host`) and its snowpipe_* variables, templated as Ansible
+    templates them for a play (group_vars included; `{{ inventory_dir }}` and lookups resolved)."""
+    from ansible.errors import AnsibleError
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar
+    from ansible.vars.manager import VariableManager
+
+    if not inventory.is_file():
+        raise ConfigError(f"inventory {inventory} not found: pass -i inventory/local.yml or your cluster's file")
+    loader = DataLoader()
+    manager = InventoryManager(loader=loader, sources=[str(inventory)])
+    hosts = manager.get_groups_dict().get(CLUSTER_GROUP, [])
+    host = host or (hosts[0] if hosts else None)
+    if host is None or manager.get_host(host) is None:
+        raise ConfigError(f"inventory {inventory} has no host {host or f'in group `{CLUSTER_GROUP}`'}")
+    variables = VariableManager(loader=loader, inventory=manager).get_vars(host=manager.get_host(host))
+    templar = Templar(loader=loader, variables=variables)
+    try:
+        return host, {key: templar.template(value) for key, value in variables.items() if key.startswith("snowpipe_")}
+    except AnsibleError as exc:
+        raise ConfigError(f"inventory {inventory}, host {host}: {exc.message}") from None
 
 
 def _target_vars(raw: str) -> dict[str, Any]:
