@@ -13,13 +13,14 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.cluster.jobspec import Job, Resources, load_jobs, parse_resources
 from pipeline.config import PipelineConfig, check_data_folders
-from pipeline.data.layout import EXOLABS_FOLDER, discover_scenes, find_auxiliary
+from pipeline.data.layout import EXOLABS_FOLDER, Scene, discover_scenes, find_auxiliary
 from pipeline.errors import ConfigError, DataError
 from pipeline.runner import PIPELINE_ORDER, STAGES, stage_dates
 
@@ -131,12 +132,26 @@ def enabled_jobs(jobs: list[Job], config: PipelineConfig, spec: str) -> list[Job
     return kept
 
 
-def _array_sizes(config: PipelineConfig, jobs: list[Job]) -> dict[str, int]:
+SceneScan = Callable[[list[str]], list[Scene]]
+
+
+def scene_scanner(config: PipelineConfig) -> SceneScan:
+    """discover_scenes for a date list, scanning extracted_data once per distinct list."""
+    found: dict[tuple[str, ...], list[Scene]] = {}
+
+    def scan(dates: list[str]) -> list[Scene]:
+        if tuple(dates) not in found:
+            found[tuple(dates)] = discover_scenes(config.path("extracted_data"), config.tile_id, dates)
+        return found[tuple(dates)]
+
+    return scan
+
+
+def _array_sizes(config: PipelineConfig, jobs: list[Job], scan: SceneScan) -> dict[str, int]:
     sizes = {}
     for job in jobs:
         if job.array:
-            counts = {len(discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, s)))
-                      for s in job.stages}
+            counts = {len(scan(stage_dates(config, stage))) for stage in job.stages}
             if len(counts) != 1:
                 raise ConfigError(f"job {job.name}: its stages cover different numbers of scenes ({sorted(counts)}); "
                                   f"split it into one job per stage")
@@ -192,14 +207,13 @@ def sbatch_options(job: Job, run_id: str, run_dir: str, array_size: int | None, 
     return {k: v for k, v in options.items() if v is not None or k == "requeue"}
 
 
-def task_filters(config: PipelineConfig, stage: str) -> list[str]:
+def task_filters(config: PipelineConfig, scenes: list[Scene]) -> list[str]:
     """Per array task, the rsync filters that stage only its own scene (with its ExoLabs file and the
     auxiliary layers) out of extracted_data: a task never copies the other scenes to its node."""
-    extracted = config.path("extracted_data")
-    auxiliary = find_auxiliary(extracted, config.tile_id).folder
+    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id).folder
     shared = [f"--include=/{auxiliary.name}/***"] if auxiliary else []
     filters = []
-    for scene in discover_scenes(extracted, config.tile_id, stage_dates(config, stage)):
+    for scene in scenes:
         rules = [f"--include=/{scene.safe_dir.name}/***", *shared]
         if scene.exolabs:
             rules += [f"--include=/{EXOLABS_FOLDER}/", f"--include=/{EXOLABS_FOLDER}/{scene.exolabs.name}"]
@@ -207,7 +221,8 @@ def task_filters(config: PipelineConfig, stage: str) -> list[str]:
     return filters
 
 
-def _stage_command(stage: str, job: Job, paths: dict[str, str], config: PipelineConfig) -> dict[str, Any]:
+def _stage_command(stage: str, job: Job, paths: dict[str, str], config: PipelineConfig,
+                   scan: SceneScan) -> dict[str, Any]:
     """One stage of a job: its arguments, processes, and the folders staged to node-local scratch."""
     processes = (job.resources.gpus or 0) if stage == "train" and (job.resources.gpus or 0) > 1 else 1
     staged, sets = [], []
@@ -216,7 +231,7 @@ def _stage_command(stage: str, job: Job, paths: dict[str, str], config: Pipeline
             per_task = job.array and name == "extracted_data"
             staged.append({"name": name, "source": paths[name], "writable": access == "w",
                            "excludes": RESULTS_NOT_READ.get(stage, []) if name == "results" else [],
-                           "task_filters": task_filters(config, stage) if per_task else []})
+                           "task_filters": task_filters(config, scan(stage_dates(config, stage))) if per_task else []})
             sets.append({"key": f"paths.{name}", "scratch": name})
             if name == "results":
                 sets.append({"key": "paths.dataset", "scratch": "results/dataset"})
@@ -255,13 +270,14 @@ def sbatch_lines(options: dict[str, Any]) -> list[str]:
             for name, value in sorted(options.items())]
 
 
-def frozen_config(config: PipelineConfig, data_root: str | None, run_dir: str) -> dict[str, Any]:
+def frozen_config(config: PipelineConfig, data_root: str | None, run_dir: str,
+                  scan: SceneScan | None = None) -> dict[str, Any]:
     """The resolved config a job reads: data under the shared data folder, outputs in the run folder."""
     frozen = config.resolved()
     if not frozen["dates"] and config.path("extracted_data").is_dir():
         # "every scene found" is decided here, on the data being sent: the shared data folder on the cluster
         # may hold scenes of other runs, and array task i must mean the same scene there as here.
-        frozen["dates"] = [scene.date for scene in discover_scenes(config.path("extracted_data"), config.tile_id)]
+        frozen["dates"] = [scene.date for scene in (scan or scene_scanner(config))([])]
     paths = frozen["paths"]
     if data_root:
         paths["extracted_data"] = f"{data_root}/extracted_data"
@@ -285,13 +301,11 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
     problems = check_data_folders(config, sorted({stage for job in jobs for stage in job.stages}))
     if problems:
         raise DataError("\n".join(problems))
-    sizes = _array_sizes(config, jobs)
+    scan = scene_scanner(config)
+    sizes = _array_sizes(config, jobs, scan)
     commit, dirty = git_commit(repo_root)
     build_dir = build_dir or repo_root / "build"
-    if mode == "cluster":
-        root, python, venv = target.remote_root, target.python, target.venv
-        run_dir, data_root, code_dir = f"{root}/runs/{run_id}", f"{root}/data", f"{root}/runs/{run_id}/code"
-    elif mode == "dry_run":
+    if mode != "local_run":  # the cluster's folders (a dry run renders them, under build/, without sending)
         root, python, venv = target.remote_root, target.python, target.venv
         run_dir, data_root, code_dir = f"{root}/runs/{run_id}", f"{root}/data", f"{root}/runs/{run_id}/code"
     else:  # local_run: this machine's data and code, a run folder under build/
@@ -306,7 +320,7 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
             files, size = folder_size(source)
             sync.append({"name": name, "source": f"{source}/", "dest": f"{data_root}/{name}/", "files": files,
                          "bytes": size})
-    frozen = frozen_config(config, data_root, run_dir)
+    frozen = frozen_config(config, data_root, run_dir, scan)
     planned = []
     for job in jobs:
         size = sizes.get(job.name)
@@ -326,12 +340,10 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
             "setup": job.resources.setup or [],
             "stage_inputs": bool(job.resources.stage_inputs),
             # Array task i processes scene_dates[i] (passed as --scene), whatever else the cluster holds.
-            "scene_dates": [scene.date for scene in discover_scenes(config.path("extracted_data"), config.tile_id,
-                                                                   stage_dates(config, job.stages[0]))]
-            if size else [],
+            "scene_dates": [scene.date for scene in scan(stage_dates(config, job.stages[0]))] if size else [],
             "requeue_limit": job.resources.requeue_limit or 0,
             "submit_display": submit_display(job, f"{run_dir}/jobs/{job.name}.sbatch"),
-            "commands": [_stage_command(stage, job, frozen["paths"], config) for stage in job.stages],
+            "commands": [_stage_command(stage, job, frozen["paths"], config, scan) for stage in job.stages],
         })
     return {
         "run_id": run_id,

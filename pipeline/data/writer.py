@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +48,17 @@ def atomic_raster(target: Path, profile: dict[str, Any]) -> Iterator[rasterio.io
     with atomic_path(target) as tmp:
         with rasterio.open(tmp, "w", **profile) as dataset:
             yield dataset
+
+
+def swap_folder(new: Path, target: Path) -> None:
+    """Put a finished folder in place of `target`: the old one is moved aside and removed only afterwards,
+    so a crash leaves either the old complete folder or the new one, never a mix."""
+    old = target.with_name(f".{target.name}.old.tmp")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_temporaries(folder: Path) -> None:

@@ -26,7 +26,7 @@ from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxilia
 from pipeline.data.masks import MaskFiles, find_mask
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
-from pipeline.data.writer import write_json
+from pipeline.data.writer import swap_folder, write_json
 from pipeline.errors import DataError, SceneError, SnowpipeError
 from pipeline.progress import make_progress, say
 from pipeline.stages import records, sampling
@@ -144,16 +144,6 @@ def _class_pixels(masks: np.ndarray) -> list[int]:
     for i in range(0, masks.shape[0], 256):
         counts += np.bincount(np.asarray(masks[i:i + 256]).ravel(), minlength=256)
     return [int(c) for c in counts[:len(CLASS_NAMES)]]
-
-
-def _swap_in(partial: Path, target: Path) -> None:
-    """Replace the dataset folder by the finished one; the old one is removed only afterwards."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    partial.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_complete(manifest: Path, inputs: str, config_hash: str) -> bool:
@@ -297,7 +287,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
         "inputs": inputs,
         "config": config_hash,
     })
-    _swap_in(partial, out)
+    swap_folder(partial, out)
     report.seconds = time.perf_counter() - start
     train, val = splits_info["train"], splits_info["validation"]
     fractions = ", ".join(f"{n} {f:.1%}" for n, f in zip(CLASS_NAMES, train["class_fraction"]))

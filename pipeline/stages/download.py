@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.data.layout import EXOLABS_FOLDER, SAFE_NAME
+from pipeline.data.writer import swap_folder
 from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import make_progress, say
 from pipeline.stages.base import SceneOutcome, StageInfo, StageReport
@@ -147,16 +148,6 @@ def verify_sizes(listing: list[Entry], dest: Path, where: str) -> None:
                         f"run the download again (it resumes), or delete those files first if they were changed here")
 
 
-def _swap_in(new: Path, target: Path) -> None:
-    """Rename `new` to `target`, replacing an older folder (moved aside first, removed after)."""
-    old = target.with_name(f".{target.name}.old.tmp")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def unpack(zip_path: Path, target: Path, force: bool = False) -> bool:
     """Unpack a zip into the folder `target` atomically; False when it already holds this very zip.
 
@@ -184,7 +175,7 @@ def unpack(zip_path: Path, target: Path, force: bool = False) -> bool:
     top = list(temporary.iterdir())
     root = top[0] if len(top) == 1 and top[0].is_dir() else temporary
     (root / UNPACKED_RECORD).write_text(json.dumps(stamp))
-    _swap_in(root, target)
+    swap_folder(root, target)
     shutil.rmtree(temporary, ignore_errors=True)
     return True
 
