@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.cluster.ssh import Remote
+if TYPE_CHECKING:  # paramiko loads only when a command connects
+    from pipeline.cluster.ssh import Remote
 from pipeline.errors import SnowpipeError
 
 NOT_DONE = {"PENDING", "RUNNING", "REQUEUED", "PREEMPTED", "COMPLETING", "CONFIGURING", "SUSPENDED", "RESIZING",

@@ -20,7 +20,6 @@ from rich.table import Table
 
 from pipeline.cluster import jobstate
 from pipeline.cluster.records import RUNS_DIR, list_records, load_record, remember_state
-from pipeline.cluster.ssh import Remote, rsync_shell
 from pipeline.errors import SnowpipeError
 from pipeline.progress import say
 
@@ -60,6 +59,8 @@ def status_table(record: dict[str, Any], rows: list[jobstate.TaskState], source:
 
 
 def _query(record: dict[str, Any], use_sacct: bool) -> tuple[list[jobstate.TaskState], str]:
+    from pipeline.cluster.ssh import Remote  # paramiko: only for the commands that connect
+
     with Remote(record) as remote:
         return jobstate.query(remote, record, use_sacct=use_sacct)
 
@@ -131,6 +132,8 @@ def _pick_task(record: dict[str, Any], job_name: str | None, task: int | None) -
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    from pipeline.cluster.ssh import Remote
+
     record = load_record(args.run)
     job, task = _pick_task(record, args.job, args.task)
     row = next(r for r in jobstate.expected_tasks({**record, "jobs": [job]}) if r.task == task)
@@ -152,6 +155,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    from pipeline.cluster.ssh import rsync_shell
+
     record = load_record(args.run)
     dest = Path(args.dest or RUNS_DIR / record["run_id"]).expanduser()
     if shutil.which("rsync") is None:
@@ -183,6 +188,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             say("nothing cancelled")
             return 1
+    from pipeline.cluster.ssh import Remote
+
     with Remote(record) as remote:
         result = remote.run(["scancel", *ids])
     if result.code != 0:
