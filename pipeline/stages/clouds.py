@@ -12,8 +12,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 from rasterio.windows import Window
-from s2cloudless import S2PixelCloudDetector
-from s2cloudless.utils import cv2_disk
 
 from pipeline.config import CloudDetection
 from pipeline.data.grid import Tile
@@ -26,6 +24,10 @@ class CloudDetector:
     """One per process: loads the LightGBM model shipped in the s2cloudless wheel once."""
 
     def __init__(self, settings: CloudDetection, grid_resolution: float = 10.0, threads: int = 0) -> None:
+        # Imported here: only the annotate stage needs s2cloudless (and LightGBM), not GPU jobs.
+        from s2cloudless import S2PixelCloudDetector
+        from s2cloudless.utils import cv2_disk
+
         self.settings = settings
         self.factor = max(1, round(settings.resolution / grid_resolution))
         self.threads = threads

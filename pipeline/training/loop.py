@@ -195,11 +195,18 @@ class Trainer:
                 self.scaler.update()
                 total += torch.stack([loss.detach(), torch.ones((), device=procs.device)])
                 bar_view.advance(bar)
-                flag = sum_all(torch.tensor([float(stop.requested)], device=procs.device), procs)
-                if flag.item() > 0:
+                if self._stop_agreed(stop):
                     raise TrainingInterrupted(self._interrupted_message(stop))
         sum_all(total, procs)
         return (total[0] / total[1].clamp(min=1)).item(), steps
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop. One process asks no device: a device value read on
+        the host would make the CPU wait for the GPU at every step."""
+        if not self.procs.distributed:
+            return stop.requested
+        flag = sum_all(torch.tensor([float(stop.requested)], device=self.procs.device), self.procs)
+        return flag.item() > 0
 
     def _interrupted_message(self, stop: StopRequest) -> str:
         self.save(best=False)
