@@ -175,6 +175,7 @@ class Inference(Section):
     tta: bool = False
     save_probabilities: bool = False
     quicklooks: bool = True
+    decode_once: bool = True  # decode each band once into scratch files (TMPDIR) instead of once per window
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     _dates = field_validator("dates")(_check_dates)

@@ -31,6 +31,23 @@ CATEGORICAL = {"lakes", "surface_water", "glacier", "exolabs"}
 WARP_MEMORY_MB = 128
 
 
+def reflectance(dns: list[np.ndarray] | np.ndarray, dn_offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-of-atmosphere reflectance (13, h, w) float32 and validity (h, w) bool from the 13 bands' DN.
+
+    DN are converted as real products require: (DN - offset) / 10000 in floating point, where the
+    offset is 1000 from processing baseline 04.00 on. DN 0 is no-data: reflectance 0, not valid.
+    """
+    out = np.zeros((len(dns), *dns[0].shape), np.float32)
+    valid = np.ones(dns[0].shape, bool)
+    for i, dn in enumerate(dns):
+        band_valid = dn > 0
+        valid &= band_valid
+        np.subtract(dn, dn_offset, out=out[i], dtype=np.float32, where=band_valid)
+    out /= QUANTIFICATION_VALUE
+    out[:, ~valid] = 0.0
+    return out, valid
+
+
 class SceneReader:
     """Open once per scene (a context manager), then read windows of the 10 m grid or a coarser one."""
 
@@ -122,7 +139,7 @@ class SceneReader:
             raise SceneError(self.scene.date, f"cannot read {source.name}: {exc}") from None
         return np.pad(dn, ((0, height - rows), (0, width - cols)), mode="edge")
 
-    def _read_band(self, band: str, window: Window, factor: int) -> np.ndarray:
+    def read_band(self, band: str, window: Window, factor: int = 1) -> np.ndarray:
         """Digital numbers of one band on the (possibly coarser) grid.
 
         Coarser than the band: averaged straight from the file, so GDAL decodes JPEG 2000 at a reduced
@@ -136,26 +153,13 @@ class SceneReader:
         resampling = Resampling.bilinear if source.res[0] > target_res + 1e-6 else Resampling.average
         return self._read(self._view(band, source, factor, resampling, 0), window, source.name)
 
-    def read_bands(self, window: Window, factor: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Top-of-atmosphere reflectance (13, h, w) float32 and validity (h, w) bool for a window.
+    def block_height(self, band: str = "B02") -> int:
+        """Rows of one internal tile of a band file (1024 in L1C products): the unit JPEG 2000 decodes."""
+        return int(self._sources[band].block_shapes[0][0])
 
-        DN are converted as real products require: (DN - offset) / 10000 in floating point, where the
-        offset is 1000 from processing baseline 04.00 on. DN 0 is no-data: reflectance 0, not valid.
-        """
-        out: np.ndarray | None = None
-        valid: np.ndarray | None = None
-        for i, band in enumerate(BANDS):
-            dn = self._read_band(band, window, factor)
-            if out is None:
-                out = np.zeros((len(BANDS), *dn.shape), np.float32)
-                valid = np.ones(dn.shape, bool)
-            band_valid = dn > 0
-            valid &= band_valid
-            np.subtract(dn, self.scene.dn_offset, out=out[i], dtype=np.float32, where=band_valid)
-        assert out is not None and valid is not None
-        out /= QUANTIFICATION_VALUE
-        out[:, ~valid] = 0.0
-        return out, valid
+    def read_bands(self, window: Window, factor: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Top-of-atmosphere reflectance (13, h, w) float32 and validity (h, w) bool for a window."""
+        return reflectance([self.read_band(band, window, factor) for band in BANDS], self.scene.dn_offset)
 
     def read_valid(self, window: Window) -> np.ndarray:
         """Where all 13 bands have data (h, w) on the 10 m grid, without resampling any values.

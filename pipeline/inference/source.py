@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager, contextmanager
 import numpy as np
 from rasterio.windows import Window
 
+from pipeline.data.decoded import DecodedScene
 from pipeline.data.layout import Auxiliary, Scene
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
@@ -18,15 +19,20 @@ ReadWindow = Callable[[Window], tuple[np.ndarray, np.ndarray]]
 OpenInput = Callable[[], AbstractContextManager[ReadWindow]]
 
 
-def scene_input(scene: Scene, tile: str, auxiliary: Auxiliary | None, normaliser: Normaliser) -> OpenInput:
-    """An opener of the scene's normalised input, exactly as the training patches were normalised."""
+def scene_input(scene: Scene, tile: str, auxiliary: Auxiliary | None, normaliser: Normaliser,
+                decoded: DecodedScene | None = None) -> OpenInput:
+    """An opener of the scene's normalised input, exactly as the training patches were normalised.
+
+    With `decoded`, the bands come from the scene decoded once (pipeline/data/decoded.py) instead of
+    being decoded again for every window; the numbers are the same.
+    """
 
     @contextmanager
     def open_input() -> Iterator[ReadWindow]:
         with SceneReader(scene, tile, auxiliary) as reader:
 
             def read(window: Window) -> tuple[np.ndarray, np.ndarray]:
-                bands, valid = reader.read_bands(window)
+                bands, valid = decoded.read_bands(window) if decoded else reader.read_bands(window)
                 dem = reader.read_layer("dem", window) if normaliser.dem_mean is not None else None
                 return normaliser.apply(bands, dem), valid
 

@@ -33,9 +33,9 @@ class WindowPrediction:
 
 
 def window_tiles(height: int, width: int, window: int, halo: int) -> list[Tile]:
-    """Tiles ordered by padded shape (edge windows differ), so that a batch is one stack of equal windows."""
-    tiles = list(iter_tiles(height, width, window, halo))
-    return sorted(tiles, key=lambda t: (int(t.padded.height), int(t.padded.width)))
+    """Tiles in reading order (row by row from the top), so that inference follows a scene being decoded
+    from the top; predict_windows batches windows of equal padded shape (edge windows differ)."""
+    return list(iter_tiles(height, width, window, halo))
 
 
 def _to_uint8(probabilities: torch.Tensor) -> np.ndarray:

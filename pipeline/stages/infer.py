@@ -9,6 +9,7 @@ then the completion record.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from pipeline.bands import BANDS, CLASS_NAMES, NODATA
 from pipeline.config import PipelineConfig
+from pipeline.data.decoded import DecodedScene
 from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
@@ -107,10 +109,11 @@ def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force
     remove_temporaries(out_dir)
     classes = len(CLASS_NAMES)
     counts = np.zeros(256, np.int64)
-    with SceneReader(scene, config.tile_id, auxiliary) as reader:
+    with SceneReader(scene, config.tile_id, auxiliary) as reader, ExitStack() as decoding:
         grid = reader.grid
+        decoded = decoding.enter_context(DecodedScene(scene, config.tile_id)) if settings.decode_once else None
         windows = predict_windows(
-            scene_input(scene, config.tile_id, auxiliary, loaded.normaliser), grid.height, grid.width,
+            scene_input(scene, config.tile_id, auxiliary, loaded.normaliser, decoded), grid.height, grid.width,
             loaded.predictor, settings.window, settings.halo, settings.batch_size, loaded.readers,
             probabilities=settings.save_probabilities, on_window=on_window,
         )
