@@ -29,6 +29,9 @@ from pipeline.errors import DataError, SceneError
 
 CATEGORICAL = {"lakes", "surface_water", "glacier", "exolabs"}
 WARP_MEMORY_MB = 128
+# GDAL's block cache keeps decoded JPEG 2000 tiles for the next window or strip that needs them. rasterio
+# passes an integer GDAL_CACHEMAX to GDALSetCacheMax64, which counts bytes (256 alone meant 256 bytes).
+BLOCK_CACHE_BYTES = 256 * 2**20
 
 
 def reflectance(dns: list[np.ndarray] | np.ndarray, dn_offset: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +67,7 @@ class SceneReader:
                 f"(re-extract the product zip)",
             )
         try:
-            self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=256))
+            self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=BLOCK_CACHE_BYTES))
             for band in BANDS:
                 self._sources[band] = self._open(scene.band_path(band))
         except BaseException:

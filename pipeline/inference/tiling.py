@@ -58,23 +58,32 @@ def predict_windows(open_input: OpenInput, height: int, width: int, predictor: P
                     on_window: Callable[[int, int], None] | None = None) -> Iterator[WindowPrediction]:
     """Predictions of every core window of a height x width scene, `batch_size` windows per forward pass.
 
-    Windows of one padded shape are batched together; a shape whose windows are all read is flushed, so
-    at most one partial batch per shape waits (a handful of windows, whatever the scene size).
+    Windows of one padded shape are batched together. A shape whose windows are all read is flushed, and
+    when more than `batch_size` windows wait, the other shapes' partial batches go first (the edge windows
+    of a row), so at most about two batches of windows wait, whatever the scene size.
     """
     tiles = window_tiles(height, width, window, halo)
     remaining = Counter((int(t.padded.height), int(t.padded.width)) for t in tiles)
     pending: dict[tuple[int, int], list] = {}
     done = 0
+
+    def flush(shape: tuple[int, int]) -> Iterator[WindowPrediction]:
+        nonlocal done
+        for prediction in _predict_batch(pending.pop(shape), predictor, probabilities):
+            done += 1
+            yield prediction
+            if on_window:
+                on_window(done, len(tiles))
+
     for index, x, valid in read_ahead(open_input, [t.padded for t in tiles], readers, depth=2 * batch_size):
         shape = (int(x.shape[-2]), int(x.shape[-1]))
         pending.setdefault(shape, []).append((tiles[index], x, valid))
         remaining[shape] -= 1
         if len(pending[shape]) == batch_size or remaining[shape] == 0:
-            for prediction in _predict_batch(pending.pop(shape), predictor, probabilities):
-                done += 1
-                yield prediction
-                if on_window:
-                    on_window(done, len(tiles))
+            yield from flush(shape)
+        if sum(len(group) for group in pending.values()) > batch_size:
+            for other in [key for key in pending if key != shape]:
+                yield from flush(other)
 
 
 def tent(length: int) -> np.ndarray:
