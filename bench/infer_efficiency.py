@@ -89,6 +89,10 @@ def forward_throughput(predictor: Predictor, batch: int, height: int, width: int
     return runs * batch * height * width / (time.perf_counter() - start)
 
 
+def peak_memory_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def timed(action) -> float:
     start = time.perf_counter()
     action()
@@ -138,6 +142,7 @@ def main() -> int:
     end_to_end = size * size / seconds
     print(f"end to end (infer_scene, reading and writing included): {end_to_end / 1e6:.3f} Mpx/s "
           f"({seconds:.2f} s per scene)")
+    print(f"  peak resident memory so far (the infer stage's own): {peak_memory_gib():.2f} GiB")
     per_window = parse_config({**config.model_dump(mode="json"),
                                "inference": {**config.inference.model_dump(mode="json"), "decode_once": False}},
                               root)
@@ -182,7 +187,7 @@ def main() -> int:
     print(f"class map of the scene from memory (scheme cost only): large windows {t_windows:.2f} s, thesis "
           f"256/128 patch blend {t_blend:.2f} s ({patches_per_batch} patches per pass): "
           f"speed-up {t_blend / t_windows:.2f}x")
-    print(f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    print(f"peak resident memory {peak_memory_gib():.2f} GiB (with the scene's input in memory for the comparison)")
     print(f"infer_efficiency {end_to_end / reference:.3f}")
     return 0
 

@@ -156,3 +156,14 @@ def test_coverage_without_resampling_matches_the_nearest_footprint_of_every_band
         assert np.array_equal(reader.read_valid(FULL), expected)
         window = Window(5, 7, 41, 37)  # offsets that are not multiples of 2 or 6
         assert np.array_equal(reader.read_valid(window), expected[7:44, 5:46])
+
+
+def test_decoded_tiles_are_kept_between_windows(tmp_path):
+    """GDAL's block cache holds decoded JPEG 2000 tiles for the next window that needs them. rasterio's integer
+    GDAL_CACHEMAX counts bytes: a setting of 256 (meant as MB) left no cache and every window decoded again."""
+    from rasterio.env import get_gdal_config
+
+    write_scene(tmp_path)
+    scene = discover_scenes(tmp_path, TILE)[0]
+    with SceneReader(scene, TILE):
+        assert int(get_gdal_config("GDAL_CACHEMAX")) >= 64 * 2**20

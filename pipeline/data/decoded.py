@@ -40,7 +40,8 @@ class DecodedScene:
         self.scene, self.tile = scene, tile
         with SceneReader(scene, tile) as reader:  # missing bands, wrong CRS: fail here, in the caller
             self.grid = reader.grid
-            self.strip = strip or min(reader.block_height(), 2048)
+            # One tile row per strip; striped GeoTIFFs (1-row blocks) get 256-row strips, huge tiles 2048.
+            self.strip = strip or min(max(reader.block_height(), 256), 2048)
         self.folder = Path(tempfile.mkdtemp(prefix=f"snowpipe-decoded-{scene.date}-", dir=scratch))
         self._rows = dict.fromkeys(BANDS, 0)
         self._error: BaseException | None = None
