@@ -16,7 +16,7 @@ import rasterio
 from rasterio.windows import Window
 
 from pipeline.data.decoded import DecodedScene
-from pipeline.data.layout import Scene, discover_scenes
+from pipeline.data.layout import Scene, discover_scenes, find_auxiliary
 from pipeline.data.reader import SceneReader
 from pipeline.demo import generate_demo
 from pipeline.errors import SceneError
@@ -89,3 +89,25 @@ def test_closing_early_stops_the_decoding(scene, tmp_path):
     assert not decode_threads() and not any(Path(tmp_path).iterdir())
     with pytest.raises(Exception, match="closed"):
         decoded.read_dn(Window(0, 0, 4, 4))
+
+
+def test_normalising_digital_numbers_through_tables_equals_computing_it(scene):
+    """The infer stage normalises uint16 DN by table lookup; training computed the same from reflectance."""
+    from pipeline.data.normalise import Normaliser
+    from pipeline.data.reader import reflectance
+
+    window = Window(0, 0, SIZE, SIZE)
+    with SceneReader(scene, TILE, find_auxiliary(scene.safe_dir.parent, TILE)) as reader:
+        dn = reader.read_dn(window)
+        dem = reader.read_layer("dem", window)
+    dn[3, :5, :5] = 0  # one band without data: the pixel is no data in every band
+    bands, valid = reflectance(dn, scene.dn_offset)
+    assert 0 < valid.mean() < 1
+    for normaliser in (Normaliser.fit(bands[:, valid], None), Normaliser.fit(bands[:, valid], dem[valid])):
+        for offset in (scene.dn_offset, 0):
+            reflectances, expected_valid = reflectance(dn, offset)
+            expected = normaliser.apply(reflectances, dem)
+            got, got_valid = normaliser.apply_dn(dn, normaliser.dn_tables(offset), dem)
+            assert got.shape == expected.shape == (len(normaliser.channels), SIZE, SIZE)
+            assert np.array_equal(got_valid, expected_valid)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)

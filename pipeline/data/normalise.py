@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.bands import BANDS
+from pipeline.bands import BANDS, QUANTIFICATION_VALUE
 
 SPREAD = 1.7346  # sigmoid(1.7346) = 0.85
 FLOOR = 1e-4  # 1 DN: log10 needs a positive reflectance (dark or offset-corrected pixels can be <= 0)
@@ -54,18 +54,49 @@ class Normaliser:
         mapped = (log_values - lo) * (2 * SPREAD / (hi - lo)) - SPREAD
         return 1.0 / (1.0 + np.exp(-mapped))
 
-    def apply(self, bands: np.ndarray, dem: np.ndarray | None = None) -> np.ndarray:
-        """Normalised channels (13 or 14, h, w) float32 from reflectance (13, h, w) and DEM (h, w)."""
+    def _bands(self, bands: np.ndarray) -> np.ndarray:
         if bands.shape[0] != len(BANDS):
             raise ValueError(f"expected {len(BANDS)} bands, got {bands.shape[0]}")
         offset = self._sigmoid_of_log(_log(np.asarray(self.mean, np.float32))[:, None, None])
-        out = (self._sigmoid_of_log(_log(bands.astype(np.float32))) - offset).astype(np.float32)
-        if self.dem_mean is None:
-            return out
+        return (self._sigmoid_of_log(_log(bands.astype(np.float32))) - offset).astype(np.float32)
+
+    def _dem(self, dem: np.ndarray | None) -> np.ndarray:
         if dem is None:
             raise ValueError("this normaliser expects a DEM channel")
-        scaled = ((dem.astype(np.float32) - self.dem_mean) / self.dem_scale)[None]
-        return np.concatenate([out, scaled.astype(np.float32)])
+        assert self.dem_mean is not None and self.dem_scale is not None
+        return ((dem.astype(np.float32) - self.dem_mean) / self.dem_scale).astype(np.float32)
+
+    def apply(self, bands: np.ndarray, dem: np.ndarray | None = None) -> np.ndarray:
+        """Normalised channels (13 or 14, h, w) float32 from reflectance (13, h, w) and DEM (h, w)."""
+        out = self._bands(bands)
+        if self.dem_mean is None:
+            return out
+        return np.concatenate([out, self._dem(dem)[None]])
+
+    def dn_tables(self, dn_offset: int) -> np.ndarray:
+        """The normalised value of every possible digital number, per band: (13, 65536) float32.
+
+        Reflectance, logarithm and sigmoid depend on one band's DN alone, so normalising a scene's uint16
+        bands is one table lookup per pixel and band (apply_dn), about 10x cheaper than computing them.
+        """
+        dn = np.arange(2**16, dtype=np.uint16)
+        reflectance = np.zeros(dn.shape, np.float32)
+        np.subtract(dn, dn_offset, out=reflectance, dtype=np.float32, where=dn > 0)
+        reflectance /= QUANTIFICATION_VALUE
+        return self._bands(np.broadcast_to(reflectance, (len(BANDS), 1, dn.size)))[:, 0]
+
+    def apply_dn(self, dn: np.ndarray, tables: np.ndarray,
+                 dem: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised channels and validity from the 13 bands' DN (13, h, w) uint16 through `dn_tables`:
+        the same as apply(*reflectance(dn)); a pixel where any band has DN 0 is no data in every band."""
+        valid = dn.min(axis=0) > 0
+        dn = dn * valid  # DN 0 in every band where one band has no data: the tables' no-data value
+        out = np.empty((len(self.channels), *dn.shape[1:]), np.float32)
+        for i in range(len(BANDS)):
+            np.take(tables[i], dn[i], out=out[i])
+        if self.dem_mean is not None:
+            out[len(BANDS)] = self._dem(dem)
+        return out, valid
 
     @property
     def channels(self) -> list[str]:

@@ -160,9 +160,13 @@ class SceneReader:
         """Rows of one internal tile of a band file (1024 in L1C products): the unit JPEG 2000 decodes."""
         return int(self._sources[band].block_shapes[0][0])
 
+    def read_dn(self, window: Window, factor: int = 1) -> np.ndarray:
+        """Digital numbers (13, h, w) of every band on the (possibly coarser) grid."""
+        return np.stack([self.read_band(band, window, factor) for band in BANDS])
+
     def read_bands(self, window: Window, factor: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Top-of-atmosphere reflectance (13, h, w) float32 and validity (h, w) bool for a window."""
-        return reflectance([self.read_band(band, window, factor) for band in BANDS], self.scene.dn_offset)
+        return reflectance(self.read_dn(window, factor), self.scene.dn_offset)
 
     def read_valid(self, window: Window) -> np.ndarray:
         """Where all 13 bands have data (h, w) on the 10 m grid, without resampling any values.

@@ -24,17 +24,20 @@ def scene_input(scene: Scene, tile: str, auxiliary: Auxiliary | None, normaliser
     """An opener of the scene's normalised input, exactly as the training patches were normalised.
 
     With `decoded`, the bands come from the scene decoded once (pipeline/data/decoded.py) instead of
-    being decoded again for every window; the numbers are the same.
+    being decoded again for every window; the numbers are the same. The digital numbers are normalised
+    through per-band lookup tables (Normaliser.dn_tables), which equal the computed normalisation.
     """
+
+    tables = normaliser.dn_tables(scene.dn_offset)  # shared by the reading threads
 
     @contextmanager
     def open_input() -> Iterator[ReadWindow]:
         with SceneReader(scene, tile, auxiliary) as reader:
 
             def read(window: Window) -> tuple[np.ndarray, np.ndarray]:
-                bands, valid = decoded.read_bands(window) if decoded else reader.read_bands(window)
+                dn = decoded.read_dn(window) if decoded else reader.read_dn(window)
                 dem = reader.read_layer("dem", window) if normaliser.dem_mean is not None else None
-                return normaliser.apply(bands, dem), valid
+                return normaliser.apply_dn(dn, tables, dem)
 
             yield read
 
