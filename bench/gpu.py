@@ -20,15 +20,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from infer_efficiency import forward_throughput, synchronise  # bench/ is on sys.path when run as a script
 
 from pipeline.bands import BANDS, CLASS_NAMES
 from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.model.unet import ModelSpec, UNet
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def repeat(step, device: torch.device, seconds: float) -> float:
@@ -98,11 +94,8 @@ def main() -> int:
 
     predictor = Predictor(UNet(spec).eval(), device)
     for batch in (1, 2, 4, 8):
-        x = torch.randn(batch, spec.in_channels, 1024, 1024, device=device)
-        if predictor.cuda:
-            x = x.half().contiguous(memory_format=torch.channels_last)
-        seconds = repeat(lambda x=x: predictor.forward_only(x), device, args.seconds / 2)
-        print(f"inference forward: batch {batch} x 1024^2: {batch * 2**20 / seconds / 1e6:.2f} Mpx/s; "
+        pixels_per_second = forward_throughput(predictor, batch, 1024, 1024, args.seconds / 2)
+        print(f"inference forward: batch {batch} x 1024^2: {pixels_per_second / 1e6:.2f} Mpx/s; "
               f"peak memory {peak_memory(device)}")
     return 0
 

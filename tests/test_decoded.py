@@ -17,6 +17,7 @@ from rasterio.windows import Window
 
 from pipeline.data.decoded import DecodedScene
 from pipeline.data.layout import Scene, discover_scenes, find_auxiliary
+from pipeline.data.normalise import reflectance
 from pipeline.data.reader import SceneReader
 from pipeline.demo import generate_demo
 from pipeline.errors import SceneError
@@ -44,7 +45,7 @@ def test_the_decoded_scene_serves_the_numbers_of_the_band_files(scene, tmp_path)
         assert folder.parent == tmp_path and len(list(folder.glob("*.u16"))) == 13
         for window in WINDOWS:
             expected, expected_valid = reader.read_bands(window)
-            got, valid = decoded.read_bands(window)
+            got, valid = reflectance(decoded.read_dn(window), scene.dn_offset)
             assert got.shape == expected.shape and got.dtype == np.float32
             assert np.array_equal(valid, expected_valid), window
             # GDAL's bilinear warper rounds a few pixels to the other neighbouring DN depending on the
@@ -78,7 +79,7 @@ def test_a_band_that_cannot_be_decoded_stops_the_scene_naming_it(scene, tmp_path
     path.write_bytes(data[: len(data) // 2])
     with DecodedScene(damaged, TILE, scratch=tmp_path, strip=96) as decoded:
         with pytest.raises(SceneError, match="B11"):
-            decoded.read_bands(Window(0, 0, SIZE, SIZE))
+            decoded.read_dn(Window(0, 0, SIZE, SIZE))
         folder = decoded.folder
     assert not folder.exists() and not decode_threads()
 
@@ -94,7 +95,6 @@ def test_closing_early_stops_the_decoding(scene, tmp_path):
 def test_normalising_digital_numbers_through_tables_equals_computing_it(scene):
     """The infer stage normalises uint16 DN by table lookup; training computed the same from reflectance."""
     from pipeline.data.normalise import Normaliser
-    from pipeline.data.reader import reflectance
 
     window = Window(0, 0, SIZE, SIZE)
     with SceneReader(scene, TILE, find_auxiliary(scene.safe_dir.parent, TILE)) as reader:

@@ -74,15 +74,21 @@ def prepare_database(paths: ClusterPaths, timeout: float = 20.0) -> None:
            f"GRANT ALL ON {DB_NAME}.* TO {user};\n")
     client = which_program("mariadb") or which_program("mysql") or "mariadb"
     argv = [client, "--no-defaults", f"--socket={paths.mysql_socket}", "--user=root", "--batch"]
+    # The socket exists a moment before the server takes connections.
+    done = _until_success(lambda: subprocess.run(argv, input=sql, capture_output=True, text=True, timeout=30),
+                          timeout)
+    if done.returncode != 0:
+        raise SnowpipeError(f"cannot create the database user for slurmdbd: {_tail(done.stderr)}; "
+                            f"read {paths.log('mariadbd')}")
+
+
+def _until_success(run: Callable[[], subprocess.CompletedProcess[str]],
+                   timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a command until it succeeds or `timeout` seconds pass; its last result either way."""
     deadline = time.monotonic() + timeout
-    while True:  # the socket exists a moment before the server takes connections
-        done = subprocess.run(argv, input=sql, capture_output=True, text=True, timeout=30)
-        if done.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise SnowpipeError(f"cannot create the database user for slurmdbd: {_tail(done.stderr)}; "
-                                f"read {paths.log('mariadbd')}")
+    while (done := run()).returncode != 0 and time.monotonic() <= deadline:
         time.sleep(0.3)
+    return done
 
 
 def _sacctmgr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -93,15 +99,10 @@ def _sacctmgr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[st
 def register_cluster(paths: ClusterPaths, env: dict[str, str], timeout: float, report: Report) -> None:
     """Wait until slurmdbd answers, then add the cluster unless it is known (this also creates the root account
     and root's association). Done before slurmctld starts, so that slurmctld registers with a known cluster."""
-    deadline = time.monotonic() + timeout
-    while True:
-        listed = _sacctmgr(env, "list", "cluster", "format=cluster")
-        if listed.returncode == 0:
-            break
-        if time.monotonic() > deadline:
-            raise SnowpipeError(f"slurmdbd does not answer `sacctmgr list cluster` after {timeout:.0f} s: "
-                                f"{_tail(listed.stderr)}; read {paths.log('slurmdbd')}")
-        time.sleep(0.3)
+    listed = _until_success(lambda: _sacctmgr(env, "list", "cluster", "format=cluster"), timeout)
+    if listed.returncode != 0:
+        raise SnowpipeError(f"slurmdbd does not answer `sacctmgr list cluster` after {timeout:.0f} s: "
+                            f"{_tail(listed.stderr)}; read {paths.log('slurmdbd')}")
     if CLUSTER_NAME in listed.stdout.split():
         return
     added = _sacctmgr(env, "add", "cluster", CLUSTER_NAME)

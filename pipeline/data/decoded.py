@@ -27,14 +27,14 @@ from rasterio.windows import Window
 
 from pipeline.bands import BAND_RESOLUTION, BANDS
 from pipeline.data.layout import Scene
-from pipeline.data.reader import SceneReader, reflectance
-from pipeline.errors import SnowpipeError
+from pipeline.data.reader import SceneReader
+from pipeline.errors import SceneError
 
 DN = np.dtype(np.uint16)
 
 
 class DecodedScene:
-    """Start decoding on construction (a context manager); `read_bands(window)` as SceneReader's."""
+    """Start decoding on construction (a context manager); `read_dn(window)` as SceneReader's."""
 
     def __init__(self, scene: Scene, tile: str, scratch: Path | None = None, strip: int | None = None) -> None:
         self.scene, self.tile = scene, tile
@@ -79,11 +79,12 @@ class DecodedScene:
                         self._rows[band] = row + rows
                         self._changed.notify_all()
         except OSError as exc:
-            gigabytes = len(BANDS) * DN.itemsize * height * width / 1e9
-            error: BaseException = SnowpipeError(
-                f"scene {self.scene.date}: cannot write the decoded band {band} to {self.folder}: {exc.strerror} "
-                f"(the scene needs {gigabytes:.1f} GB of scratch space: point TMPDIR to a larger folder, or set "
-                f"inference.decode_once: false)")
+            needed = len(BANDS) * DN.itemsize * height * width
+            size = f"{needed / 1e9:.1f} GB" if needed >= 1e9 else f"{needed / 1e6:.0f} MB"
+            error: BaseException = SceneError(
+                self.scene.date,
+                f"cannot write the decoded band {band} to {self.folder}: {exc.strerror} (the scene needs {size} "
+                f"of scratch space: point TMPDIR to a larger folder, or set inference.decode_once: false)")
             with self._changed:
                 self._error = error
                 self._changed.notify_all()
@@ -104,7 +105,7 @@ class DecodedScene:
             if self._error is not None:
                 raise self._error
             if self._closed:
-                raise SnowpipeError(f"scene {self.scene.date}: the decoded bands were closed while being read")
+                raise SceneError(self.scene.date, "the decoded bands were closed while being read")
 
     def read_dn(self, window: Window) -> np.ndarray:
         """Digital numbers (13, h, w) uint16 of a window, once every band has decoded its rows."""
@@ -118,13 +119,9 @@ class DecodedScene:
             for r in range(height):
                 offset = (row0 + r) * stride + col0 * DN.itemsize
                 if os.preadv(fd, [out[i, r]], offset) != width * DN.itemsize:
-                    raise SnowpipeError(f"scene {self.scene.date}: decoded band {band} is short at row {row0 + r} "
-                                        f"(is the scratch folder {self.folder} full?)")
+                    raise SceneError(self.scene.date, f"decoded band {band} is short at row {row0 + r} "
+                                                      f"(is the scratch folder {self.folder} full?)")
         return out
-
-    def read_bands(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """Reflectance (13, h, w) float32 and validity (h, w), equal to SceneReader.read_bands."""
-        return reflectance(self.read_dn(window), self.scene.dn_offset)
 
     def close(self) -> None:
         """Stop the lanes (after their current strip), then delete the scratch files."""

@@ -1,4 +1,5 @@
-"""Log-percentile normalisation of the bands (the thesis' "Dynamic World" method) and DEM scaling.
+"""Digital numbers to reflectance; log-percentile normalisation of the bands (the thesis' "Dynamic World"
+method) and DEM scaling.
 
 Per band: x = log10(reflectance); the low and high percentiles of the training pixels map to
 sigmoid(-1.7346) = 0.15 and sigmoid(+1.7346) = 0.85; the band mean is shifted to 0. Values lie in
@@ -20,6 +21,23 @@ FLOOR = 1e-4  # 1 DN: log10 needs a positive reflectance (dark or offset-correct
 
 def _log(values: np.ndarray) -> np.ndarray:
     return np.log10(np.maximum(values, FLOOR))
+
+
+def reflectance(dns: list[np.ndarray] | np.ndarray, dn_offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-of-atmosphere reflectance (13, h, w) float32 and validity (h, w) bool from the 13 bands' DN.
+
+    DN are converted as real products require: (DN - offset) / 10000 in floating point, where the
+    offset is 1000 from processing baseline 04.00 on. DN 0 is no-data: reflectance 0, not valid.
+    """
+    out = np.zeros((len(dns), *dns[0].shape), np.float32)
+    valid = np.ones(dns[0].shape, bool)
+    for i, dn in enumerate(dns):
+        band_valid = dn > 0
+        valid &= band_valid
+        np.subtract(dn, dn_offset, out=out[i], dtype=np.float32, where=band_valid)
+    out /= QUANTIFICATION_VALUE
+    out[:, ~valid] = 0.0
+    return out, valid
 
 
 @dataclass(frozen=True)
@@ -79,11 +97,8 @@ class Normaliser:
         Reflectance, logarithm and sigmoid depend on one band's DN alone, so normalising a scene's uint16
         bands is one table lookup per pixel and band (apply_dn), about 10x cheaper than computing them.
         """
-        dn = np.arange(2**16, dtype=np.uint16)
-        reflectance = np.zeros(dn.shape, np.float32)
-        np.subtract(dn, dn_offset, out=reflectance, dtype=np.float32, where=dn > 0)
-        reflectance /= QUANTIFICATION_VALUE
-        return self._bands(np.broadcast_to(reflectance, (len(BANDS), 1, dn.size)))[:, 0]
+        every_dn, _ = reflectance([np.arange(2**16, dtype=np.uint16)], dn_offset)
+        return self._bands(np.broadcast_to(every_dn, (len(BANDS), 2**16))[:, None])[:, 0]
 
     def apply_dn(self, dn: np.ndarray, tables: np.ndarray,
                  dem: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

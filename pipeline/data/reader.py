@@ -21,9 +21,10 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from pipeline.bands import BANDS, QUANTIFICATION_VALUE
+from pipeline.bands import BANDS
 from pipeline.data.grid import Grid
 from pipeline.data.layout import Auxiliary, Scene
+from pipeline.data.normalise import reflectance
 from pipeline.data.tiles import tile_crs
 from pipeline.errors import DataError, SceneError
 
@@ -32,23 +33,6 @@ WARP_MEMORY_MB = 128
 # GDAL's block cache keeps decoded JPEG 2000 tiles for the next window or strip that needs them. rasterio
 # passes an integer GDAL_CACHEMAX to GDALSetCacheMax64, which counts bytes (256 alone meant 256 bytes).
 BLOCK_CACHE_BYTES = 256 * 2**20
-
-
-def reflectance(dns: list[np.ndarray] | np.ndarray, dn_offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-of-atmosphere reflectance (13, h, w) float32 and validity (h, w) bool from the 13 bands' DN.
-
-    DN are converted as real products require: (DN - offset) / 10000 in floating point, where the
-    offset is 1000 from processing baseline 04.00 on. DN 0 is no-data: reflectance 0, not valid.
-    """
-    out = np.zeros((len(dns), *dns[0].shape), np.float32)
-    valid = np.ones(dns[0].shape, bool)
-    for i, dn in enumerate(dns):
-        band_valid = dn > 0
-        valid &= band_valid
-        np.subtract(dn, dn_offset, out=out[i], dtype=np.float32, where=band_valid)
-    out /= QUANTIFICATION_VALUE
-    out[:, ~valid] = 0.0
-    return out, valid
 
 
 class SceneReader:
@@ -166,7 +150,7 @@ class SceneReader:
 
     def read_bands(self, window: Window, factor: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Top-of-atmosphere reflectance (13, h, w) float32 and validity (h, w) bool for a window."""
-        return reflectance(self.read_dn(window, factor), self.scene.dn_offset)
+        return reflectance([self.read_band(band, window, factor) for band in BANDS], self.scene.dn_offset)
 
     def read_valid(self, window: Window) -> np.ndarray:
         """Where all 13 bands have data (h, w) on the 10 m grid, without resampling any values.

@@ -9,7 +9,7 @@ then the completion record.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,9 +109,9 @@ def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force
     remove_temporaries(out_dir)
     classes = len(CLASS_NAMES)
     counts = np.zeros(256, np.int64)
-    with SceneReader(scene, config.tile_id, auxiliary) as reader, ExitStack() as decoding:
+    decoding = DecodedScene(scene, config.tile_id) if settings.decode_once else nullcontext()
+    with decoding as decoded, SceneReader(scene, config.tile_id, auxiliary) as reader:
         grid = reader.grid
-        decoded = decoding.enter_context(DecodedScene(scene, config.tile_id)) if settings.decode_once else None
         windows = predict_windows(
             scene_input(scene, config.tile_id, auxiliary, loaded.normaliser, decoded), grid.height, grid.width,
             loaded.predictor, settings.window, settings.halo, settings.batch_size, loaded.readers,
