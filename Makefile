@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml | $(PY)
 # The README's main command: the demo on the embedded local SLURM cluster, through Ansible.
 demo: setup
 	$(SNOWPIPE) cluster up
-	$(SNOWPIPE) demo-data $(DEMO) $(DEMO_ARGS)
+	$(SNOWPIPE) demo-data $(DEMO) $(DEMO_ARGS) --force
 	cd ansible && ../$(VENV)/bin/ansible-playbook submit.yml -e config=$(CURDIR)/$(DEMO)/pipeline-config.yml \
 	  -e run_id=$(RUN_ID) -e wait=true
 	@echo "== U-Net predictions of run $(RUN_ID) against the demo's truth:"
@@ -51,7 +51,7 @@ demo: setup
 
 # The same pipeline without SLURM: every stage on this machine, outputs beside the demo data.
 demo-local: setup
-	$(SNOWPIPE) demo-data $(DEMO) $(DEMO_ARGS)
+	$(SNOWPIPE) demo-data $(DEMO) $(DEMO_ARGS) --force
 	$(SNOWPIPE) run $(DEMO)/pipeline-config.yml
 	@echo "== automatic masks against the demo's truth:"
 	$(PY) bench/annotation_quality.py $(DEMO)

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config import apply_settings, check_data_folders, load_config
+from pipeline.config import apply_settings, check_data_folders, check_scenes, invalid, load_config
 from pipeline.data.layout import discover_scenes
 from pipeline.data.writer import write_json
-from pipeline.errors import ConfigError, SnowpipeError
+from pipeline.errors import ConfigError, SnowpipeError, output_error
 from pipeline.progress import say
 
 
@@ -20,15 +20,15 @@ def _stage_list(text: str) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)  # before importing the stages (and torch): a config error is instant
     from pipeline.runner import select_stages
 
-    config = load_config(args.config)
     stages, unavailable = select_stages(config)
-    problems = check_data_folders(config, stages)
+    problems = check_data_folders(config, stages) + check_scenes(config, stages)
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise invalid(args.config or "pipeline-config.yml", problems)
     found = ""
-    if config.path("extracted_data").is_dir():
+    if config.path("extracted_data").is_dir() and "download" not in stages:
         scenes = discover_scenes(config.path("extracted_data"), config.tile_id, config.dates)
         found = f", {len(scenes)} scene(s)"
     from pipeline.cluster.jobspec import load_jobs
@@ -48,11 +48,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_demo_folder(out: Path, force: bool) -> None:
+    """Refuse to write the demo over a file or into a folder with the user's work (a config, ExoLabs files)."""
+    existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        kind = "a file" if existing.is_file() else "not a folder"
+        what = f"is {kind}" if existing == out else f"lies under {existing}, which is {kind}"
+        raise SnowpipeError(f"demo-data: {out} {what}; pass a new or empty folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not force:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise SnowpipeError(f"demo-data: {out} is not empty ({shown}); pass a new or empty folder, or --force "
+                            f"to write the demo there anyway (it replaces pipeline-config.yml and the demo's "
+                            f"scenes and ExoLabs files)")
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from pipeline.demo import generate_demo
     from pipeline.demo.config_file import write_demo_config
     from pipeline.progress import make_progress
 
+    check_demo_folder(Path(args.out), args.force)
     with make_progress() as progress:
         bar = progress.add_task("demo-data: scenes", total=args.scenes)
 
@@ -88,7 +104,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raise unknown_stage(args.name)
     config = apply_settings(load_config(args.config), args.set or [])
     per_scene = STAGES[args.name].info.per_scene
-    if args.scene and not per_scene:
+    if args.scene is not None and not per_scene:
         raise ConfigError(f"stage {args.name} runs over all scenes at once; drop --scene")
     dates = scene_for_task(config, args.scene, args.name) if per_scene else None
     reports = run_stages(config, [args.name], dates=dates, force=args.force)
@@ -119,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=480, help="scene size in 10 m pixels (10980 = a full tile)")
     p.add_argument("--tile", default="32TNS", help="Sentinel-2 tile id (default 32TNS)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same data")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty folder (replaces its pipeline-config.yml and demo files)")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("run", help="run the enabled stages locally, in order",
@@ -179,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not a user error: one line, the traceback on request
         if args.debug:
             raise
+        error = output_error(exc, "an output folder") if isinstance(exc, OSError) else None
+        if error is not None:  # a full disk or a read-only folder is the user's to fix, not a bug
+            print(f"error: {error}", file=sys.stderr)
+            return error.exit_code
         print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
               file=sys.stderr)
         return 70

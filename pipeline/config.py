@@ -16,18 +16,21 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.data.layout import Scene, discover_scenes
 from pipeline.data.tiles import is_tile_id
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 
 DATE_KEY = re.compile(r"^\d{8}T\d{6}$")
 DEFAULT_CONFIG = "pipeline-config.yml"
 RUNTIME_KEYS = {"enable", "workers", "on_scene_error"}
+SEED_LIMIT = 2**32  # numpy's legacy seeding and many tools take 32-bit seeds
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 
 
 class Section(BaseModel):
     """Strict: unknown keys and wrong types are errors, never silently coerced."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def _check_dates(dates: list[str]) -> list[str]:
@@ -116,17 +119,25 @@ class Normalisation(Section):
     low_percentile: Annotated[float, Field(gt=0.0, lt=100.0)] = 30.0
     high_percentile: Annotated[float, Field(gt=0.0, lt=100.0)] = 70.0
 
+    @model_validator(mode="after")
+    def _ordered(self) -> Normalisation:
+        """Swapped percentiles would invert every band's contrast without an error."""
+        if self.low_percentile >= self.high_percentile:
+            raise ValueError(f"low_percentile ({self.low_percentile:g}) must be below high_percentile "
+                             f"({self.high_percentile:g}); swap them")
+        return self
+
 
 class Dataset(Section):
     enable: bool = True
     patch_size: Annotated[int, Field(ge=16, le=2048)] = 256
-    patches_per_scene: Annotated[int, Field(ge=1)] = 512
+    patches_per_scene: Annotated[int, Field(ge=1, le=65536)] = 512  # thesis: 8192
     sampling: Literal["uniform", "balanced"] = "balanced"
     split: Literal["scene", "patch"] = "scene"
     validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
     validation_dates: list[str] = []
     include_dem: bool = True
-    seed: int = 42
+    seed: Seed = 42
     on_scene_error: Literal["skip", "fail"] = "fail"
     normalisation: Normalisation = Normalisation()
 
@@ -147,22 +158,22 @@ class Augmentation(Section):
 class Training(Section):
     enable: bool = False
     model: ModelSettings = ModelSettings()
-    epochs: Annotated[int, Field(ge=1)] = 60
-    batch_size: Annotated[int, Field(ge=1)] = 48
-    steps_per_epoch: Annotated[int, Field(ge=0)] = 0  # 0 = every training patch once per epoch
-    learning_rate: Annotated[float, Field(gt=0.0)] = 0.001
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    epochs: Annotated[int, Field(ge=1, le=10000)] = 60
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 48
+    steps_per_epoch: Annotated[int, Field(ge=0, le=1_000_000)] = 0  # 0 = every training patch once per epoch
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 0.001
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     lr_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    lr_patience: Annotated[int, Field(ge=0)] = 1
-    early_stopping_patience: Annotated[int, Field(ge=1)] = 30
-    gradient_clip: Annotated[float, Field(ge=0.0)] = 1.0
+    lr_patience: Annotated[int, Field(ge=0, le=10000)] = 1
+    early_stopping_patience: Annotated[int, Field(ge=1, le=10000)] = 30
+    gradient_clip: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0
     class_weights: Literal["sqrt_inverse_frequency", "inverse_frequency", "none"] = "sqrt_inverse_frequency"
     mixed_precision: bool = True
     augmentation: Augmentation = Augmentation()
     workers: Annotated[int, Field(ge=0, le=64)] = 4
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: Literal["auto", "never"] = "auto"
-    seed: int = 42
+    seed: Seed = 42
 
 
 class Inference(Section):
@@ -170,8 +181,8 @@ class Inference(Section):
     dates: list[str] = []  # [] = the top-level dates
     checkpoint: str = "best"  # best | last | a path (relative to the config file)
     window: Annotated[int, Field(ge=32, le=8192)] = 1024
-    halo: Annotated[int, Field(ge=0, le=1024)] = 64
-    batch_size: Annotated[int, Field(ge=1)] = 4
+    halo: Annotated[int, Field(ge=0, le=1024)] = 64  # at most window / 2
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 4
     tta: bool = False
     save_probabilities: bool = False
     quicklooks: bool = True
@@ -179,6 +190,16 @@ class Inference(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     _dates = field_validator("dates")(_check_dates)
+
+    @model_validator(mode="after")
+    def _halo_fits_window(self) -> Inference:
+        """Each window reads (window + 2 halo)^2 pixels to keep window^2: a large halo multiplies the work."""
+        if 2 * self.halo > self.window:
+            cost = (self.window + 2 * self.halo) ** 2 / self.window**2
+            raise ValueError(f"halo ({self.halo}) must be at most half of window ({self.window}): every window "
+                             f"would read {cost:.0f}x the pixels it predicts; lower inference.halo (64 is "
+                             f"plenty) or raise inference.window")
+        return self
 
 
 class Testing(Section):
@@ -262,6 +283,7 @@ EXPECTED = {
     "list_type": "expected a list",
     "model_type": "expected a mapping of keys",
     "dict_type": "expected a mapping of keys",
+    "finite_number": "expected a finite number",
 }
 
 BOUNDS = {
@@ -295,19 +317,131 @@ def _format_error(error: dict[str, Any]) -> str:
     return f"{path}: {error['msg'].lower()}, got {_describe(error.get('input'))}"
 
 
+def invalid(source: str, problems: list[str]) -> ConfigError:
+    """The one error for a config with problems: a header naming the source, then one line per problem."""
+    lines = "\n  ".join(problems)
+    return ConfigError(f"{source} is invalid ({len(problems)} problem(s)):\n  {lines}")
+
+
 def parse_config(data: Any, base_dir: Path, source: str = DEFAULT_CONFIG) -> PipelineConfig:
     """Validate already-loaded YAML data; raise ConfigError listing every problem."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {_describe(data)}")
     if "base_dir" in data:  # an internal field, not a key of the file
-        raise ConfigError(f"{source} is invalid (1 problem(s)):\n  base_dir: unknown key; valid keys in "
-                          f"the top level: {_valid_keys(PipelineConfig)}")
+        raise invalid(source, [f"base_dir: unknown key; valid keys in the top level: {_valid_keys(PipelineConfig)}"])
     try:
         return PipelineConfig.model_validate({**data, "base_dir": str(base_dir)})
     except ValidationError as exc:
-        problems = [_format_error(error) for error in exc.errors()]
-        lines = "\n  ".join(problems)
-        raise ConfigError(f"{source} is invalid ({len(problems)} problem(s)):\n  {lines}") from None
+        raise invalid(source, [_format_error(error) for error in exc.errors()]) from None
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses what YAML would silently accept or crash on in a config.
+
+    A repeated key (YAML keeps the last one, so a repeated section resets its earlier keys) is collected in
+    `duplicates` with both line numbers; an unquoted calendar date such as 2021-01-11 (PyYAML turns it into
+    a date object, or raises ValueError for 2021-13-45) is a ConfigError naming its line.
+    """
+
+    def __init__(self, text: str, source: str, lines: bool = True, prefix: str = "") -> None:
+        super().__init__(text)
+        self.source = source
+        self.lines = lines
+        self.root_path = prefix  # the key path of the parsed text (a --set key)
+        self.key_paths: dict[int, str] = {}
+        self.duplicates: list[str] = []
+
+    def where(self, node: yaml.Node) -> str:
+        return f"{self.source} line {node.start_mark.line + 1}" if self.lines else self.source
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._name(node, self.root_path, set())
+        return super().construct_document(node)
+
+    def _name(self, node: yaml.Node, path: str, seen: set[int]) -> None:
+        """Remember every node's key path (dataset.seed, dates.0), to name it in messages."""
+        if id(node) in seen:  # an alias: named where it was defined
+            return
+        seen.add(id(node))
+        self.key_paths[id(node)] = path
+        children: list[tuple[str, yaml.Node]] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [(str(key.value), value) for key, value in node.value if isinstance(key, yaml.ScalarNode)]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(str(index), item) for index, item in enumerate(node.value)]
+        for name, child in children:
+            self._name(child, f"{path}.{name}" if path else name, seen)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self._check_duplicates(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _check_duplicates(self, node: yaml.MappingNode) -> None:
+        first_line: dict[Any, int] = {}
+        parent = self.key_paths.get(id(node), "")
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<:` merges may be overridden on purpose
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                path = f"{parent}.{key_node.value}" if parent else str(key_node.value)
+                what = "section" if isinstance(value_node, yaml.MappingNode) else "key"
+                where = f", on lines {first_line[key]} and {line}" if self.lines else ""
+                self.duplicates.append(f"{path}: {what} given twice{where}; YAML would keep only the second, "
+                                       f"so merge them into one")
+            else:
+                first_line[key] = line
+
+    def calendar_date(self, node: yaml.ScalarNode) -> Any:
+        path = self.key_paths.get(id(node)) or "value"
+        try:
+            yaml.SafeLoader.construct_yaml_timestamp(self, node)
+            problem = "reads as a calendar date"
+        except ValueError as exc:
+            problem = f"reads as a calendar date but is not a valid one ({exc})"
+        raise ConfigError(f"{self.where(node)}: {path}: {node.value} {problem}; write scene dates as date keys "
+                          f"like 20210111T102309 (YYYYMMDDTHHMMSS, the sensing time in the product name), and "
+                          f"quote other text (\"{node.value}\")")
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", StrictLoader.calendar_date)
+
+
+def load_yaml(text: str, source: str, lines: bool = True, prefix: str = "") -> Any:
+    """Parse config YAML strictly; every problem is a ConfigError naming `source` (and the line)."""
+    try:
+        loader = StrictLoader(text, source, lines, prefix)  # checks every character at once
+    except yaml.reader.ReaderError as exc:  # a control character: most likely a binary file
+        raise ConfigError(f"{source}: not a text file (character #x{exc.character:04x} at position "
+                          f"{exc.position}); a config is YAML text like the repository's pipeline-config.yml"
+                          ) from None
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark and lines else ""
+        problem = getattr(exc, "problem", None) or str(exc).replace("\n", " ")
+        raise ConfigError(f"{source}{where}: not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise invalid(source, loader.duplicates)
+    return data
+
+
+def read_config_text(config_path: Path) -> str:
+    """The file as text; a binary, non-UTF-8 or unreadable file is one line naming it."""
+    try:
+        raw = config_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}; check its permissions "
+                          f"or pass another path") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at position {exc.start}); "
+                          f"a config is YAML text: save it as UTF-8, or pass the right file") from None
 
 
 def load_config(path: str | Path | None = None) -> PipelineConfig:
@@ -320,13 +454,7 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
             f"config file {config_path} not found: pass its path (snowpipe validate PATH) "
             f"or run `snowpipe demo-data OUT` to create a demo config"
         )
-    try:
-        data = yaml.safe_load(config_path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{config_path}{where}: not valid YAML: {problem}") from None
+    data = load_yaml(read_config_text(config_path), str(config_path))
     if data is None:
         raise ConfigError(f"{config_path} is empty: it needs at least tile_id")
     return parse_config(data, config_path.resolve().parent, source=str(config_path))
@@ -360,14 +488,63 @@ def apply_settings(config: PipelineConfig, settings: list[str]) -> PipelineConfi
         return config
     data = config.model_dump(mode="json")
     for setting in settings:
-        key, sep, raw = setting.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {setting!r}: expected KEY=VALUE, e.g. paths.results=/scratch/results")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"--set {setting!r}: {part!r} is not a section of the config")
-            node = node[part]
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        _apply_setting(data, setting)
     return parse_config(data, Path(config.base_dir), source="the config with --set overrides")
+
+
+def _apply_setting(data: dict[str, Any], setting: str) -> None:
+    """One KEY=VALUE into the config data; a malformed one is a ConfigError naming it."""
+    key, sep, raw = setting.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {setting!r}: expected KEY=VALUE with a dotted key, "
+                          f"e.g. --set paths.results=/scratch/results")
+    node = data
+    *parents, leaf = parts
+    for depth, part in enumerate(parents):
+        if not isinstance(node.get(part), dict):
+            where = ".".join(parents[:depth + 1])
+            kind = "not a key" if part not in node else f"a value ({_describe(node[part])}), not a section"
+            raise ConfigError(f"--set {setting!r}: {where} is {kind} of the config, so it cannot hold "
+                              f"{'.'.join(parts[depth + 1:])}; see pipeline-config.yml for the keys")
+        node = node[part]
+    node[leaf] = load_yaml(raw, f"--set {setting!r}", lines=False, prefix=".".join(parts)) if raw else ""
+
+
+def _available(scenes: dict[str, Scene]) -> str:
+    dates = sorted(scenes)
+    return ", ".join(dates[:6]) + (f" and {len(dates) - 6} more" if len(dates) > 6 else "")
+
+
+def check_scenes(config: PipelineConfig, stages: list[str]) -> list[str]:
+    """What a run would find wrong with the scenes: dates that match no scene, SAFE folders without bands.
+
+    Skipped when the download stage runs (it fetches the scenes) or extracted_data does not exist
+    (check_data_folders names that).
+    """
+    extracted = config.path("extracted_data")
+    if "download" in stages or not extracted.is_dir():
+        return []
+    try:
+        scenes = {scene.date: scene for scene in discover_scenes(extracted, config.tile_id)}
+    except DataError as exc:
+        return [f"paths.extracted_data: {exc}"]
+    lists = {"dates": config.dates, "inference.dates": config.inference.dates,
+             "testing.dates": config.testing.dates, "dataset.validation_dates": config.dataset.validation_dates}
+    problems = []
+    for key, dates in lists.items():
+        unknown = [date for date in dates if date not in scenes]
+        if unknown:
+            problems.append(f"{key}: {', '.join(unknown)} match(es) no scene of tile {config.tile_id} in "
+                            f"{extracted} (available: {_available(scenes)}); fix the date or add the product")
+    outside = sorted(set(config.dataset.validation_dates) & (set(scenes) - set(config.dates or scenes)))
+    if outside:
+        problems.append(f"dataset.validation_dates: {', '.join(outside)} not among dates; add them to dates "
+                        f"or drop them from dataset.validation_dates")
+    wanted = set(config.dates or scenes) | set(config.inference.dates) | set(config.testing.dates)
+    for date in sorted(wanted & set(scenes)):
+        missing = scenes[date].missing_bands
+        if missing:
+            problems.append(f"{scenes[date].safe_dir}: band(s) {', '.join(missing)} missing (expected "
+                            f"*_{missing[0]}.jp2 in GRANULE/*/IMG_DATA); re-extract the product zip")
+    return problems

@@ -1,5 +1,7 @@
 """One error base class: every user-facing failure says what ran, what came back, and the fix."""
 
+import errno
+
 
 class SnowpipeError(Exception):
     """A problem the user can fix (bad config, missing data, unreadable file).
@@ -27,3 +29,28 @@ class SceneError(DataError):
         super().__init__(f"scene {date}: {message}")
         self.date = date
         self.detail = message
+
+
+class OutputError(SnowpipeError):
+    """An output cannot be written: disk full, quota, read-only or forbidden folder (names it and the fix)."""
+
+    exit_code = 74  # EX_IOERR
+
+
+USER_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+
+
+def output_error(exc: OSError, target: object, needed: int | None = None) -> OutputError | None:
+    """The one-line OutputError for an OSError a user can fix (full disk, read-only folder), else None."""
+    reason = USER_ERRNOS.get(exc.errno or 0)
+    if reason is None:
+        return None
+    where = exc.filename or target
+    size = f" ({needed / 1e6:.1f} MB needed)" if needed else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space there or point the config's paths at a larger disk"
+    else:
+        fix = "make the folder writable for you or point the config's paths elsewhere"
+    return OutputError(f"cannot write {where}: {reason}{size}; {fix}")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.config import PipelineConfig, check_data_folders
+from pipeline.config import DATE_KEY, PipelineConfig, check_data_folders
 from pipeline.data.layout import discover_scenes
 from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import say
@@ -68,17 +69,29 @@ def stage_dates(config: PipelineConfig, name: str) -> list[str]:
 
 def scene_for_task(config: PipelineConfig, scene: str | None, name: str) -> list[str] | None:
     """--scene DATE, or the SLURM array task's scene (index into the stage's sorted scenes), or all."""
-    if scene:
+    if scene is not None:  # "" must not mean "every scene"
+        if not DATE_KEY.fullmatch(scene):
+            raise ConfigError(f"--scene {scene!r}: expected a scene date key YYYYMMDDTHHMMSS such as "
+                              f"20210111T102309; leave --scene out to process every scene")
         return [scene]
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     if task is None:
         return None
+    index = array_index(task)
     scenes = discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, name))
-    index = int(task)
-    if not 0 <= index < len(scenes):
+    if index >= len(scenes):
         raise DataError(f"SLURM_ARRAY_TASK_ID={index} but only {len(scenes)} scene(s) exist "
-                        f"(array indices 0-{len(scenes) - 1})")
+                        f"(array indices 0-{len(scenes) - 1}); submit with --array=0-{len(scenes) - 1}")
     return [scenes[index].date]
+
+
+def array_index(task: str) -> int:
+    """SLURM_ARRAY_TASK_ID as an index; anything but a whole number >= 0 is named, not a crash."""
+    if not re.fullmatch(r"[0-9]+", task.strip()):
+        raise SnowpipeError(f"SLURM_ARRAY_TASK_ID={task!r}: expected the array index of this task, a whole "
+                            f"number >= 0 (sbatch --array sets it); unset it to run every scene, or pass "
+                            f"--scene DATE")
+    return int(task)
 
 
 def run_stages(config: PipelineConfig, names: list[str], dates: list[str] | None = None,

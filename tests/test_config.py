@@ -42,6 +42,20 @@ def write(tmp_path: Path, text: str) -> Path:
     ("tile_id: 32TNS\npaths: data\n", "paths: expected a mapping of keys, got 'data'"),
     ("tile_id: 32TNS\nannotation:\n  cloud_detection:\n    resolution: 30\n",
      "annotation.cloud_detection.resolution: expected one of 10, 20 or 60, got 30"),
+    ("tile_id: 32TNS\ndataset:\n  seed: -5\n", "dataset.seed: expected a number >= 0, got -5"),
+    ("tile_id: 32TNS\ntraining:\n  seed: 4294967296\n",
+     "training.seed: expected a number < 4294967296, got 4294967296"),
+    ("tile_id: 32TNS\ntraining:\n  epochs: 100000\n", "training.epochs: expected a number <= 10000, got 100000"),
+    ("tile_id: 32TNS\ndataset:\n  patches_per_scene: 1000000\n",
+     "dataset.patches_per_scene: expected a number <= 65536, got 1000000"),
+    ("tile_id: 32TNS\ninference:\n  batch_size: 1000\n", "inference.batch_size: expected a number <= 256, got 1000"),
+    ("tile_id: 32TNS\ntraining:\n  learning_rate: .inf\n",
+     "training.learning_rate: expected a finite number, got inf"),
+    ("tile_id: 32TNS\ntraining:\n  gradient_clip: .nan\n", "training.gradient_clip: expected a finite number, got nan"),
+    ("tile_id: 32TNS\ndataset:\n  normalisation: {low_percentile: 80, high_percentile: 20}\n",
+     "dataset.normalisation: low_percentile (80) must be below high_percentile (20); swap them"),
+    ("tile_id: 32TNS\ninference:\n  window: 1024\n  halo: 600\n",
+     "inference: halo (600) must be at most half of window (1024)"),
 ])
 def test_each_mistake_is_named_with_its_key_path(tmp_path, text, message):
     with pytest.raises(ConfigError) as error:
@@ -131,3 +145,42 @@ def test_a_frozen_config_is_what_a_batch_job_reads(tmp_path):
     assert reloaded.path("dataset") == original.path("dataset")
     # Completion records stay valid whichever of the two a stage was started with.
     assert reloaded.section_hash("annotation", "dataset") == original.section_hash("annotation", "dataset")
+
+
+NUMBERS = (int, float)
+
+
+def _unbounded(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Numeric keys without both a lower and an upper bound: a value that passes must work in its stage."""
+    found = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found += _unbounded(field.annotation, f"{path}.")
+        elif field.annotation in NUMBERS:
+            kinds = {kind for item in field.metadata for kind in ("ge", "gt", "le", "lt") if hasattr(item, kind)}
+            if not (kinds & {"ge", "gt"} and kinds & {"le", "lt"}):
+                found.append(path)
+    return found
+
+
+def test_every_numeric_key_has_bounds():
+    assert _unbounded(PipelineConfig) == []
+
+
+def test_a_halo_of_half_the_window_is_still_accepted(tmp_path):
+    config = load_config(write(tmp_path, "tile_id: 32TNS\ninference:\n  window: 128\n  halo: 64\n"))
+    assert (config.inference.window, config.inference.halo) == (128, 64)
+
+
+def test_a_repeated_key_names_its_path_and_both_lines(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, "tile_id: 32TNS\ndataset:\n  seed: 1\n  normalisation:\n    low_percentile: 10\n"
+                                    "    low_percentile: 20\n"))
+    assert "dataset.normalisation.low_percentile: key given twice, on lines 5 and 6" in str(error.value)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    config = load_config(write(tmp_path, "tile_id: 32TNS\n"
+                                         "inference: {<<: {window: 256, halo: 8}, halo: 16}\n"))
+    assert (config.inference.window, config.inference.halo) == (256, 16)

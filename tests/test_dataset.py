@@ -13,7 +13,8 @@ from pipeline.data.normalise import Normaliser
 from pipeline.errors import DataError
 from pipeline.stages import dataset
 from pipeline.stages.base import StageFailed
-from tests.builders import band_shape, make_config, write_auxiliary, write_raster, write_scene
+from tests import builders
+from tests.builders import band_shape, write_auxiliary, write_raster, write_scene
 
 SIZE = 120
 DATES = ["20220101T101010", "20220201T101010", "20220301T101010", "20220401T101010"]
@@ -42,6 +43,11 @@ def scenes(tmp_path_factory):
         mask[coverage == 0] = NODATA
         write_mask(root, date, mask, coverage)
     return root
+
+
+def make_config(root, **sections):
+    """The masks here are written by hand, the user's own: annotation is disabled, as it must be for them."""
+    return builders.make_config(root, annotation={"enable": False}, **sections)
 
 
 def settings(**extra):

@@ -6,7 +6,12 @@ One demo scene of 400 px, decoded in strips of 96 rows so that every window span
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -111,3 +116,126 @@ def test_normalising_digital_numbers_through_tables_equals_computing_it(scene):
             assert got.shape == expected.shape == (len(normaliser.channels), SIZE, SIZE)
             assert np.array_equal(got_valid, expected_valid)
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+# --- scratch of killed and interrupted runs -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+KILLED_RUN = """
+import sys
+from pathlib import Path
+from rasterio.windows import Window
+from pipeline.data.decoded import DecodedScene
+from pipeline.data.layout import discover_scenes
+scene = discover_scenes(Path(sys.argv[1]), "32TNS")[0]
+with DecodedScene(scene, "32TNS", scratch=Path(sys.argv[2]), strip=8) as decoded:
+    decoded.read_dn(Window(0, 0, 400, 400))
+print("not killed")
+"""
+
+
+def scratch_folders(scratch: Path) -> set[str]:
+    return {p.name for p in scratch.iterdir() if p.name.startswith("snowpipe-decoded-")}
+
+
+def test_scratch_of_a_run_killed_with_sigkill_is_reclaimed_by_the_next_and_live_owners_keep_theirs(
+        scene, tmp_path, capsys):
+    from pipeline.data.decoded import owner_tag
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(scene.safe_dir.parent), str(scratch)],
+                            env={**os.environ, "SNOWPIPE_KILL_AT": "decoded strip:20"}, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = scratch_folders(scratch)
+    assert sum(f.stat().st_size for f in (scratch / left).iterdir()) > 0, "decoded strips were left behind"
+    host, pid, start = owner_tag().rsplit("-", 2)
+    ours = f"snowpipe-decoded-{scene.date}-{host}-{pid}-{start}-live0000"  # a live owner: this test
+    reused = f"snowpipe-decoded-{scene.date}-{host}-{pid}-{int(start) + 1}-reused00"  # this pid, another process
+    elsewhere = f"snowpipe-decoded-{scene.date}-othernode-{pid}-{start}-shared00"  # another host's, shared TMPDIR
+    legacy = f"snowpipe-decoded-{scene.date}-abc123"  # an older snowpipe's name: owner unknown
+    for name in (ours, reused, elsewhere, legacy):
+        (scratch / name).mkdir()
+        (scratch / name / "B02.u16").write_bytes(b"\0" * 4096)
+    capsys.readouterr()
+    with DecodedScene(scene, TILE, scratch=scratch, strip=96) as decoded:
+        assert scratch_folders(scratch) == {ours, elsewhere, legacy, decoded.folder.name}
+        assert f"-{host}-{pid}-{start}-" in decoded.folder.name
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1, said
+    assert re.fullmatch(rf"freed \d+ [kMG]B of decoded scratch left by 2 killed run\(s\) in {scratch}\n", said)
+    assert scratch_folders(scratch) == {ours, elsewhere, legacy}
+
+
+SLOW_INFER = """
+import sys, time
+import pipeline.data.decoded as decoded
+from pipeline import cli
+
+def slow_strip(point):  # a full tile takes seconds per strip: decoding must still run when SIGTERM comes
+    time.sleep(0.05)
+    if point == "decoded strip" and not hasattr(slow_strip, "told"):
+        slow_strip.told = True
+        print("decoding", file=sys.stderr, flush=True)
+
+decoded.reached = slow_strip
+real_init, real_close = decoded.DecodedScene.__init__, decoded.DecodedScene.close
+decoded.DecodedScene.__init__ = lambda self, *a, **k: real_init(self, *a, **{**k, "strip": 8})
+
+def close(self):
+    real_close(self)
+    print(f"closed with {self.decoded_rows()} of {self.grid.height} rows decoded", file=sys.stderr, flush=True)
+
+decoded.DecodedScene.close = close
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_infer_stops_the_decoding_and_removes_its_scratch(scene, tmp_path):
+    """scancel sends SIGTERM: the CLI unwinds, DecodedScene.close stops the lanes after their strip and deletes
+    the scratch folder, and the process exits 130 within seconds, not after decoding the whole scene."""
+    import time
+
+    import torch
+    import yaml
+
+    from pipeline.bands import BANDS, CLASS_NAMES
+    from pipeline.data.normalise import Normaliser
+    from pipeline.model.checkpoint import save_checkpoint
+    from pipeline.model.unet import ModelSpec, UNet
+
+    torch.manual_seed(0)
+    model = UNet(ModelSpec(in_channels=len(BANDS), classes=len(CLASS_NAMES), base_channels=4, depth=2))
+    reflectances = np.random.default_rng(0).uniform(0.05, 0.5, (len(BANDS), 1000)).astype(np.float32)
+    save_checkpoint(tmp_path / "tiny.pt", {
+        "spec": model.spec.to_dict(), "model": model.state_dict(), "channels": list(BANDS),
+        "classes": list(CLASS_NAMES), "normalisation": Normaliser.fit(reflectances, None).to_dict(), "epoch": 1})
+    config = tmp_path / "pipeline-config.yml"
+    config.write_text(yaml.safe_dump({
+        "tile_id": TILE, "paths": {"extracted_data": str(scene.safe_dir.parent), "results": "results"},
+        "dataset": {"include_dem": False},
+        "inference": {"enable": True, "checkpoint": "tiny.pt", "window": 128, "halo": 16, "batch_size": 2,
+                      "device": "cpu", "quicklooks": False}}))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    job = subprocess.Popen([sys.executable, "-c", SLOW_INFER, "stage", "infer", str(config)], cwd=REPO,
+                           env={**os.environ, "TMPDIR": str(scratch)}, stderr=subprocess.PIPE, text=True)
+    try:
+        assert job.stderr is not None
+        for line in job.stderr:
+            if line.strip() == "decoding":
+                break
+        assert scratch_folders(scratch), "the scene is being decoded into TMPDIR"
+        job.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        rest = job.stderr.read()
+        job.wait(timeout=60)
+    finally:
+        job.kill()
+    assert time.monotonic() - sent < 15, "the lanes stop after their current strip"
+    assert job.returncode == 130 and "interrupted" in rest and "Traceback" not in rest, rest
+    rows = re.search(r"closed with (\d+) of (\d+) rows decoded", rest)
+    assert rows and int(rows[1]) < int(rows[2]), rest
+    assert not scratch_folders(scratch), "the decoded scratch is gone"
+    assert not (tmp_path / "results" / "predictions" / scene.date / "mask.tif").exists()

@@ -113,7 +113,11 @@ def prediction_a() -> np.ndarray:
 
 
 def write_prediction(config, date: str, mask: np.ndarray) -> None:
-    write_raster(config.path("results") / "predictions" / date / "mask.tif", mask, 10, nodata=N)
+    """A prediction as the infer stage leaves it: mask.tif and its completion record."""
+    folder = config.path("results") / "predictions" / date
+    write_raster(folder / "mask.tif", mask, 10, nodata=N)
+    records.write_record(folder, records.RecordKey("infer", f"made by hand {mask.sum()}",
+                                                   config.section_hash("inference")), ["mask.tif"])
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +221,28 @@ def test_a_complete_test_is_skipped_until_forced_or_a_prediction_changes(config)
     assert evaluate.run(config, force=True).count("done") == 2
     prediction = config.path("results") / "predictions" / DATE_A / "mask.tif"
     stamp = prediction.stat().st_mtime_ns + 10**9
-    os.utime(prediction, ns=(stamp, stamp))
+    os.utime(prediction, ns=(stamp, stamp))  # touched or copied, not changed: still complete
+    assert evaluate.run(config).count("skipped") == 2
+    write_prediction(config, DATE_A, np.zeros((SIZE, SIZE), np.uint8))  # infer ran again with another result
     assert evaluate.run(config).count("done") == 2
+
+
+def test_a_prediction_without_its_infer_record_is_not_scored(config):
+    """A failed or interrupted infer (or a stale copy) leaves mask.tif without a matching record."""
+    folder = config.path("results") / "predictions" / DATE_B
+    (folder / records.RECORD_NAME).unlink()
+    with pytest.raises(StageFailed) as failure:
+        evaluate.run(config)
+    assert "not the infer stage's complete output" in str(failure.value) and DATE_B in str(failure.value)
+    metrics = json.loads((config.path("results") / "testing" / "metrics.json").read_text())
+    assert list(metrics["scenes"]) == [DATE_A] and DATE_B in metrics["failed"]
+
+
+def test_a_prediction_changed_after_its_record_is_not_scored(config):
+    folder = config.path("results") / "predictions" / DATE_B
+    write_raster(folder / "mask.tif", np.zeros((SIZE + 3, SIZE), np.uint8), 10, nodata=N)  # other size
+    with pytest.raises(StageFailed, match="not the infer stage's complete output"):
+        evaluate.run(config)
 
 
 def test_testing_dates_fall_back_to_inference_then_top_level_dates(scenes):

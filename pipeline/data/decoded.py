@@ -12,12 +12,20 @@ so inference starts after the first strip and overlaps the decoding of the rest.
 Memory: about one strip per lane. The decoded bands live on disk, 26 bytes per pixel (3.1 GB for a
 full 10980 px tile), in a scratch folder (TMPDIR: node-local and private in a batch job) that is
 deleted on close. Windows are read with pread, so the scratch files never count as resident memory.
+
+Scratch left by a killed run (kill -9, OOM killer, node crash) is reclaimed: the folder's name says who
+owns it (`snowpipe-decoded-{date}-{host}-{pid}-{start}-{random}`, start = the process start time from
+/proc, so a reused pid is not mistaken for the owner), and every new DecodedScene removes the folders in
+its scratch dir whose owner on this host is dead, saying how much it freed. Folders of other hosts (a
+shared scratch dir) and of live processes are never touched.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -29,8 +37,94 @@ from pipeline.bands import BAND_RESOLUTION, BANDS
 from pipeline.data.layout import Scene
 from pipeline.data.reader import SceneReader
 from pipeline.errors import SceneError
+from pipeline.faults import reached
+from pipeline.progress import say
 
 DN = np.dtype(np.uint16)
+PREFIX = "snowpipe-decoded-"
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks after boot) of a Linux process; None without /proc or such a process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _host() -> str:
+    """This host's name as it appears in scratch folder names (no '-' splitting trouble: only the last
+    three '-'-separated fields of a name are parsed, and no field after the host holds a '-')."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "localhost"
+
+
+def owner_tag() -> str:
+    """'{host}-{pid}-{start}' of this process (start 0 where /proc is missing)."""
+    stat = _proc_stat(os.getpid())
+    return f"{_host()}-{os.getpid()}-{stat[1] if stat else 0}"
+
+
+def _owner_alive(pid: int, start: int) -> bool:
+    """Whether the process that named a folder still runs on this host (pid alive and, where known, started
+    when the folder's owner did: a new process that reuses the pid is not the owner)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc (macOS): the pid alone decides
+    state, started = stat
+    return state not in ("Z", "X") and (start == 0 or started == start)
+
+
+def _size_on_disk(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _human(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+
+
+def reclaim_scratch(scratch: Path | None = None) -> tuple[int, int]:
+    """Remove the decoded scratch folders in `scratch` (TMPDIR by default) whose owner on this host is dead,
+    say in one line how much that freed, and return (folders, bytes) removed."""
+    folder = Path(scratch) if scratch is not None else Path(tempfile.gettempdir())
+    host = _host()
+    removed, freed = 0, 0
+    try:
+        candidates = [path for path in folder.iterdir() if path.name.startswith(PREFIX)]
+    except OSError:
+        return 0, 0
+    for path in candidates:
+        parts = path.name[len(PREFIX):].rsplit("-", 3)  # {date}-{host}, pid, start, random
+        if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+            continue  # not ours to judge (an older snowpipe's name, or someone else's)
+        named = re.fullmatch(r"\d{8}T\d{6}-(.+)", parts[0])
+        if named is None or named[1] != host or not path.is_dir() or path.is_symlink():
+            continue  # another host's folder, in a scratch dir shared between nodes
+        if _owner_alive(int(parts[1]), int(parts[2])):
+            continue
+        size = _size_on_disk(path)
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed, freed = removed + 1, freed + size
+    if removed:
+        say(f"freed {_human(freed)} of decoded scratch left by {removed} killed run(s) in {folder}")
+    return removed, freed
 
 
 class DecodedScene:
@@ -38,31 +132,35 @@ class DecodedScene:
 
     def __init__(self, scene: Scene, tile: str, scratch: Path | None = None, strip: int | None = None) -> None:
         self.scene, self.tile = scene, tile
-        with SceneReader(scene, tile) as reader:  # missing bands, wrong CRS: fail here, in the caller
+        with SceneReader(scene, tile) as reader:  # missing bands, wrong CRS or grid: fail here, in the caller
             self.grid = reader.grid
             # One tile row per strip; striped GeoTIFFs (1-row blocks) get 256-row strips, huge tiles 2048.
             self.strip = strip or min(max(reader.block_height(), 256), 2048)
-        self.folder = Path(tempfile.mkdtemp(prefix=f"snowpipe-decoded-{scene.date}-", dir=scratch))
+        reclaim_scratch(scratch)
         self._rows = dict.fromkeys(BANDS, 0)
         self._error: BaseException | None = None
         self._closed = False
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._fds: dict[str, int] = {}
+        self._lanes: list[threading.Thread] = []
         try:
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{scene.date}-{owner_tag()}-", dir=scratch))
+        except OSError as exc:
+            raise SceneError(scene.date, self._no_scratch(scratch or tempfile.gettempdir(), exc)) from None
+        try:  # also on KeyboardInterrupt (SIGTERM from scancel): no scratch outlives a failed start
             for band in BANDS:
                 path = self.folder / f"{band}.u16"
                 path.touch()
                 self._fds[band] = os.open(path, os.O_RDONLY)
+            # Finest bands first: they are the longest lanes.
+            for band in sorted(BANDS, key=lambda band: BAND_RESOLUTION[band]):
+                lane = threading.Thread(target=self._lane, args=(band,), name=f"decode-{band}", daemon=True)
+                self._lanes.append(lane)
+                lane.start()
         except BaseException:
             self.close()
             raise
-        # Finest bands first: they are the longest lanes.
-        order = sorted(BANDS, key=lambda band: BAND_RESOLUTION[band])
-        self._lanes = [threading.Thread(target=self._lane, args=(band,), name=f"decode-{band}", daemon=True)
-                       for band in order]
-        for lane in self._lanes:
-            lane.start()
 
     def _lane(self, band: str) -> None:
         height, width = self.grid.height, self.grid.width
@@ -78,13 +176,9 @@ class DecodedScene:
                     with self._changed:
                         self._rows[band] = row + rows
                         self._changed.notify_all()
+                    reached("decoded strip")
         except OSError as exc:
-            needed = len(BANDS) * DN.itemsize * height * width
-            size = f"{needed / 1e9:.1f} GB" if needed >= 1e9 else f"{needed / 1e6:.0f} MB"
-            error: BaseException = SceneError(
-                self.scene.date,
-                f"cannot write the decoded band {band} to {self.folder}: {exc.strerror} (the scene needs {size} "
-                f"of scratch space: point TMPDIR to a larger folder, or set inference.decode_once: false)")
+            error: BaseException = SceneError(self.scene.date, self._no_scratch(self.folder, exc, band))
             with self._changed:
                 self._error = error
                 self._changed.notify_all()
@@ -92,6 +186,12 @@ class DecodedScene:
             with self._changed:
                 self._error = exc
                 self._changed.notify_all()
+
+    def _no_scratch(self, folder: object, exc: OSError, band: str | None = None) -> str:
+        needed = len(BANDS) * DN.itemsize * self.grid.height * self.grid.width
+        what = f"write the decoded band {band} to" if band else "create the decoded scratch folder in"
+        return (f"cannot {what} {folder}: {exc.strerror or exc} (the scene needs {_human(needed)} of scratch "
+                f"space: point TMPDIR to a larger, writable folder, or set inference.decode_once: false)")
 
     def decoded_rows(self) -> int:
         """Rows of the scene that every band has decoded so far."""
@@ -124,17 +224,24 @@ class DecodedScene:
         return out
 
     def close(self) -> None:
-        """Stop the lanes (after their current strip), then delete the scratch files."""
+        """Stop the lanes (after their current strip), then delete the scratch files.
+
+        The files go even when the wait for the lanes is interrupted (a second SIGTERM): a lane still
+        writing then writes to an unlinked file, whose space the system frees when the lane ends.
+        """
         self._stop.set()
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-        for lane in getattr(self, "_lanes", []):
-            lane.join()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            for lane in self._lanes:
+                if lane is not threading.current_thread():
+                    lane.join()
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> DecodedScene:
         return self

@@ -24,6 +24,13 @@ class Grid:
     def resolution(self) -> float:
         return abs(self.transform.a)
 
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) of a north-up grid, as rasterio's dataset.bounds."""
+        left, top = self.transform @ (0, 0)
+        right, bottom = self.transform @ (self.width, self.height)
+        return (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
+
     def scaled(self, factor: int) -> Grid:
         """The grid with pixels `factor` times larger; it covers the scene (the last pixel may overhang)."""
         if factor == 1:

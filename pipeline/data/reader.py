@@ -6,10 +6,16 @@ edge and 60 m bands show no 6-pixel blocks; categorical layers (lakes, surface w
 ExoLabs) use *nearest*; the DEM uses bilinear. Reading a coarser grid (cloud detection at 20 or 60 m)
 uses *average*. Each band file is opened once per scene and read window by window through a
 WarpedVRT, so memory depends on the window, never on the size of the scene.
+
+Grid checks (metadata only, when a file is opened): every band must lie on the scene's grid (the 10 m grid
+of B02) at its nominal resolution, and every auxiliary layer and ExoLabs raster must cover the scene.
+A file that does not is a SceneError naming it, what it covers and what the scene needs: read through a
+WarpedVRT it would silently give no data (coverage 0-39 %) where it falls short.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -17,11 +23,12 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioError
+from rasterio.errors import CRSError, RasterioError
 from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from pipeline.bands import BANDS
+from pipeline.bands import BAND_RESOLUTION, BANDS
 from pipeline.data.grid import Grid
 from pipeline.data.layout import Auxiliary, Scene
 from pipeline.data.normalise import reflectance
@@ -33,6 +40,29 @@ WARP_MEMORY_MB = 128
 # GDAL's block cache keeps decoded JPEG 2000 tiles for the next window or strip that needs them. rasterio
 # passes an integer GDAL_CACHEMAX to GDALSetCacheMax64, which counts bytes (256 alone meant 256 bytes).
 BLOCK_CACHE_BYTES = 256 * 2**20
+# A band's pixel size may differ this much (relative) from its nominal 10 / 20 / 60 m.
+RESOLUTION_TOLERANCE = 1e-3
+Bounds = tuple[float, float, float, float]  # left, bottom, right, top
+
+
+def _extent(bounds: Bounds) -> str:
+    left, bottom, right, top = bounds
+    return f"x {left:.0f}..{right:.0f}, y {bottom:.0f}..{top:.0f}"
+
+
+def _pixels(source: rasterio.DatasetReader) -> str:
+    """'5490 x 5490 px of 20 m' (or of 0.0003 deg in a geographic CRS)."""
+    xres, yres = source.res
+    unit = " deg" if source.crs is not None and source.crs.is_geographic else " m"
+    size = f"{xres:.6g}{unit}" if math.isclose(xres, yres, rel_tol=1e-6) else f"{xres:.6g} x {yres:.6g}{unit}"
+    return f"{source.width} x {source.height} px of {size}"
+
+
+def _overlap(a: Bounds, b: Bounds) -> float:
+    """The share of `b`'s area that `a` covers."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return width * height / max((b[2] - b[0]) * (b[3] - b[1]), 1e-9)
 
 
 class SceneReader:
@@ -40,6 +70,7 @@ class SceneReader:
 
     def __init__(self, scene: Scene, tile: str, auxiliary: Auxiliary | None = None) -> None:
         self.scene = scene
+        self.tile = tile
         self.auxiliary = auxiliary
         self._stack = ExitStack()
         self._sources: dict[str, rasterio.DatasetReader] = {}
@@ -68,6 +99,39 @@ class SceneReader:
                     f"{Path(source.name).name} is in {source.crs}, but tile {tile} is in {expected}: "
                     f"this file belongs to another tile or was reprojected; re-extract the product",
                 )
+        for band in sorted(BANDS, key=lambda band: band != "B02"):  # B02 first: it defines the grid
+            problem = self._off_grid(band, self._sources[band])
+            if problem:
+                self.close()
+                raise SceneError(scene.date, f"{problem}; re-extract the product zip")
+
+    def _scene_extent(self) -> str:
+        grid = self.grid
+        return f"{_extent(grid.bounds)} ({grid.width} x {grid.height} px of {grid.resolution:g} m)"
+
+    def _off_grid(self, band: str, source: rasterio.DatasetReader) -> str | None:
+        """Why a band file does not lie on the scene's grid at its nominal resolution (None: it does).
+
+        Sentinel-2 band grids share the tile's upper-left corner; a band whose pixels do not divide the
+        scene's extent (demo and test scenes of any size) may overhang its far edges by less than a pixel.
+        """
+        nominal = BAND_RESOLUTION[band]
+        xres, yres = source.res
+        path = source.name
+        rotated = source.transform.b != 0 or source.transform.d != 0
+        if rotated or max(abs(xres - nominal), abs(yres - nominal)) > RESOLUTION_TOLERANCE * nominal:
+            return (f"{path} has {_pixels(source)}, but {band} is a {nominal} m band (the scene's grid, from B02, "
+                    f"is {self._scene_extent()}): the file was resampled or comes from another product")
+        left, bottom, right, top = source.bounds
+        g_left, g_bottom, g_right, g_top = self.grid.bounds
+        half, below_one = nominal / 2, nominal * (1 - 1e-6)
+        if (abs(left - g_left) <= half and abs(top - g_top) <= half
+                and -half <= right - g_right < below_one and -half <= g_bottom - bottom < below_one):
+            return None
+        needed = (math.ceil((g_right - g_left) / nominal - 1e-6), math.ceil((g_top - g_bottom) / nominal - 1e-6))
+        return (f"{path} covers {_extent(source.bounds)} ({_pixels(source)}), but the scene's grid (B02) covers "
+                f"{self._scene_extent()}, so {band} needs {needed[0]} x {needed[1]} px of {nominal} m there: "
+                f"the file was cropped or comes from another tile or product")
 
     def _open(self, path: Path) -> rasterio.DatasetReader:
         try:
@@ -185,13 +249,58 @@ class SceneReader:
                     f"(add it, or set annotation.exolabs_snow: false)",
                 )
         else:
-            if self.auxiliary is None:
-                raise DataError("no auxiliary data given to the reader")
-            path = self.auxiliary.path(name)
-        if name not in self._sources:
-            self._sources[name] = self._open(path)
-        source = self._sources[name]
-        if source.crs is None:
-            raise SceneError(self.scene.date, f"{path} has no coordinate reference system")
+            path = self._auxiliary_path(name)
+        source = self._open_layer(name, path)
         resampling = Resampling.nearest if name in CATEGORICAL else Resampling.bilinear
         return self._read(self._view(name, source, factor, resampling, source.nodata), window, str(path))
+
+    def _auxiliary_path(self, name: str) -> Path:
+        if self.auxiliary is None:
+            raise DataError("no auxiliary data given to the reader")
+        return self.auxiliary.path(name)
+
+    def check_layers(self, *names: str) -> None:
+        """Open and check layers now (instead of at their first read), so that a stage fails before writing."""
+        for name in names:
+            path = self.scene.exolabs if name == "exolabs" else self._auxiliary_path(name)
+            if path is not None:
+                self._open_layer(name, path)
+
+    def _open_layer(self, name: str, path: Path) -> rasterio.DatasetReader:
+        """Open an auxiliary layer or ExoLabs raster once, checking that it covers the scene."""
+        if name not in self._sources:
+            source = self._open(path)  # closed with the reader, also when the check below fails
+            self._check_covers(name, path, source)
+            self._sources[name] = source
+        return self._sources[name]
+
+    def _check_covers(self, name: str, path: Path, source: rasterio.DatasetReader) -> None:
+        """The raster covers the scene's extent (in the scene's CRS), give or take one of its own pixels."""
+        date = self.scene.date
+        if source.crs is None:
+            raise SceneError(date, f"{path} has no coordinate reference system (re-download it)")
+        bounds: Bounds = tuple(source.bounds)  # type: ignore[assignment]
+        where = ""
+        if source.crs != self.grid.crs:
+            try:
+                bounds = transform_bounds(source.crs, self.grid.crs, *bounds, densify_pts=21)
+            except (CRSError, RasterioError, ValueError) as exc:
+                raise SceneError(date, f"cannot place {path} ({source.crs}) on the scene's grid in "
+                                       f"{self.grid.crs}: {exc} (re-download it)") from None
+            where = f" (from {source.crs})"
+        left, bottom, right, top = bounds
+        x_pixel, y_pixel = (right - left) / max(source.width, 1), (top - bottom) / max(source.height, 1)
+        g_left, g_bottom, g_right, g_top = self.grid.bounds
+        if (left <= g_left + x_pixel and bottom <= g_bottom + y_pixel
+                and right >= g_right - x_pixel and top >= g_top - y_pixel):
+            return
+        if name == "exolabs":
+            fix = f"re-download the ExoLabs classification of {self.scene.day} for tile {self.tile}"
+        else:
+            fix = f"re-download the auxiliary data of tile {self.tile}"
+        share = _overlap(bounds, self.grid.bounds)
+        raise SceneError(
+            date,
+            f"{path} covers {_extent(bounds)}{where} ({_pixels(source)}), only {share:.0%} of the scene's "
+            f"{self._scene_extent()}: the file was cropped or comes from another tile; {fix}",
+        )

@@ -1,20 +1,38 @@
-"""Atomic outputs: write to a temporary name beside the target, rename only when complete.
+"""Atomic outputs: write to a temporary name beside the target, rename only when complete and checked.
 
-A crash, a SLURM time-out or Ctrl-C therefore never leaves a file that looks finished.
+A crash, a SLURM time-out or Ctrl-C therefore never leaves a file that looks finished, and a write that
+fails (a full disk, a quota, a folder that turned read-only) publishes nothing: the temporary file is
+removed, the previous file (if any) is kept, and the user gets one `OutputError` line naming the file
+and the fix. GDAL reports many write failures only as log messages (a GeoTIFF's blocks are often
+flushed when the dataset is closed, and a failed flush does not raise), so rasters are written with
+GDAL's errors collected and are re-opened and read back before they are renamed.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
+import threading
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.lib.format as npy_format
 import rasterio
+from rasterio.enums import Interleaving
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+from pipeline import faults
+from pipeline.errors import OutputError, SnowpipeError, output_error
 
 
 def _current_umask() -> int:
@@ -25,49 +43,418 @@ def _current_umask() -> int:
 
 # mkstemp creates files readable by the owner only; finished outputs get the usual permissions.
 FILE_MODE = 0o666 & ~_current_umask()
+# When a write fails for a reason that is not an OSError (GDAL, torch), a probe of this size tells
+# whether the folder is full (or read-only) before the temporary file is removed.
+PROBE_BYTES = 1 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND\xaeB`\x82"
+
+
+def _user_error(exc: OSError, target: Path, needed: int | None = None) -> OutputError | None:
+    """`output_error` naming the final target, never the temporary file the OSError may carry."""
+    return output_error(OSError(exc.errno, exc.strerror), target, needed)
+
+
+def _about_this_output(exc: OSError, target: Path, tmp: Path | None) -> bool:
+    """True when the OSError concerns the output (its folder, temporary or name), not an input read."""
+    if exc.filename is None:
+        return True
+    return Path(os.fsdecode(exc.filename)) in {target, target.parent, tmp}
+
+
+def space_error(target: Path, probe_bytes: int = PROBE_BYTES, needed: int | None = None) -> OutputError | None:
+    """The OutputError when `target`'s folder cannot take `probe_bytes` more (full, quota, read-only), else None.
+
+    Call it while the failed temporary file still exists, so the folder is as full as when the write failed.
+    """
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".snowpipe-space-probe.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        return _user_error(exc, target, needed)
+    try:
+        os.posix_fallocate(fd, 0, max(1, probe_bytes))
+    except OSError as exc:
+        return _user_error(exc, target, needed)
+    finally:
+        os.close(fd)
+        with suppress(OSError):
+            os.unlink(probe)
+    return None
 
 
 @contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it replaces the target."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+def atomic_path(target: Path, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success it replaces the target.
+
+    A write error publishes nothing: the temporary file is removed, the previous target is untouched,
+    and a full disk, quota or read-only folder becomes one OutputError line (with `needed` bytes when
+    known). Other failures of the block are re-raised unchanged, unless the folder then turns out to be
+    full (a library such as torch reports a full disk as its own error type).
+    """
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, target)
+        tmp = None
+        faults.reached(f"published {target.name}")
+    except SnowpipeError:
+        raise
+    except OSError as exc:
+        error = _user_error(exc, target, needed) if _about_this_output(exc, target, tmp) else None
+        if error is None and tmp is not None:
+            error = space_error(target, needed or PROBE_BYTES, needed)
+        if error is None:
+            raise
+        raise error from exc
+    except Exception as exc:
+        error = space_error(target, needed or PROBE_BYTES, needed) if tmp is not None else None
+        if error is None:
+            raise
+        raise error from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+
+class _GdalErrorLog(logging.Handler):
+    """Collects, per thread, the GDAL errors that rasterio logs (it raises for only some of them).
+
+    rasterio sends a GDAL failure (CE_Failure) to Python logging at INFO level ("GDAL signalled an
+    error"); while anything listens, those loggers are set to pass INFO, and the previous level is
+    restored when the last listener leaves.
+    """
+
+    LOGGERS = ("rasterio._env", "rasterio._err", "rasterio._io", "rasterio._base")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self._local = threading.local()
+        self._guard = threading.Lock()
+        self._listeners = 0
+        self._levels: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sinks = getattr(self._local, "sinks", None)
+        if not sinks:
+            return
+        if record.levelno < logging.ERROR and not str(record.msg).startswith("GDAL signalled an error"):
+            return
+        args = record.args
+        message = str(args[1]) if isinstance(args, tuple) and len(args) == 2 else record.getMessage()
+        for sink in sinks:
+            sink.append(message)
+
+    @contextmanager
+    def listening(self) -> Iterator[None]:
+        with self._guard:
+            if self._listeners == 0:
+                for name in self.LOGGERS:
+                    logger = logging.getLogger(name)
+                    self._levels[name] = logger.level
+                    if not logger.isEnabledFor(logging.INFO):
+                        logger.setLevel(logging.INFO)
+                    logger.addHandler(self)
+            self._listeners += 1
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._listeners -= 1
+                if self._listeners == 0:
+                    for name in self.LOGGERS:
+                        logger = logging.getLogger(name)
+                        logger.removeHandler(self)
+                        logger.setLevel(self._levels.pop(name, logging.NOTSET))
+
+    @contextmanager
+    def into(self, sink: list[str]) -> Iterator[list[str]]:
+        """GDAL errors of this thread go to `sink` inside the block (call within `listening`)."""
+        sinks = self._local.__dict__.setdefault("sinks", [])
+        sinks.append(sink)
+        try:
+            yield sink
+        finally:
+            for i in range(len(sinks) - 1, -1, -1):
+                if sinks[i] is sink:
+                    del sinks[i]
+                    break
+
+
+_GDAL_ERRORS = _GdalErrorLog()
+
+
+def _is_gdal_failure(exc: BaseException) -> bool:
+    return isinstance(exc, (RasterioError, OSError)) or type(exc).__module__.startswith("rasterio._")
+
+
+class CheckedDataset:
+    """The open rasterio dataset of `atomic_raster`: each call to it runs with GDAL's errors collected,
+    and the first error stops the write at once (the disk is not filled further) with an OutputError
+    decided while the temporary file still holds its space."""
+
+    def __init__(self, dataset: rasterio.io.DatasetWriter, errors: list[str], target: Path,
+                 profile: dict[str, Any]) -> None:
+        object.__setattr__(self, "_dataset", dataset)
+        object.__setattr__(self, "_errors", errors)
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_profile", profile)
+
+    def _checked(self, call, *args, **kwargs):
+        before = len(self._errors)
+        with _GDAL_ERRORS.into(self._errors):
+            try:
+                result = call(*args, **kwargs)
+            except Exception as exc:
+                if _is_gdal_failure(exc) or len(self._errors) > before:
+                    detail = "; ".join(self._errors[before:]) or str(exc)
+                    raise _write_failure(self._target, self._profile, detail) from exc
+                raise
+        if len(self._errors) > before:
+            raise _write_failure(self._target, self._profile, "; ".join(self._errors[before:]))
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._dataset, name)
+        if not callable(value):
+            return value
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            return self._checked(value, *args, **kwargs)
+
+        return checked
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._checked(setattr, self._dataset, name, value)
+
+
+def _uncompressed_bytes(profile: dict[str, Any]) -> tuple[int, int]:
+    """(whole raster, one block) in bytes, uncompressed: what a write may need at most."""
+    width, height = int(profile["width"]), int(profile["height"])
+    pixel = int(profile.get("count", 1)) * np.dtype(profile["dtype"]).itemsize
+    if profile.get("tiled"):
+        block = int(profile.get("blockxsize", 256)) * int(profile.get("blockysize", 256))
+    else:
+        block = width * min(height, 256)
+    return width * height * pixel, block * pixel
+
+
+def _verify_raster(path: Path, profile: dict[str, Any]) -> str | None:
+    """Why the closed raster at `path` is not what was written (None when it reads back): it must open,
+    have the size, bands and type written, every GeoTIFF block must lie inside the file, and its last
+    block (in the grid and in the file) must decode."""
+    expected = (int(profile["width"]), int(profile["height"]), int(profile.get("count", 1)),
+                np.dtype(profile["dtype"]).name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                found = (ds.width, ds.height, ds.count, ds.dtypes[0])
+                if found != expected or len(set(ds.dtypes)) != 1:
+                    return (f"it reads back as {ds.width}x{ds.height} px, {ds.count} band(s) of {ds.dtypes[0]}, "
+                            f"not {expected[0]}x{expected[1]} px, {expected[2]} band(s) of {expected[3]}")
+                rows = math.ceil(ds.height / ds.block_shapes[0][0])
+                cols = math.ceil(ds.width / ds.block_shapes[0][1])
+                reads = [(None, ds.block_window(1, rows - 1, cols - 1))]
+                if ds.driver == "GTiff":
+                    problem, last = _check_blocks(ds, path.stat().st_size, rows, cols,
+                                                  sparse=bool(profile.get("sparse_ok")))
+                    if problem:
+                        return problem
+                    if last is not None:
+                        reads.append(last)
+                for band, window in reads:
+                    ds.read(band, window=window)
+    except Exception as exc:  # any failure to read back is a reason not to publish
+        return f"it does not read back ({exc})"
+    return None
+
+
+def _check_blocks(ds, file_size: int, rows: int, cols: int, sparse: bool):
+    """(problem or None, (band, window) of the block stored last in the file) from the TIFF block table."""
+    bands = range(1, ds.count + 1) if ds.count > 1 and ds.interleaving == Interleaving.band else [1]
+    last, last_end = None, -1
+    for band in bands:
+        for row in range(rows):
+            for col in range(cols):
+                offset = ds.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=band)
+                if offset is None:  # this GDAL does not report block offsets
+                    return None, last
+                size = int(ds.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=band) or 0)
+                if int(offset) == 0 or size == 0:
+                    if sparse:
+                        continue
+                    return f"block {row},{col} of band {band} was never written", None
+                end = int(offset) + size
+                if end > file_size:
+                    return f"the file ends at byte {file_size}, before block {row},{col} (up to byte {end})", None
+                if end > last_end:
+                    last_end = end
+                    last = (band if len(bands) > 1 else None, ds.block_window(band, row, col))
+    return None, last
+
+
+def _write_failure(target: Path, profile: dict[str, Any], detail: str) -> OutputError:
+    """The error for a raster that failed: a full or read-only folder if the probe says so, else GDAL's words."""
+    total, block = _uncompressed_bytes(profile)
+    error = space_error(target, min(max(block, PROBE_BYTES), total + 65536))
+    if error is not None:
+        return error
+    return OutputError(f"cannot write {target}: {detail}; nothing was published "
+                       f"(a previous {target.name}, if any, is kept)")
 
 
 @contextmanager
-def atomic_raster(target: Path, profile: dict[str, Any]) -> Iterator[rasterio.io.DatasetWriter]:
-    """Open a GeoTIFF for writing (window by window); it appears under its name only when closed cleanly."""
-    with atomic_path(target) as tmp:
-        with rasterio.open(tmp, "w", **profile) as dataset:
-            yield dataset
+def atomic_raster(target: Path, profile: dict[str, Any]) -> Iterator[CheckedDataset]:
+    """Open a raster for writing (window by window); it appears under its name only when it closed without
+    a GDAL error and reads back as written. Any failure removes the temporary file and raises
+    (OutputError: one line naming the file, and for a full or read-only folder the fix)."""
+    errors: list[str] = []
+    with atomic_path(target) as tmp, _GDAL_ERRORS.listening():
+        sidecar = tmp.with_name(tmp.name + ".aux.xml")
+        try:
+            try:
+                with _GDAL_ERRORS.into(errors):
+                    dataset = rasterio.open(tmp, "w", **profile)
+            except Exception as exc:
+                if not _is_gdal_failure(exc):
+                    raise
+                raise _write_failure(target, profile, "; ".join(errors) or str(exc)) from exc
+            try:
+                yield CheckedDataset(dataset, errors, target, profile)
+            except BaseException:
+                with _GDAL_ERRORS.into([]), rasterio.Env(), suppress(Exception):
+                    dataset.close()
+                raise
+            with _GDAL_ERRORS.into(errors), rasterio.Env():  # the Env routes close's errors to logging
+                try:
+                    dataset.close()
+                except Exception as exc:
+                    errors.append(str(exc))
+            if errors:
+                raise _write_failure(target, profile, "; ".join(errors))
+            problem = _verify_raster(tmp, profile)
+            if problem:
+                raise _write_failure(target, profile, problem)
+        finally:
+            sidecar.unlink(missing_ok=True)
+
+
+def check_png(path: Path, target: Path) -> None:
+    """Raise OutputError unless `path` holds a whole PNG (signature first, end chunk last)."""
+    size = path.stat().st_size
+    with path.open("rb") as png:
+        head = png.read(len(PNG_SIGNATURE))
+        png.seek(max(0, size - len(PNG_END)))
+        tail = png.read()
+    if head != PNG_SIGNATURE or tail != PNG_END:
+        raise space_error(target) or OutputError(
+            f"cannot write {target}: the image came out incomplete ({size} bytes); nothing was published")
+
+
+def allocate_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy file of `shape` and `dtype`, its whole size reserved on disk, mapped for writing.
+
+    Unlike `numpy.lib.format.open_memmap` (a sparse file that dies of SIGBUS when the disk fills while
+    the map is written), a disk without room is an OutputError naming the file and the MB needed, and
+    no file is left. Filesystems that cannot reserve space get today's sparse file.
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in shape)
+    header = {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    buffer = _npy_header(header)
+    total = len(buffer) + dtype.itemsize * math.prod(shape)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    except OSError as exc:
+        error = _user_error(exc, path, total)
+        if error is None:
+            raise
+        raise error from exc
+    try:
+        view = memoryview(buffer)
+        while view:
+            view = view[os.write(fd, view):]
+        try:
+            os.posix_fallocate(fd, 0, total)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            os.ftruncate(fd, total)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        error = _user_error(exc, path, total)
+        if error is None:
+            raise
+        raise error from exc
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return np.memmap(path, dtype=dtype, mode="r+", offset=len(buffer), shape=shape, order="C")
+
+
+def _npy_header(header: dict[str, Any]) -> bytes:
+    out = io.BytesIO()
+    try:
+        npy_format.write_array_header_1_0(out, header)
+    except ValueError:  # more than 65535 bytes of header: format 2.0
+        out = io.BytesIO()
+        npy_format.write_array_header_2_0(out, header)
+    return out.getvalue()
 
 
 def swap_folder(new: Path, target: Path) -> None:
     """Put a finished folder in place of `target`: the old one is moved aside and removed only afterwards,
-    so a crash leaves either the old complete folder or the new one, never a mix."""
+    so a crash leaves either the old complete folder or the new one, never a mix. If the swap fails (a
+    read-only mount, another filesystem), the old folder is put back and `new` is left as it was."""
     old = target.with_name(f".{target.name}.old.tmp")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
+    try:
+        shutil.rmtree(old, ignore_errors=True)
+        moved = False
+        if target.exists():
+            target.rename(old)
+            moved = True
+        try:
+            new.rename(target)
+        except BaseException:
+            if moved:
+                old.rename(target)
+            raise
+    except OSError as exc:
+        error = _user_error(exc, target)
+        if error is None:
+            raise
+        raise error from exc
+    faults.reached(f"swapped {target.name}")
     shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_temporaries(folder: Path) -> None:
-    """Delete temporary files a killed run left behind (they never look complete, but they take space)."""
+    """Delete temporary files a killed run left behind (they never look complete, but they take space).
+
+    Folders are left alone: a `.NAME.old.tmp` folder may be the only complete copy after a crash.
+    """
     if folder.is_dir():
         for stale in folder.glob(".*.tmp*"):
-            stale.unlink(missing_ok=True)
+            if not stale.is_dir():
+                stale.unlink(missing_ok=True)
 
 
 def write_json(target: Path, data: Any) -> None:
+    """Write JSON atomically; a short write or a full disk publishes nothing (OutputError)."""
+    encoded = (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        with tmp.open("wb") as handle:
+            handle.write(encoded)
+        if tmp.stat().st_size != len(encoded):
+            raise OutputError(f"cannot write {target}: only {tmp.stat().st_size} of {len(encoded)} bytes "
+                              f"were written; nothing was published")

@@ -1,15 +1,27 @@
 """Checkpoints: one dict saved atomically with torch.save; enough to rebuild, resume and normalise.
 
 Keys: format, spec (ModelSpec), model (state dict), channels (input channel names), classes,
-normalisation (the dataset manifest's constants), epoch (finished epochs), config_hash, metrics,
-and for resuming: optimizer, scheduler, scaler, rng, early_stopping.
+normalisation (the dataset manifest's constants), epoch (finished epochs), config_hash, run (one id per
+training, shared by its last.pt and best.pt), metrics, history, and for resuming: optimizer, scheduler,
+scaler, rng, progress.
+
+A checkpoint is data, never code: it is read with `weights_only=True`, so a file that carries pickled
+functions or objects (`os.system`, ...) is refused without running them. Everything snowpipe stores is
+tensors, numbers, strings, lists and dicts; the random-number states too (`rng_state`). Checkpoints of
+the previous format kept numpy's generator state as an array: the few numpy types it needs are
+allow-listed for loading, nothing else.
 """
 
 from __future__ import annotations
 
+import errno
+import pickle
+import random
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.data.writer import atomic_path
@@ -17,6 +29,18 @@ from pipeline.errors import DataError
 from pipeline.model.unet import ModelSpec, UNet
 
 FORMAT = "snowpipe-unet-1"
+DEFAULT_FIX = "point inference.checkpoint at a checkpoint written by the train stage, or train again"
+
+
+def _numpy_globals() -> list[Any]:
+    """What numpy's legacy RNG state (a uint32 array) unpickles through, under the names numpy 1 and 2 use."""
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return [(reconstruct, "numpy._core.multiarray._reconstruct"),
+            (reconstruct, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+LEGACY_GLOBALS = _numpy_globals()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -25,16 +49,65 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save({"format": FORMAT, **state}, tmp)
 
 
-def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+def _why(exc: BaseException) -> str:
+    """A short reason for a failed load (torch's own text spans many lines and suggests weights_only=False)."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(exc, pickle.UnpicklingError) and found:
+        return (f"it holds {found.group(1)}, which no snowpipe checkpoint contains (refused, not run: loading it "
+                f"could execute code)")
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not first or first.startswith("Weights only load failed"):
+        first = type(exc).__name__
+    return f"the file is damaged or not a checkpoint ({first[:160]})"
+
+
+def read_checkpoint(path: Path, device: str | torch.device = "cpu", fix: str = DEFAULT_FIX,
+                    mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's dict; a missing, damaged or hostile file is one DataError naming it and `fix`.
+
+    `mmap` maps the tensors instead of reading them (cheap when only the metadata is needed).
+    """
     if not path.is_file():
         raise DataError(f"checkpoint {path} not found: run the train stage first, or set the checkpoint path")
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        with torch.serialization.safe_globals(LEGACY_GLOBALS):
+            state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise DataError(f"cannot read checkpoint {path}: {exc}") from None
+        raise DataError(f"cannot read checkpoint {path}: {_why(exc)}; {fix}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise DataError(f"{path} is not a snowpipe checkpoint (format {FORMAT})")
+        raise DataError(f"{path} is not a snowpipe checkpoint (format {FORMAT}); {fix}")
     return state
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, numpy and Python generator states as tensors, numbers and lists (loadable with weights_only)."""
+    numpy_state = np.random.get_state(legacy=False)
+    python_version, python_state, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"bit_generator": numpy_state["bit_generator"],
+                  "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                  "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                  "gauss": float(numpy_state["gauss"])},
+        "python": {"version": python_version, "state": list(python_state), "gauss": python_gauss},
+    }
+
+
+def restore_rng(saved: dict[str, Any]) -> None:
+    """Set the generators from `rng_state()`'s dict, or from the previous format's (numpy and Python tuples)."""
+    torch.set_rng_state(saved["torch"].cpu())
+    numpy_state, python_state = saved["numpy"], saved["python"]
+    if isinstance(numpy_state, dict):
+        key = numpy_state["key"].cpu().numpy().astype(np.uint32)
+        numpy_state = (numpy_state["bit_generator"], key, numpy_state["pos"], numpy_state["has_gauss"],
+                       numpy_state["gauss"])
+    np.random.set_state(numpy_state)
+    if isinstance(python_state, dict):
+        python_state = (python_state["version"], tuple(python_state["state"]), python_state["gauss"])
+    random.setstate(python_state)
 
 
 def check_compatible(state: dict[str, Any], channels: list[str], classes: list[str], path: Path) -> None:

@@ -8,6 +8,7 @@ is used), are 255 in mask.tif and 0 in coverage.tif.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -20,8 +21,9 @@ from pipeline.data.grid import Tile, iter_tiles
 from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
 from pipeline.data.preview import write_mask_preview
 from pipeline.data.reader import SceneReader
-from pipeline.data.writer import atomic_raster, remove_temporaries
-from pipeline.errors import SnowpipeError
+from pipeline.data.writer import atomic_raster
+from pipeline.errors import SceneError, SnowpipeError
+from pipeline.locks import output_lock
 from pipeline.progress import make_progress, say
 from pipeline.stages import records
 from pipeline.stages.base import (
@@ -36,6 +38,8 @@ from pipeline.stages.base import (
     worker_threads,
 )
 from pipeline.stages.clouds import CloudDetector
+from pipeline.stages.publish import building, reclaim_partials
+from pipeline.workers import die_with_parent
 
 INFO = StageInfo("annotate", "annotation", per_scene=True, needs_gpu=False,
                  summary="automatic masks: water, glacier, ExoLabs snow, s2cloudless clouds")
@@ -77,19 +81,37 @@ def annotate_window(reader: SceneReader, tile: Tile, settings: Annotation,
     return mask, valid.astype(np.uint8)
 
 
+MIN_COVERAGE = 0.001  # below this share of valid pixels a scene is an error, never a silent success
+OUTPUTS = ("mask.tif", "coverage.tif", "preview.png")
+
+
+def record_key(scene: Scene, config: PipelineConfig, auxiliary: Auxiliary) -> records.RecordKey:
+    """What a scene's masks depend on (the dataset stage checks it too, to trust only complete masks)."""
+    return records.key_for(INFO.name, config, _inputs(scene, auxiliary, config.annotation), "annotation")
+
+
 def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, threads: int = 0,
                    on_window: ProgressCallback | None = None) -> SceneOutcome:
-    """Write {annotated_masks}/{date}/mask.tif, coverage.tif, preview.png, then the completion record."""
+    """Write {annotated_masks}/{date}/mask.tif, coverage.tif, preview.png and the completion record,
+    built in a private folder and published in one swap, under the scene's lock."""
     start = time.perf_counter()
-    settings = config.annotation
     auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
     out_dir = config.path("annotated_masks") / scene.date
-    inputs = records.fingerprint(_inputs(scene, auxiliary, settings))
-    config_hash = config.section_hash("annotation")
-    if not force and records.is_complete(out_dir, INFO.name, inputs, config_hash):
-        return SceneOutcome(scene.date, "skipped")
-    records.clear(out_dir)
-    remove_temporaries(out_dir)
+    key = record_key(scene, config, auxiliary)
+    with output_lock(out_dir, f"annotate {scene.date}"):
+        if not force and records.is_complete(out_dir, key, required=("mask.tif", "coverage.tif")):
+            return SceneOutcome(scene.date, "skipped")
+        reclaim_partials(out_dir)
+        with building(out_dir) as partial:
+            details = _write_masks(scene, config, auxiliary, partial, threads, on_window)
+            records.write_record(partial, key, OUTPUTS, **details)
+    return SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+
+
+def _write_masks(scene: Scene, config: PipelineConfig, auxiliary: Auxiliary, out_dir: Path, threads: int,
+                 on_window: ProgressCallback | None) -> dict:
+    """mask.tif, coverage.tif and preview.png of one scene into `out_dir`; the class shares for the record."""
+    settings = config.annotation
     with SceneReader(scene, config.tile_id, auxiliary) as reader:
         grid = reader.grid
         detector = None
@@ -107,14 +129,23 @@ def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, th
                 counts += np.bincount(mask.ravel(), minlength=256)
                 if on_window:
                     on_window(done, len(tiles))
+            coverage_share = float(counts[:4].sum() / max(counts.sum(), 1))
+            if coverage_share < MIN_COVERAGE:
+                raise SceneError(scene.date, _low_coverage(scene, coverage_share, settings))
         write_mask_preview(out_dir / "preview.png", reader, out_dir / "mask.tif")
     valid = counts[:4].sum()
-    details = {
+    return {
         "coverage": round(float(valid / counts.sum()), 4),
         "class_fraction": [round(float(c / max(valid, 1)), 4) for c in counts[:4]],
     }
-    records.mark_complete(out_dir, INFO.name, inputs, config_hash, **details)
-    return SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+
+
+def _low_coverage(scene: Scene, share: float, settings: Annotation) -> str:
+    """Why a scene has (almost) no valid pixel, and what to check."""
+    exolabs = (f" or where ExoLabs ({scene.exolabs.name if scene.exolabs else 'missing'}) observed nothing"
+               if settings.exolabs_snow else "")
+    return (f"only {share:.2%} of the scene has data (the bands have no data{exolabs}); no mask written: "
+            f"check the scene's files, or leave the date out of the config")
 
 
 def _annotate_in_worker(scene: Scene, config: PipelineConfig, force: bool, threads: int) -> SceneOutcome:
@@ -137,7 +168,9 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
         run_scenes(report, scenes, lambda scene, on_window: annotate_scene(scene, config, force, threads, on_window))
     else:
         context = multiprocessing.get_context("spawn")
-        with make_progress() as progress, ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with make_progress() as progress, ProcessPoolExecutor(workers, mp_context=context,
+                                                                          initializer=die_with_parent,
+                                                                          initargs=(os.getpid(),)) as pool:
             scene_bar = progress.add_task("annotate: scenes", total=len(scenes))
             futures = [pool.submit(_annotate_in_worker, s, config, force, threads) for s in scenes]
             for future in as_completed(futures):

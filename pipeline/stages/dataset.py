@@ -4,13 +4,13 @@ Output in {dataset}/: `train_images.npy` (n, channels, P, P) float16, already no
 `train_masks.npy` (n, P, P) uint8 class ids; the same for `validation_`; and `manifest.json`
 with the split, patch positions, class distribution and normalisation constants. The training
 loader opens the arrays with `np.load(..., mmap_mode="r")`, so any number of workers share them.
-The folder is built beside the target and swapped in whole, the manifest being the last piece.
+The folder is built beside the target under a private name and swapped in whole, the manifest (its
+completion record) being the last piece, under the dataset's lock (pipeline/stages/publish.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +26,13 @@ from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxilia
 from pipeline.data.masks import MaskFiles, find_mask
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
-from pipeline.data.writer import swap_folder, write_json
+from pipeline.data.writer import write_json
 from pipeline.errors import DataError, SceneError, SnowpipeError
 from pipeline.progress import make_progress, say
-from pipeline.stages import records, sampling
+from pipeline.locks import output_lock
+from pipeline.stages import annotate, records, sampling
 from pipeline.stages.base import SceneOutcome, StageInfo, StageReport, enforce_policy, failure_message
+from pipeline.stages.publish import building, reclaim_partials
 
 INFO = StageInfo("dataset", "dataset", per_scene=False, needs_gpu=False,
                  summary="training / validation patches, split by scene, normalisation constants")
@@ -146,24 +148,62 @@ def _class_pixels(masks: np.ndarray) -> list[int]:
     return [int(c) for c in counts[:len(CLASS_NAMES)]]
 
 
-def _is_complete(manifest: Path, inputs: str, config_hash: str) -> bool:
+def _is_complete(out: Path, key: records.RecordKey) -> bool:
+    """The manifest is the dataset's completion record; one written before schema 2 that still names the same
+    files is upgraded in place (keeping its old identity as `legacy_inputs`, so training resumes)."""
     try:
-        data = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        data = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
         return False
-    return data.get("inputs") == inputs and data.get("config") == config_hash
+    if not isinstance(data, dict) or data.get("config") != key.config:
+        return False
+    if data.get("schema") == records.SCHEMA:
+        sizes = data.get("outputs", {})
+        return data.get("inputs") == key.inputs and all(
+            (out / name).is_file() and (out / name).stat().st_size == size for name, size in sizes.items())
+    arrays = [f"{split}_{kind}.npy" for split in ("train", "validation") for kind in ("images", "masks")]
+    if data.get("inputs") == key.legacy_inputs and all((out / name).is_file() for name in arrays):
+        data.update(schema=records.SCHEMA, legacy_inputs=data["inputs"], inputs=key.inputs,
+                    outputs=records.output_sizes(out, arrays))
+        write_json(out / MANIFEST, data)
+        return True
+    if data.get("inputs") is not None and "schema" not in data:
+        say(f"  dataset: {out / MANIFEST} was written by an older snowpipe for inputs that no longer match "
+            f"(moved, changed or interrupted data): building the dataset again")
+    return False
+
+
+def _mask_problem(config: PipelineConfig, scene: Scene, auxiliary: Auxiliary, files: MaskFiles) -> str | None:
+    """Why a scene's masks cannot be trusted, or None: with annotation enabled they must be the annotate
+    stage's complete output for this data and config; without, a snowpipe record must still vouch for them,
+    and a folder without any record is the user's own."""
+    folder = config.path("annotated_masks") / scene.date
+    if files.mask is None or files.coverage is None:
+        return (f"no annotated mask in {folder} (mask.tif and coverage.tif): run the annotate stage or add "
+                f"the mask")
+    if config.annotation.enable:
+        key = annotate.record_key(scene, config, auxiliary)
+        if not records.is_complete(folder, key, required=("mask.tif", "coverage.tif")):
+            return (f"the masks in {folder} are not a complete annotate output for this data and config "
+                    f"(interrupted, outdated or made by hand): run the annotate stage for this scene, or set "
+                    f"annotation.enable: false to use masks you made yourself")
+    elif records.read_record(folder) is not None and not records.vouches(folder):
+        return (f"the masks in {folder} do not match their completion record (changed or half-copied): "
+                f"run the annotate stage for this scene, or delete {folder / records.RECORD_NAME} if you "
+                f"edited them yourself")
+    return None
 
 
 def _find_scenes(config: PipelineConfig, dates: list[str] | None, report: StageReport) -> list[ScenePlan]:
     """Scenes with an annotated mask; the others are reported as failed, by date."""
     plans: list[ScenePlan] = []
     masks_root = config.path("annotated_masks")
+    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
     for scene in discover_scenes(config.path("extracted_data"), config.tile_id, dates or config.dates):
         files = find_mask(masks_root, scene.date)
-        if files.mask is None or files.coverage is None:
-            report.outcomes.append(SceneOutcome(scene.date, "failed", message=(
-                f"no annotated mask in {masks_root / scene.date} (mask.tif and coverage.tif): "
-                f"run the annotate stage or add the mask")))
+        problem = _mask_problem(config, scene, auxiliary, files)
+        if problem:
+            report.outcomes.append(SceneOutcome(scene.date, "failed", message=problem))
         else:
             plans.append(ScenePlan(scene, files))
     return plans
@@ -245,11 +285,20 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
         folder = auxiliary.folder or config.path("extracted_data")
         raise DataError(f"the dataset's DEM channel needs {config.tile_id}_30m_DEM_AW3D30.tif in {folder} "
                         f"(or set dataset.include_dem: false)")
+    with output_lock(out, "dataset"):
+        return _build(config, dates, force, report, auxiliary, start)
+
+
+def _build(config: PipelineConfig, dates: list[str] | None, force: bool, report: StageReport,
+           auxiliary: Auxiliary, start: float) -> StageReport:
+    """Under the dataset's lock: skip a complete dataset, or build it in a private folder and swap it in."""
+    settings = config.dataset
+    out = config.path("dataset")
     plans = _find_scenes(config, dates, report)
-    inputs = records.fingerprint([p for plan in plans for p in (*plan.scene.bands.values(), plan.masks.mask,
-                                                                 plan.masks.coverage)])
-    config_hash = config.section_hash("dataset")
-    if not force and plans and _is_complete(out / MANIFEST, inputs, config_hash):
+    key = records.key_for(INFO.name, config, [p for plan in plans for p in (*plan.scene.bands.values(),
+                                                                            plan.masks.mask, plan.masks.coverage)],
+                          "dataset")
+    if not force and plans and _is_complete(out, key):
         report.outcomes += [SceneOutcome(p.scene.date, "skipped") for p in plans]
     else:
         _scan(plans, config, auxiliary, report)
@@ -268,26 +317,27 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     rng = np.random.default_rng(settings.seed)
     _choose_positions(plans, validation, settings, rng)
     counts = _assign_rows(plans, split, settings, rng)
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    normaliser, splits_info = _write_splits(partial, plans, counts, config, auxiliary, rng, report)
-    write_json(partial / MANIFEST, {
-        "version": 1,
-        "tile_id": config.tile_id,
-        "patch_size": settings.patch_size,
-        "channels": normaliser.channels,
-        "classes": list(CLASS_NAMES),
-        "split": split,
-        "sampling": settings.sampling,
-        "seed": settings.seed,
-        "class_distribution": {k: v["class_fraction"] for k, v in splits_info.items()},
-        "splits": splits_info,
-        "normalisation": normaliser.to_dict(),
-        "inputs": inputs,
-        "config": config_hash,
-    })
-    swap_folder(partial, out)
+    reclaim_partials(out)
+    with building(out) as partial:
+        normaliser, splits_info = _write_splits(partial, plans, counts, config, auxiliary, rng, report)
+        arrays = [info[kind] for info in splits_info.values() for kind in ("images", "masks")]
+        write_json(partial / MANIFEST, {
+            "version": 1,
+            "schema": records.SCHEMA,
+            "tile_id": config.tile_id,
+            "patch_size": settings.patch_size,
+            "channels": normaliser.channels,
+            "classes": list(CLASS_NAMES),
+            "split": split,
+            "sampling": settings.sampling,
+            "seed": settings.seed,
+            "class_distribution": {k: v["class_fraction"] for k, v in splits_info.items()},
+            "splits": splits_info,
+            "normalisation": normaliser.to_dict(),
+            "inputs": key.inputs,
+            "config": key.config,
+            "outputs": records.output_sizes(partial, arrays),
+        })
     report.seconds = time.perf_counter() - start
     train, val = splits_info["train"], splits_info["validation"]
     fractions = ", ".join(f"{n} {f:.1%}" for n, f in zip(CLASS_NAMES, train["class_fraction"]))

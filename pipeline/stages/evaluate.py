@@ -42,11 +42,13 @@ from pipeline.bands import (
 )
 from pipeline.config import PipelineConfig
 from pipeline.data.grid import Grid, iter_tiles
-from pipeline.data.layout import Scene, discover_scenes
+from pipeline.data.layout import Scene, discover_scenes, find_auxiliary
 from pipeline.data.masks import find_mask
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_path, remove_temporaries, write_json
 from pipeline.errors import SceneError, SnowpipeError
+from pipeline.inference import identity
+from pipeline.locks import output_lock
 from pipeline.metrics import class_scores, confusion_matrix, json_number, mean_iou
 from pipeline.progress import console, make_progress, say
 from pipeline.stages import records
@@ -143,10 +145,17 @@ def find_inputs(config: PipelineConfig, scene: Scene) -> SceneInputs:
     return SceneInputs(scene, prediction_path(config, scene.date), masks.mask, masks.coverage)
 
 
-def _check_inputs(inputs: SceneInputs, reference: str, masks_root: Path) -> None:
+def _check_inputs(inputs: SceneInputs, config: PipelineConfig) -> None:
+    reference, masks_root = config.testing.reference, config.path("annotated_masks")
+    date = inputs.scene.date
     if not inputs.prediction.is_file():
-        raise SceneError(inputs.scene.date, f"prediction {inputs.prediction} not found: run the infer stage "
-                                            f"(snowpipe stage infer --scene {inputs.scene.date})")
+        raise SceneError(date, f"prediction {inputs.prediction} not found: run the infer stage "
+                               f"(snowpipe stage infer --scene {date})")
+    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    if not identity.prediction_trusted(config, inputs.scene, auxiliary):
+        raise SceneError(date, f"prediction {inputs.prediction} is not the infer stage's complete output for "
+                               f"this scene, checkpoint and config (interrupted, failed or outdated): run "
+                               f"`snowpipe stage infer --scene {date}` first")
     if inputs.reference is None:
         if reference == "exolabs":
             raise SceneError(inputs.scene.date, f"no ExoLabs file S2_*_{inputs.scene.day}*.tif in "
@@ -231,7 +240,7 @@ def compare_scene(inputs: SceneInputs, config: PipelineConfig,
                   on_window: ProgressCallback | None = None) -> SceneResult:
     """Accumulate the confusion matrix over windows; keep a reduced copy of both masks for the picture."""
     date = inputs.scene.date
-    _check_inputs(inputs, config.testing.reference, config.path("annotated_masks"))
+    _check_inputs(inputs, config)
     with ExitStack() as stack:
         prediction = stack.enter_context(_open(date, inputs.prediction))
         grid = _grid(prediction)
@@ -341,17 +350,22 @@ def testing_dates(config: PipelineConfig, dates: list[str] | None) -> list[str]:
 def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
     """Compare every selected scene's prediction with its reference; write metrics and plots."""
     start = time.perf_counter()
-    reference = config.testing.reference
     out = config.path("results") / "testing"
     report = StageReport(INFO.name, output=str(out))
     scenes = discover_scenes(config.path("extracted_data"), config.tile_id, testing_dates(config, dates))
     all_inputs = [find_inputs(config, scene) for scene in scenes]
-    fingerprint = records.fingerprint(
-        [p if p is not None and p.is_file() else None
-         for i in all_inputs for p in (i.prediction, i.reference, i.coverage)])
-    config_hash = config.section_hash("testing")
-    if not force and records.is_complete(out, INFO.name, fingerprint, config_hash) \
-            and (out / METRICS_JSON).is_file():
+    key = records.key_for(INFO.name, config, [p if p is not None and p.is_file() else None
+                                              for i in all_inputs for p in (i.prediction, i.reference, i.coverage)],
+                          "testing")
+    with output_lock(out, "test"):
+        return _compare_all(config, out, scenes, all_inputs, key, force, report, start)
+
+
+def _compare_all(config: PipelineConfig, out: Path, scenes: list[Scene], all_inputs: list[SceneInputs],
+                 key: records.RecordKey, force: bool, report: StageReport, start: float) -> StageReport:
+    """Under the testing folder's lock: skip complete metrics, or compare every scene and write them."""
+    reference = config.testing.reference
+    if not force and records.is_complete(out, key, required=(METRICS_JSON,)):
         report.outcomes = [SceneOutcome(s.date, "skipped") for s in scenes]
         report.note = "already complete (use --force to redo)"
         _print_existing(out / METRICS_JSON)
@@ -394,8 +408,8 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
         lines = "\n  ".join(f"{date}: {message}" for date, message in failed.items())
         written = f"metrics of the other {len(results)} scene(s) are in {out}" if results else "nothing written"
         raise StageFailed(f"test failed for {len(failed)} scene(s):\n  {lines}\n({written})")
-    records.mark_complete(out, INFO.name, fingerprint, config_hash, scenes=len(results),
-                          miou=metrics["overall"]["miou"])
+    records.write_record(out, key, [METRICS_JSON, METRICS_CSV], scenes=len(results),
+                         miou=metrics["overall"]["miou"])
     report.note = f"multi-class IoU {_fmt(metrics['overall']['miou'])} over {len(results)} scene(s)"
     return report
 

@@ -15,18 +15,26 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bands import BANDS, CLASS_NAMES, NODATA
+from pipeline.bands import CLASS_NAMES, NODATA
 from pipeline.config import PipelineConfig
 from pipeline.data.decoded import DecodedScene
 from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
-from pipeline.data.writer import atomic_raster, remove_temporaries
+from pipeline.data.writer import atomic_raster
+from pipeline.inference.identity import (
+    OUTPUTS_REQUIRED,
+    checkpoint_path,
+    data_channels,
+    prediction_folder,
+    record_key,
+)
 from pipeline.inference.outputs import write_quicklooks
 from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
 from pipeline.inference.tiling import predict_windows
 from pipeline.model.checkpoint import check_compatible, load_model
+from pipeline.locks import output_lock
 from pipeline.stages import records
 from pipeline.stages.base import (
     ProgressCallback,
@@ -37,23 +45,12 @@ from pipeline.stages.base import (
     run_scenes,
     usable_cpus,
 )
+from pipeline.stages.publish import building, reclaim_partials
+
+__all__ = ["checkpoint_path", "data_channels", "infer_scene", "load_predictor", "run"]
 
 INFO = StageInfo("infer", "inference", per_scene=True, needs_gpu=True,
                  summary="predict whole scenes with the trained U-Net: masks, probabilities, quicklooks")
-
-
-def checkpoint_path(config: PipelineConfig) -> Path:
-    """"best" and "last" are the training stage's checkpoints; anything else is a path."""
-    name = config.inference.checkpoint
-    if name in ("best", "last"):
-        return config.path("results") / "training" / f"{name}.pt"
-    path = Path(name).expanduser()
-    return path if path.is_absolute() else (Path(config.base_dir) / path).resolve()
-
-
-def data_channels(config: PipelineConfig) -> list[str]:
-    """The input channels this data provides to a model: the 13 bands, and the DEM where the dataset uses it."""
-    return [*BANDS, "DEM"] if config.dataset.include_dem else list(BANDS)
 
 
 def reader_threads() -> int:
@@ -87,26 +84,29 @@ def load_predictor(config: PipelineConfig) -> LoadedModel:
     return LoadedModel(predictor, normaliser, path, reader_threads())
 
 
-def _inputs(scene: Scene, auxiliary: Auxiliary, loaded: LoadedModel) -> str:
-    files: list[Path | None] = [*scene.bands.values(), loaded.path]
-    if loaded.normaliser.dem_mean is not None:
-        files.append(auxiliary.path("dem"))
-    return records.fingerprint(files)
-
-
 def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force: bool = False,
                 on_window: ProgressCallback | None = None) -> SceneOutcome:
-    """Write {results}/predictions/{date}/mask.tif (and the optional outputs), then the completion record."""
+    """Write {results}/predictions/{date}/mask.tif (and the optional outputs) with the completion record,
+    built in a private folder and published in one swap, under the scene's lock."""
     start = time.perf_counter()
-    settings = config.inference
     auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
-    out_dir = config.path("results") / "predictions" / scene.date
-    inputs = _inputs(scene, auxiliary, loaded)
-    config_hash = config.section_hash("inference")
-    if not force and records.is_complete(out_dir, INFO.name, inputs, config_hash):
-        return SceneOutcome(scene.date, "skipped")
-    records.clear(out_dir)
-    remove_temporaries(out_dir)
+    out_dir = prediction_folder(config, scene.date)
+    key = record_key(config, scene, auxiliary)
+    with output_lock(out_dir, f"infer {scene.date}"):
+        if not force and records.is_complete(out_dir, key, required=OUTPUTS_REQUIRED):
+            return SceneOutcome(scene.date, "skipped")
+        reclaim_partials(out_dir)
+        with building(out_dir) as partial:
+            details = _predict(scene, config, loaded, auxiliary, partial, on_window)
+            outputs = [p.name for p in partial.iterdir() if p.is_file() and not p.name.startswith(".")]
+            records.write_record(partial, key, outputs, **details)
+    return SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+
+
+def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliary: Auxiliary, out_dir: Path,
+             on_window: ProgressCallback | None) -> dict:
+    """mask.tif, the optional probabilities and quicklooks of one scene into `out_dir`; the record's summary."""
+    settings = config.inference
     classes = len(CLASS_NAMES)
     counts = np.zeros(256, np.int64)
     decoding = DecodedScene(scene, config.tile_id) if settings.decode_once else nullcontext()
@@ -132,13 +132,11 @@ def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force
         if settings.quicklooks:
             write_quicklooks(out_dir, reader, out_dir / "mask.tif")
     valid = counts[:classes].sum()
-    details = {
+    return {
         "coverage": round(float(valid / max(counts.sum(), 1)), 4),
         "class_fraction": [round(float(c / max(valid, 1)), 4) for c in counts[:classes]],
         "checkpoint": str(loaded.path),
     }
-    records.mark_complete(out_dir, INFO.name, inputs, config_hash, **details)
-    return SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
 
 
 def _write_window(mask_out, result) -> np.ndarray:

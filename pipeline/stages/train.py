@@ -1,7 +1,9 @@
 """Stage 4, train: the U-Net on the dataset's patches, resumable, on one or several GPUs (or the CPU).
 
 Writes {results}/training/last.pt (every epoch), best.pt (lowest validation loss), history.json
-(one record per finished epoch) and loss / IoU curves. Started under torchrun or srun with several
+(one record per finished epoch) and loss / IoU curves, as one set that resuming repairs from last.pt (see
+training/loop.py); a set of another config or dataset is moved aside to previous-<time>/, never overwritten
+(--force replaces it). Started under torchrun or srun with several
 tasks it trains with DistributedDataParallel; the global batch is split over the processes, so an
 epoch has the same number of optimisation steps as on one process.
 """
@@ -25,12 +27,19 @@ INFO = StageInfo("train", "training", per_scene=False, needs_gpu=True,
 RESUMABLE_KEYS = {"enable", "epochs", "resume", "workers", "device", "early_stopping_patience"}
 
 
-def training_hash(config: PipelineConfig, manifest: dict) -> str:
-    """Identity of a training: its settings (minus resumable keys) and the exact dataset."""
+def training_hash(config: PipelineConfig, manifest: dict, inputs_key: str = "inputs") -> str:
+    """Identity of a training: its settings (minus resumable keys) and the exact dataset (its manifest's
+    `inputs` and `config`; `inputs_key="legacy_inputs"` gives the identity an older snowpipe computed)."""
     settings = {k: v for k, v in config.training.model_dump(mode="json").items() if k not in RESUMABLE_KEYS}
-    dataset = {"inputs": manifest.get("inputs"), "config": manifest.get("config")}
+    dataset = {"inputs": manifest.get(inputs_key), "config": manifest.get("config")}
     text = json.dumps({"training": settings, "dataset": dataset}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def legacy_hashes(config: PipelineConfig, manifest: dict) -> list[str]:
+    """Identities this training had before its dataset manifest was upgraded in place (which keeps the old
+    `inputs` as `legacy_inputs`): a last.pt carrying one still resumes, and is saved with the new identity."""
+    return [training_hash(config, manifest, "legacy_inputs")] if "legacy_inputs" in manifest else []
 
 
 def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
@@ -40,15 +49,19 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     manifest = read_manifest(config.path("dataset"))
     procs = distributed.start(config.training.device)
     try:
-        trainer = Trainer(config, manifest, procs, training_hash(config, manifest))
-        last = out / "last.pt"
-        resumed = not force and config.training.resume == "auto" and last.is_file() and trainer.resume(last)
+        trainer = Trainer(config, manifest, procs, training_hash(config, manifest), legacy_hashes(config, manifest))
+        resumed = trainer.start(force)
         if resumed and (trainer.state.finished or trainer.state.epoch >= config.training.epochs):
+            trainer.adopt_identity()
             report.outcomes.append(SceneOutcome("model", "skipped"))
             report.note = f"finished after {trainer.state.epoch} epochs (use --force to train again)"
             return report
         if procs.main:
-            where = f"resuming after epoch {trainer.state.epoch}" if resumed else "new training"
+            where = "new training"
+            if resumed:
+                step = trainer.state.step
+                where = f"resuming after epoch {trainer.state.epoch}" + (f" (and {step} steps of the next)"
+                                                                        if step else "")
             say(f"  {where}: {len(trainer.train_set)} train / {len(trainer.val_set) * procs.world} validation "
                 f"patches, {procs.world} process(es) on {procs.device}, U-Net base {trainer.spec.base_channels} "
                 f"depth {trainer.spec.depth}")

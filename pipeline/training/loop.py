@@ -3,14 +3,24 @@
 Validation metrics come from one confusion matrix accumulated over the whole validation set (summed
 over processes), never from an average of per-batch ratios (the thesis reported accuracy 1.0002).
 Rank 0 alone writes checkpoints, history and plots.
+
+The training folder holds one set: last.pt, best.pt, history.json, loss.png, iou.png (SET_FILES). Each
+epoch writes them in that order, each atomically, and last.pt comes first: it is the commit, holding the
+history, so whatever a kill leaves behind it, resuming (or finding the training finished) rebuilds the
+others from last.pt (`repair`). A set that belongs to another config or dataset is moved aside to
+previous-<UTC time it was saved>/ before a new training starts; only --force replaces it.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import random
+import shutil
 import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +32,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from pipeline.bands import CLASS_NAMES
 from pipeline.config import PipelineConfig
-from pipeline.data.writer import write_json
-from pipeline.errors import SnowpipeError
+from pipeline.data.writer import atomic_path, write_json
+from pipeline.errors import DataError, SnowpipeError
 from pipeline.metrics import class_scores, json_number
-from pipeline.model.checkpoint import read_checkpoint, save_checkpoint
+from pipeline.model.checkpoint import read_checkpoint, restore_rng, rng_state, save_checkpoint
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.plots import plot_training_curves
 from pipeline.progress import make_progress, say
@@ -34,6 +44,9 @@ from pipeline.training.distributed import Processes, barrier, sum_all
 from pipeline.training.signals import EXIT_REQUEUE, StopRequest
 
 N_CLASSES = len(CLASS_NAMES)
+SET_FILES = ("last.pt", "best.pt", "history.json", "loss.png", "iou.png")  # one epoch's writes, in order
+CURVES = ("loss.png", "iou.png")
+LAST_FIX = "delete it, or run the train stage with --force to train anew"
 
 
 class TrainingInterrupted(SnowpipeError):
@@ -55,6 +68,13 @@ class Progress:
     bad_epochs: int = 0
     finished: bool = False  # stopped early: more epochs would not help
     history: list[dict] = field(default_factory=list)
+    step: int = 0  # optimisation steps done in the unfinished epoch (a stop signal arrived during it)
+    partial: list[float] | None = None  # that epoch's summed training loss and step count so far
+
+
+def best_epoch(history: list[dict]) -> int | None:
+    """The epoch with the lowest validation loss: the last record flagged best (best.pt holds it)."""
+    return max((r["epoch"] for r in history if r.get("best")), default=None)
 
 
 def epoch_metrics(matrix: np.ndarray) -> dict[str, Any]:
@@ -71,9 +91,14 @@ def epoch_metrics(matrix: np.ndarray) -> dict[str, Any]:
 
 
 class Trainer:
-    def __init__(self, config: PipelineConfig, manifest: dict, procs: Processes, config_hash: str) -> None:
+    def __init__(self, config: PipelineConfig, manifest: dict, procs: Processes, config_hash: str,
+                 legacy_hashes: Iterable[str] = ()) -> None:
+        """`legacy_hashes`: identities an older snowpipe gave this same training; its last.pt still resumes."""
         settings = self.settings = config.training
         self.config, self.manifest, self.procs, self.config_hash = config, manifest, procs, config_hash
+        self.legacy_hashes = set(legacy_hashes) - {config_hash}
+        self.legacy = False  # resumed from a last.pt that carries a legacy identity
+        self.run_id: str | None = uuid.uuid4().hex[:16]  # shared by this training's last.pt and best.pt
         self.out = config.path("results") / "training"
         if settings.batch_size % procs.world:
             raise TrainingFailed(f"training.batch_size {settings.batch_size} must be divisible by the "
@@ -115,37 +140,132 @@ class Trainer:
             "patch_size": self.manifest["patch_size"],
             "epoch": self.state.epoch,
             "config_hash": self.config_hash,
+            "run": self.run_id,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
             "progress": {"best_loss": self.state.best_loss, "bad_epochs": self.state.bad_epochs,
-                         "finished": self.state.finished},
+                         "finished": self.state.finished, "step": self.state.step, "partial": self.state.partial},
             "history": self.state.history,
             "metrics": self.state.history[-1] if self.state.history else None,
         }
 
-    def resume(self, path: Path) -> bool:
-        """Continue from last.pt when it was written for this config and dataset."""
-        saved = read_checkpoint(path, self.procs.device)
-        if saved.get("config_hash") != self.config_hash:
-            if self.procs.main:
-                say(f"train: {path} belongs to another config or dataset; starting a new training")
+    def start(self, force: bool = False) -> bool:
+        """Resume last.pt when it was written for this config and dataset (True), after repairing the set from
+        it; otherwise start anew (False), with a previous set moved aside unless `force` replaces it.
+
+        Every process reads; rank 0 alone moves or repairs files, and the others wait for it.
+        """
+        last = self.out / "last.pt"
+        if force:
+            if self.procs.main and last.is_file():
+                say(f"train: --force: a new training replaces the model in {self.out}")
             return False
+        if self.settings.resume == "auto" and last.is_file():
+            saved = read_checkpoint(last, self.procs.device, fix=LAST_FIX)
+            if saved.get("config_hash") in {self.config_hash, *self.legacy_hashes}:
+                self._load(saved)
+                if self.procs.main:
+                    self.repair(saved)
+                barrier(self.procs)
+                return True
+            reason = f"{last} belongs to another config or dataset"
+        elif self.settings.resume == "never":
+            reason = "training.resume is never"
+        else:
+            reason = f"{self.out} holds a model but no last.pt"
+        barrier(self.procs)  # nobody still reads last.pt while it moves
+        if self.procs.main:
+            moved = self.set_aside()
+            if moved:
+                say(f"train: {reason}; the previous model is kept in {moved}/; starting a new training")
+        barrier(self.procs)
+        return False
+
+    def _load(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["rng"]["torch"].cpu())
-        np.random.set_state(saved["rng"]["numpy"])
-        random.setstate(saved["rng"]["python"])
+        restore_rng(saved["rng"])
         progress = saved["progress"]
         self.state = Progress(saved["epoch"], progress["best_loss"], progress["bad_epochs"], progress["finished"],
-                              list(saved["history"]))
-        return True
+                              list(saved["history"]), progress.get("step", 0), progress.get("partial"))
+        self.run_id = saved.get("run")  # None for a checkpoint of the previous format: its best.pt has none either
+        self.legacy = saved.get("config_hash") != self.config_hash
+
+    def repair(self, saved: dict[str, Any]) -> list[str]:
+        """Make history.json, best.pt and the curves agree with last.pt (`saved`); returns what was rewritten.
+
+        A kill after last.pt was published and before the rest of its epoch's writes leaves them one epoch
+        behind; last.pt holds everything needed to redo them.
+        """
+        last, fixed = self.out / "last.pt", []
+        history = saved["history"]
+        try:
+            current = json.loads((self.out / "history.json").read_text())
+        except (OSError, ValueError):
+            current = None
+        if current != history:
+            write_json(self.out / "history.json", history)
+            fixed.append("history.json")
+        best = best_epoch(history)
+        if best is not None and not self._best_holds(saved.get("run"), best):
+            if saved["epoch"] == best and not saved["progress"].get("step"):
+                with atomic_path(self.out / "best.pt") as tmp:
+                    shutil.copyfile(last, tmp)
+                fixed.append("best.pt")
+            else:
+                say(f"train: warning: {self.out / 'best.pt'} does not hold epoch {best} of this training and "
+                    f"{last} cannot replace it; infer uses best.pt, so run the train stage with --force to redo it")
+        published = last.stat().st_mtime
+        curves = [self.out / name for name in CURVES]
+        if history and any(not p.is_file() or p.stat().st_mtime < published for p in curves):
+            plot_training_curves(history, self.out)
+        if fixed:
+            say(f"train: repaired {' and '.join(fixed)} from {last} (epoch {saved['epoch']}): a run was stopped "
+                f"while saving")
+        return fixed
+
+    def _best_holds(self, run: str | None, epoch: int) -> bool:
+        try:
+            best = read_checkpoint(self.out / "best.pt", "cpu", mmap=True)
+        except DataError:
+            return False
+        return best.get("run") == run and best.get("epoch") == epoch
+
+    def set_aside(self) -> Path | None:
+        """Move the set to previous-<UTC time last.pt (else the newest file) was saved>/; returns that folder.
+
+        Deterministic name, last.pt moved last: a run killed while moving finishes the move into the same
+        folder next time, rather than splitting the set.
+        """
+        present = [self.out / name for name in SET_FILES if (self.out / name).is_file()]
+        if not present:
+            return None
+        saved = present[0].stat().st_mtime if present[0].name == "last.pt" else max(p.stat().st_mtime
+                                                                                       for p in present)
+        stamp = datetime.fromtimestamp(saved, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        folder, n = self.out / f"previous-{stamp}", 1
+        while any((folder / p.name).exists() for p in present):
+            n += 1
+            folder = self.out / f"previous-{stamp}-{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in reversed(present):
+            path.rename(folder / path.name)
+        return folder
+
+    def adopt_identity(self) -> None:
+        """Rewrite last.pt with this version's identity when it was resumed through a legacy one."""
+        if self.legacy and self.procs.main:
+            save_checkpoint(self.out / "last.pt", self.checkpoint())
+        self.legacy = False
+        barrier(self.procs)
 
     def save(self, best: bool) -> None:
-        """Rank 0 writes; every rank waits for it, so no process runs ahead or exits while it saves."""
+        """Rank 0 writes the set in SET_FILES order (see `repair`); every rank waits for it, so no process runs
+        ahead or exits while it saves."""
         if self.procs.main:
             state = self.checkpoint()
             save_checkpoint(self.out / "last.pt", state)
@@ -153,6 +273,7 @@ class Trainer:
                 save_checkpoint(self.out / "best.pt", state)
             write_json(self.out / "history.json", self.state.history)
             plot_training_curves(self.state.history, self.out)
+        self.legacy = False
         barrier(self.procs)
 
     # --- one epoch ---------------------------------------------------------------------------------
@@ -166,25 +287,35 @@ class Trainer:
         return x, y.to(self.procs.device, non_blocking=True)
 
     def train_epoch(self, stop: StopRequest) -> tuple[float, int]:
-        settings, procs = self.settings, self.procs
-        self.sampler.set_epoch(self.state.epoch)
-        self.train_set.epoch = self.state.epoch
-        loader = DataLoader(self.train_set, batch_size=settings.batch_size // procs.world, sampler=self.sampler,
+        """One epoch of optimisation; resumed mid-epoch (after a stop signal) it does only the steps left."""
+        settings, procs, state = self.settings, self.procs, self.state
+        self.sampler.set_epoch(state.epoch)
+        self.train_set.epoch = state.epoch
+        per_process = settings.batch_size // procs.world
+        order = list(self.sampler)  # this epoch's patches for this process, in order
+        steps = math.ceil(len(order) / per_process)
+        steps = min(steps, settings.steps_per_epoch) if settings.steps_per_epoch else steps
+        # Steps already taken before a stop signal: skip their patches (the same ones when the number of
+        # processes is unchanged), so a resumed epoch has exactly as many optimisation steps as any other.
+        done = min(state.step, steps)
+        loader = DataLoader(self.train_set, batch_size=per_process, sampler=order[done * per_process:],
                             num_workers=settings.workers, pin_memory=self.cuda, drop_last=False,
                             persistent_workers=False)
-        steps = len(loader) if not settings.steps_per_epoch else min(len(loader), settings.steps_per_epoch)
         self.network.train()
         total = torch.zeros(2, device=procs.device)
+        if state.partial and procs.main:  # the loss summed over all processes before the stop
+            total += torch.tensor(state.partial, device=procs.device)
         with make_progress(transient=True) as bar_view:
-            bar = bar_view.add_task(f"train: epoch {self.state.epoch + 1}", total=steps, visible=procs.main)
-            for step, (x, y) in enumerate(loader):
+            bar = bar_view.add_task(f"train: epoch {state.epoch + 1}", total=steps, completed=done,
+                                    visible=procs.main)
+            for step, (x, y) in enumerate(loader, start=done):
                 if step >= steps:
                     break
                 x, y = self._to_device(x, y)
                 with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
                     loss = self._loss(self.network(x), y)
                 if not torch.isfinite(loss):
-                    raise TrainingFailed(f"the training loss became {loss.item()} at epoch {self.state.epoch + 1}, "
+                    raise TrainingFailed(f"the training loss became {loss.item()} at epoch {state.epoch + 1}, "
                                          f"step {step + 1}: lower training.learning_rate or check the dataset")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -196,8 +327,11 @@ class Trainer:
                 total += torch.stack([loss.detach(), torch.ones((), device=procs.device)])
                 bar_view.advance(bar)
                 if self._stop_agreed(stop):
-                    raise TrainingInterrupted(self._interrupted_message(stop))
+                    sum_all(total, procs)
+                    state.step, state.partial = step + 1, total.tolist()
+                    raise TrainingInterrupted(self._interrupted_message(stop, steps))
         sum_all(total, procs)
+        state.step, state.partial = 0, None
         return (total[0] / total[1].clamp(min=1)).item(), steps
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
@@ -208,11 +342,13 @@ class Trainer:
         flag = sum_all(torch.tensor([float(stop.requested)], device=self.procs.device), self.procs)
         return flag.item() > 0
 
-    def _interrupted_message(self, stop: StopRequest) -> str:
+    def _interrupted_message(self, stop: StopRequest, steps: int = 0) -> str:
         self.save(best=False)
         name = {10: "SIGUSR1", 15: "SIGTERM"}.get(stop.signal or 0, "a stop signal")
-        return (f"training stopped by {name} during epoch {self.state.epoch + 1}: {self.out / 'last.pt'} holds "
-                f"{self.state.epoch} finished epoch(s); run the train stage again (or requeue) to resume")
+        state = self.state
+        partial = f" and {state.step} of {steps} steps of epoch {state.epoch + 1}" if state.step else ""
+        return (f"training stopped by {name} during epoch {state.epoch + 1}: {self.out / 'last.pt'} holds "
+                f"{state.epoch} finished epoch(s){partial}; run the train stage again (or requeue) to resume")
 
     @torch.inference_mode()
     def validate(self) -> tuple[float, np.ndarray]:

@@ -1,0 +1,81 @@
+"""Publish a stage's output folder whole: built under a private name, swapped in with its record.
+
+A scene's masks, a scene's predictions and the dataset are each built in a partial folder beside the
+target (`.NAME.partial-HOST-PID`), their completion record written last inside it, and only then put
+in place of the target in one rename. So an interrupted stage never leaves outputs that could pass for
+complete ones (or for masks a user supplied), and two writers never share a temporary name. Partial
+folders of dead runs are reclaimed by the next writer, which holds the output's lock
+(pipeline/locks.py) and so knows that no live process owns them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.data.writer import swap_folder
+from pipeline.progress import say
+from pipeline.stages.records import folder_bytes
+
+PARTIAL = ".partial-"
+
+
+def partial_folder(target: Path) -> Path:
+    """This process's private build folder for `target`."""
+    return target.with_name(f".{target.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}")
+
+
+def reclaim_partials(target: Path) -> int:
+    """Remove build folders that interrupted runs left beside `target`; call only while holding its lock.
+
+    Returns the bytes freed and says it when anything was freed.
+    """
+    if not target.parent.is_dir():
+        return 0
+    freed = 0
+    leftovers = [*target.parent.glob(f".{target.name}{PARTIAL}*"), target.with_name(f".{target.name}.old.tmp")]
+    for stale in leftovers:
+        if stale.is_dir() and not stale.is_symlink():
+            freed += folder_bytes(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    if freed:
+        say(f"  reclaimed {freed / 1e6:.1f} MB left by an interrupted run beside {target}")
+    return freed
+
+
+def _keep_foreign_files(target: Path, partial: Path) -> None:
+    """Files of the old folder that the stage does not write (a user's notes, thesis .jp2 masks) survive
+    the swap: hard-linked into the new folder, so a crash at any point loses none of them."""
+    if not target.is_dir():
+        return
+    for entry in target.iterdir():
+        if entry.name.startswith(".") or (partial / entry.name).exists():
+            continue
+        if entry.is_file() and not entry.is_symlink():
+            try:
+                os.link(entry, partial / entry.name)
+            except OSError:
+                shutil.copy2(entry, partial / entry.name)
+        else:
+            shutil.copytree(entry, partial / entry.name, symlinks=True) if entry.is_dir() else \
+                os.symlink(os.readlink(entry), partial / entry.name)
+
+
+@contextmanager
+def building(target: Path) -> Iterator[Path]:
+    """Yield an empty private folder; when the block succeeds it replaces `target`, otherwise it is removed
+    (also on Ctrl-C and SIGTERM, which the CLI turns into KeyboardInterrupt)."""
+    partial = partial_folder(target)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        _keep_foreign_files(target, partial)
+        swap_folder(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

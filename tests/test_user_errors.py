@@ -1,0 +1,242 @@
+"""A user's mistakes, met through the real `snowpipe` command: each is one plain line naming the file, key or
+variable and the fix, with a non-zero exit code that is never 70 (70 means a bug in snowpipe)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser, main
+from tests.builders import write_auxiliary, write_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snowpipe(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Run the CLI in-process; return the exit code and stderr, which never holds a traceback."""
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, err
+
+
+def one_error_line(err: str) -> str:
+    """The error, which must be exactly one line starting with `error:`."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def config_file(folder: Path, text: str | bytes) -> Path:
+    path = folder / "pipeline-config.yml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+# --- the config file ------------------------------------------------------------------------------------------
+
+def test_a_repeated_section_is_refused_with_both_lines(tmp_path, capsys):
+    """Today YAML keeps the second `training:` and silently resets epochs to the default."""
+    path = config_file(tmp_path, "tile_id: 32TNS\ntraining:\n  epochs: 5\ndataset:\n  seed: 1\n"
+                                 "training:\n  enable: true\n  lr_patience: 2\n  lr_patience: 3\n")
+    code, err = snowpipe(capsys, "validate", str(path))
+    assert code == 2
+    assert f"error: {path} is invalid (2 problem(s)):" in err
+    assert "  training: section given twice, on lines 2 and 6; YAML would keep only the second" in err
+    assert "  training.lr_patience: key given twice, on lines 8 and 9" in err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not UTF-8 text (byte 0x89 at position 0)"),
+    (b"tile_id: 32TNS\n\x00\x01\x02", "not a text file (character #x0000 at position 15)"),
+])
+def test_a_binary_config_file_is_named_not_an_internal_error(tmp_path, capsys, content, message):
+    path = config_file(tmp_path, content)
+    code, err = snowpipe(capsys, "validate", str(path))
+    assert code == 2
+    assert one_error_line(err).startswith(f"error: {path}: {message}")
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("2021-13-45", "2021-13-45 reads as a calendar date but is not a valid one (month must be in 1..12)"),
+    ("2021-01-11", "2021-01-11 reads as a calendar date; write scene dates as date keys like 20210111T102309"),
+])
+def test_an_unquoted_date_is_named_with_its_line(tmp_path, capsys, value, problem):
+    path = config_file(tmp_path, f"tile_id: 32TNS\ninference:\n  dates:\n    - 20220301T102309\n    - {value}\n")
+    code, err = snowpipe(capsys, "validate", str(path))
+    assert code == 2
+    assert one_error_line(err).startswith(f"error: {path} line 5: inference.dates.1: {problem}")
+
+
+def test_a_negative_seed_fails_validation_not_the_dataset_stage(tmp_path, capsys):
+    path = config_file(tmp_path, "tile_id: 32TNS\ndataset:\n  seed: -5\n")
+    code, err = snowpipe(capsys, "validate", str(path))
+    assert code == 2 and "  dataset.seed: expected a number >= 0, got -5" in err
+
+
+def test_a_halo_larger_than_the_window_is_refused_naming_both_keys(tmp_path, capsys):
+    """halo > window reads ~45x the pixels it predicts, silently; now it is a config error."""
+    path = config_file(tmp_path, "tile_id: 32TNS\ninference:\n  window: 128\n  halo: 512\n")
+    code, err = snowpipe(capsys, "validate", str(path))
+    assert code == 2
+    assert "  inference: halo (512) must be at most half of window (128)" in err
+    assert "lower inference.halo" in err and "raise inference.window" in err
+
+
+# --- validate checks what a run would check --------------------------------------------------------------------
+
+def test_validate_names_dates_matching_no_scene_and_folders_without_bands(tmp_path, capsys):
+    extracted = tmp_path / "extracted_data"
+    write_scene(extracted, "20220301T102309")
+    broken = write_scene(extracted, "20220310T102309", skip_bands=("B03", "B8A"))
+    write_auxiliary(extracted)
+    path = config_file(tmp_path, "tile_id: 32TNS\npaths: {extracted_data: extracted_data}\n"
+                                 "inference: {dates: ['20990101T000000']}\ntesting: {dates: ['20990102T000000']}\n"
+                                 "dataset: {validation_dates: ['20990103T000000']}\n")
+    code, err = snowpipe(capsys, "validate", str(path))
+    assert code == 2
+    assert f"error: {path} is invalid (4 problem(s)):" in err
+    for key, date in (("inference.dates", "20990101T000000"), ("testing.dates", "20990102T000000"),
+                      ("dataset.validation_dates", "20990103T000000")):
+        assert f"  {key}: {date} match(es) no scene of tile 32TNS in {extracted}" in err
+    assert f"  {broken}: band(s) B03, B8A missing" in err and "re-extract the product zip" in err
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("training.epochs", "--set 'training.epochs': expected KEY=VALUE"),
+    ("training.epochs=[1", "--set 'training.epochs=[1': not valid YAML: expected ',' or ']'"),
+    ("training.epochs.max=1", "--set 'training.epochs.max=1': training.epochs is a value (60), not a section"),
+    ("training..epochs=1", "--set 'training..epochs=1': expected KEY=VALUE with a dotted key"),
+])
+def test_a_malformed_set_is_one_line(tmp_path, capsys, setting, message):
+    path = config_file(tmp_path, "tile_id: 32TNS\n")
+    code, err = snowpipe(capsys, "stage", "annotate", str(path), "--set", setting)
+    assert code == 2
+    assert one_error_line(err).startswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("task", ["abc", "-1", ""])
+def test_a_malformed_slurm_array_task_id_is_named(tmp_path, capsys, monkeypatch, task):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+    code, err = snowpipe(capsys, "stage", "annotate", str(config_file(tmp_path, "tile_id: 32TNS\n")))
+    assert code == 1
+    assert one_error_line(err).startswith(f"error: SLURM_ARRAY_TASK_ID={task!r}: expected the array index")
+
+
+def test_an_array_task_beyond_the_scenes_is_named(tmp_path, capsys, monkeypatch):
+    write_scene(tmp_path / "extracted_data")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    path = config_file(tmp_path, "tile_id: 32TNS\npaths: {extracted_data: extracted_data}\n")
+    code, err = snowpipe(capsys, "stage", "annotate", str(path))
+    assert code == 1
+    assert one_error_line(err).startswith("error: SLURM_ARRAY_TASK_ID=3 but only 1 scene(s) exist")
+
+
+@pytest.mark.parametrize("scene", ["", "2022-03-01", "20220301"])
+def test_an_empty_or_malformed_scene_never_means_every_scene(tmp_path, capsys, scene):
+    path = config_file(tmp_path, "tile_id: 32TNS\n")
+    code, err = snowpipe(capsys, "stage", "annotate", str(path), "--scene", scene)
+    assert code == 2
+    assert one_error_line(err) == (f"error: --scene {scene!r}: expected a scene date key YYYYMMDDTHHMMSS such as "
+                                   f"20210111T102309; leave --scene out to process every scene")
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [prefix] if prefix else []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _commands(sub, (*prefix, name))
+    return found
+
+
+def test_help_works_for_every_command(capsys):
+    commands = _commands(build_parser())
+    assert ("validate",) in commands and ("demo-data",) in commands
+    for command in commands:
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--help"])
+        assert done.value.code == 0, command
+        assert "usage: snowpipe" in capsys.readouterr().out
+
+
+# --- demo-data --------------------------------------------------------------------------------------------------
+
+def test_demo_data_into_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    code, err = snowpipe(capsys, "demo-data", str(target))
+    assert code == 1
+    assert one_error_line(err) == f"error: demo-data: {target} is a file; pass a new or empty folder"
+    assert target.read_text() == "mine"
+
+
+def test_demo_data_keeps_a_project_unless_forced(tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    mine = config_file(project, "tile_id: 32TNS  # my settings\n")
+    code, err = snowpipe(capsys, "demo-data", str(project), "--scenes", "1", "--size", "60")
+    assert code == 1
+    assert one_error_line(err).startswith(f"error: demo-data: {project} is not empty (pipeline-config.yml); "
+                                          f"pass a new or empty folder, or --force")
+    assert mine.read_text() == "tile_id: 32TNS  # my settings\n"
+    code, _ = snowpipe(capsys, "demo-data", str(project), "--scenes", "1", "--size", "60", "--force")
+    assert code == 0 and "written by `snowpipe demo-data`" in mine.read_text()
+
+
+def test_make_demo_targets_stay_rerunnable():
+    """`make demo` and `make demo-local` write into the same folder every time: they must pass --force."""
+    lines = [line for line in (ROOT / "Makefile").read_text().splitlines() if "demo-data $(DEMO)" in line]
+    assert len(lines) == 2 and all(line.rstrip().endswith("--force") for line in lines)
+
+
+# --- a full disk or a read-only folder -----------------------------------------------------------------------
+
+def _private_mounts_available() -> bool:
+    """A private mount namespace (root, or user namespaces) lets a test mount a real tmpfs for itself."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+needs_mounts = pytest.mark.skipif(not _private_mounts_available(), reason="needs `unshare -m` to mount a tmpfs")
+
+
+def on_tmpfs(folder: Path, options: str, fill: bool, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `snowpipe ARGS` with a real tmpfs mounted on `folder` (mount options; filled to the last byte)."""
+    script = ('mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; '
+              'if [ "$3" = 1 ]; then dd if=/dev/zero of="$2/fill" bs=4k 2>/dev/null; fi; shift 3; exec "$@"')
+    folder.mkdir(exist_ok=True)
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", options, str(folder), str(int(fill)),
+                             sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 99, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+@needs_mounts
+def test_a_read_only_folder_is_one_line_not_an_internal_error(tmp_path):
+    folder = tmp_path / "readonly"
+    result = on_tmpfs(folder, "ro,size=64k", False, "demo-data", str(folder / "demo"), "--scenes", "1",
+                      "--size", "60")
+    assert result.returncode == 74
+    assert one_error_line(result.stderr).startswith(f"error: cannot write {folder / 'demo'}")
+    assert "read-only file system; make the folder writable" in result.stderr
+
+
+@needs_mounts
+def test_a_full_disk_is_one_line_not_an_internal_error(tmp_path):
+    """Every block and inode of the tmpfs is used (the root folder and the filler file): mkdir gets ENOSPC."""
+    folder = tmp_path / "full"
+    result = on_tmpfs(folder, "size=16k,nr_inodes=2", True, "demo-data", str(folder / "demo"), "--scenes", "1",
+                      "--size", "60")
+    assert result.returncode == 74
+    assert one_error_line(result.stderr) == (f"error: cannot write {folder / 'demo'}: no space left; free space "
+                                             f"there or point the config's paths at a larger disk")
