@@ -1,6 +1,6 @@
 """pipeline-config.yml: one typed, validated tree; every error names the key path and the fix.
 
-The top-level keys are fixed by DESIGN.md. Each stage section has `enable`; what else it holds is
+The top-level keys are fixed (docs/architecture.md). Each stage section has `enable`; what else it holds is
 declared here and documented in the commented `pipeline-config.yml` at the repository root.
 Relative paths resolve against the folder of the config file, so a config travels with its data.
 """

@@ -1,8 +1,9 @@
 """Fault injection for tests: die at an exact write, without timing games.
 
 `SNOWPIPE_KILL_AT=POINT` (or `POINT:N` for the N-th time) makes the process SIGKILL itself when it
-reaches POINT (`SNOWPIPE_KILL_SIGNAL=TERM` sends SIGTERM instead, as scancel does). Writers announce a point each time they publish a file (`published NAME`, after the
-rename) or a folder (`swapped NAME`); other code may announce its own. Unset, this costs one dict look-up.
+reaches POINT (`SNOWPIPE_KILL_SIGNAL=TERM` sends SIGTERM instead, as scancel does). Writers announce a
+point each time they publish a file (`published NAME`, after the rename) or a folder (`swapped NAME`);
+other code may announce its own. Unset, this costs one dict look-up.
 See docs/reliability.md for the faults the test suite injects this way.
 """
 

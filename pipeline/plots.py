@@ -18,7 +18,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.bands import CLASS_NAMES, NODATA
-from pipeline.data.writer import atomic_path
+from pipeline.data.writer import atomic_path, check_png
 
 # background, snow, clouds, water: the colours of the mask previews (pipeline/data/preview.py).
 CLASS_COLOURS = ("#227822", "#00dcff", "#ff00c8", "#1428dc")
@@ -27,11 +27,13 @@ IGNORED, DISAGREE = 0, len(CLASS_NAMES) + 1
 DIFFERENCE_COLOURS = ("#d9d9d9", "#a6d8a6", "#b3f1ff", "#ffb3ee", "#a1aaf1", "#d7191c")
 
 
-def save_figure(figure: Figure, target: Path, dpi: int = 100) -> Path:
-    """Write the figure as PNG under a temporary name first, so a killed job leaves no half image."""
+def save_figure(figure: Figure, target: Path, dpi: int = 100, bbox_inches: str | None = "tight") -> Path:
+    """Write the figure as PNG under a temporary name first, so a killed job leaves no half image; the
+    file is checked whole before it takes its name, and a full or read-only folder is one OutputError."""
     FigureCanvasAgg(figure)
     with atomic_path(target) as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        figure.savefig(tmp, format="png", dpi=dpi, bbox_inches=bbox_inches)
+        check_png(tmp, target)
     return target
 
 

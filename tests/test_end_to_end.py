@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,15 +110,16 @@ def test_a_cancelled_job_leaves_no_file_that_looks_complete(demo):
     slow.write_text(yaml.safe_dump(config))
     date = sorted(p.stem for p in (out / "truth").glob("*.tif"))[0]
     folder = out / "annotated_masks" / date
+    shutil.rmtree(folder)
     job = subprocess.Popen([sys.executable, "-m", "pipeline", "stage", "annotate", str(slow), "--scene", date,
                             "--force"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not list(folder.glob(".mask.tif.*.tmp")) and time.monotonic() < deadline:
+    while not list(folder.parent.glob(f".{date}.partial-*/.mask.tif.*.tmp")) and time.monotonic() < deadline:
         time.sleep(0.05)
     job.send_signal(signal.SIGTERM)  # what SLURM sends on scancel or at the time limit
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
-    assert not list(folder.glob(".*.tmp")) and not (folder / ".snowpipe-complete.json").exists()
+    assert not folder.exists() and not list(folder.parent.glob(f".{date}*"))  # no partial folder, no lock
     rerun = snowpipe("stage", "annotate", str(out / "pipeline-config.yml"), "--scene", date)
     assert rerun.returncode == 0 and "annotate: 1 done" in rerun.stderr
 

@@ -69,6 +69,8 @@ def test_training_resumes_from_last_and_continues_the_epoch_count(tmp_path):
     train.run(config_for(tmp_path, epochs=4, learning_rate=0.02))  # another config: a new training
     assert [r["epoch"] for r in history(tmp_path)] == [1, 2, 3, 4]
     assert history(tmp_path)[0]["lr"] == 0.02
+    (kept,) = (tmp_path / "results" / "training").glob("previous-*")  # the first model is moved aside, not lost
+    assert read_checkpoint(kept / "best.pt")["history"][0]["lr"] == 0.01
 
 
 def test_sigusr1_saves_last_and_exits_with_the_requeue_code(tmp_path):

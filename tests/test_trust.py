@@ -169,6 +169,19 @@ def test_a_kill_between_two_writes_of_annotate_leaves_the_old_masks_or_none(proj
     assert not list(folder.parent.glob(f".{date}.partial-*"))
 
 
+def test_a_kill_between_the_two_renames_of_a_swap_restores_the_old_masks(project):
+    config = str(project / "pipeline-config.yml")
+    date = scene_dates(project)[0]
+    folder = project / "annotated_masks" / date
+    before = (folder / "mask.tif").read_bytes()
+    killed = snowpipe("stage", "annotate", config, "--scene", date, "--force",
+                      env={"SNOWPIPE_KILL_AT": f"moved aside {date}"})
+    assert killed.returncode == -signal.SIGKILL and not folder.exists()
+    result = snowpipe("stage", "annotate", config, "--scene", date)
+    assert result.returncode == 0 and "restored" in result.stderr
+    assert "annotate: 0 done, 1 already complete" in result.stderr and (folder / "mask.tif").read_bytes() == before
+
+
 def test_a_kill_during_the_first_annotate_leaves_nothing_the_dataset_would_take(project):
     config = str(project / "pipeline-config.yml")
     date = scene_dates(project)[0]

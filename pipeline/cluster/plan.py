@@ -26,7 +26,9 @@ from pipeline.runner import PIPELINE_ORDER, STAGES, stage_dates
 
 Mode = Literal["cluster", "dry_run", "local_run"]
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-TEMPORARY_FILES = (".*.tmp", "*.tmp", ".snowpipe-tmp-*", "__pycache__/")
+# Never synced, staged or copied back: temporaries, the output locks of live writers and the partial
+# folders of interrupted ones (pipeline/locks.py, pipeline/stages/publish.py) belong to one machine's processes.
+TEMPORARY_FILES = (".*.tmp", "*.tmp", ".snowpipe-tmp-*", "__pycache__/", ".*.lock", ".*.partial-*")
 # What each stage reads (r) and writes (w) among the config's folders: what a job stages to node-local disk.
 STAGE_FOLDERS: dict[str, dict[str, str]] = {
     "annotate": {"extracted_data": "r", "annotated_masks": "w"},

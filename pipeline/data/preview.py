@@ -14,7 +14,7 @@ from rasterio.windows import Window
 
 from pipeline.bands import BANDS, NODATA
 from pipeline.data.reader import SceneReader
-from pipeline.data.writer import atomic_path
+from pipeline.data.writer import atomic_raster
 
 # background, snow, clouds, water; no data is black.
 CLASS_COLOURS = np.array([[34, 120, 34], [0, 220, 255], [255, 0, 200], [20, 40, 220]], np.uint8)
@@ -35,12 +35,13 @@ def colourise(mask: np.ndarray) -> np.ndarray:
 
 
 def write_png(target: Path, image: np.ndarray) -> None:
-    with atomic_path(target) as tmp, warnings.catch_warnings():
+    """A (3, h, w) uint8 picture as PNG; written, closed and read back before it takes its name, so a full
+    disk is one OutputError and never a truncated image (GDAL writes the whole PNG when it is closed)."""
+    profile = {"driver": "PNG", "width": image.shape[2], "height": image.shape[1], "count": 3, "dtype": "uint8"}
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a picture, not a raster
-        with rasterio.open(tmp, "w", driver="PNG", width=image.shape[2], height=image.shape[1], count=3,
-                           dtype="uint8") as png:
+        with atomic_raster(target, profile) as png:
             png.write(image)
-        tmp.with_name(tmp.name + ".aux.xml").unlink(missing_ok=True)
 
 
 def write_mask_preview(target: Path, reader: SceneReader, mask_path: Path) -> None:

@@ -59,7 +59,8 @@ def _about_this_output(exc: OSError, target: Path, tmp: Path | None) -> bool:
     """True when the OSError concerns the output (its folder, temporary or name), not an input read."""
     if exc.filename is None:
         return True
-    return Path(os.fsdecode(exc.filename)) in {target, target.parent, tmp}
+    path = Path(os.fsdecode(exc.filename))
+    return path in {target, tmp} or path in target.parents or path.parent == target.parent
 
 
 def space_error(target: Path, probe_bytes: int = PROBE_BYTES, needed: int | None = None) -> OutputError | None:
@@ -212,11 +213,10 @@ class CheckedDataset:
                 result = call(*args, **kwargs)
             except Exception as exc:
                 if _is_gdal_failure(exc) or len(self._errors) > before:
-                    detail = "; ".join(self._errors[before:]) or str(exc)
-                    raise _write_failure(self._target, self._profile, detail) from exc
+                    raise _write_failure(self._target, self._profile, self._errors[before:] or [str(exc)]) from exc
                 raise
         if len(self._errors) > before:
-            raise _write_failure(self._target, self._profile, "; ".join(self._errors[before:]))
+            raise _write_failure(self._target, self._profile, self._errors[before:])
         return result
 
     def __getattr__(self, name: str) -> Any:
@@ -299,12 +299,14 @@ def _check_blocks(ds, file_size: int, rows: int, cols: int, sparse: bool):
     return None, last
 
 
-def _write_failure(target: Path, profile: dict[str, Any], detail: str) -> OutputError:
+def _write_failure(target: Path, profile: dict[str, Any], messages: list[str]) -> OutputError:
     """The error for a raster that failed: a full or read-only folder if the probe says so, else GDAL's words."""
     total, block = _uncompressed_bytes(profile)
     error = space_error(target, min(max(block, PROBE_BYTES), total + 65536))
     if error is not None:
         return error
+    detail = " ".join(messages[0].split())  # the first error is the cause, the others follow from it
+    detail = detail if len(detail) <= 300 else detail[:297] + "..."
     return OutputError(f"cannot write {target}: {detail}; nothing was published "
                        f"(a previous {target.name}, if any, is kept)")
 
@@ -324,7 +326,7 @@ def atomic_raster(target: Path, profile: dict[str, Any]) -> Iterator[CheckedData
             except Exception as exc:
                 if not _is_gdal_failure(exc):
                     raise
-                raise _write_failure(target, profile, "; ".join(errors) or str(exc)) from exc
+                raise _write_failure(target, profile, errors or [str(exc)]) from exc
             try:
                 yield CheckedDataset(dataset, errors, target, profile)
             except BaseException:
@@ -337,12 +339,13 @@ def atomic_raster(target: Path, profile: dict[str, Any]) -> Iterator[CheckedData
                 except Exception as exc:
                     errors.append(str(exc))
             if errors:
-                raise _write_failure(target, profile, "; ".join(errors))
+                raise _write_failure(target, profile, errors)
             problem = _verify_raster(tmp, profile)
             if problem:
-                raise _write_failure(target, profile, problem)
+                raise _write_failure(target, profile, [problem])
         finally:
-            sidecar.unlink(missing_ok=True)
+            with suppress(OSError):
+                sidecar.unlink(missing_ok=True)
 
 
 def check_png(path: Path, target: Path) -> None:
@@ -423,6 +426,7 @@ def swap_folder(new: Path, target: Path) -> None:
         if target.exists():
             target.rename(old)
             moved = True
+            faults.reached(f"moved aside {target.name}")
         try:
             new.rename(target)
         except BaseException:

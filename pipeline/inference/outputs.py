@@ -22,7 +22,8 @@ from pipeline.bands import BANDS, CLASS_NAMES, NODATA
 from pipeline.data.grid import Grid
 from pipeline.data.preview import CLASS_COLOURS, write_png
 from pipeline.data.reader import SceneReader
-from pipeline.data.writer import atomic_path, atomic_raster
+from pipeline.data.writer import atomic_raster
+from pipeline.plots import save_figure
 
 QUICKLOOK_SIDE = 2048
 TRUE_COLOUR = ("B04", "B03", "B02")
@@ -68,8 +69,7 @@ def write_overlay_png(target: Path, image: np.ndarray) -> None:
     handles = [Patch(color=np.asarray(colour) / 255, label=name) for colour, name in zip(CLASS_COLOURS, CLASS_NAMES)]
     figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False,
                   handlelength=1.2, columnspacing=1.0, borderaxespad=0.2)
-    with atomic_path(target) as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi)
+    save_figure(figure, target, dpi=dpi, bbox_inches=None)
 
 
 def write_quicklooks(out_dir: Path, reader: SceneReader, mask_path: Path) -> list[Path]:

@@ -15,6 +15,7 @@ allow-listed for loading, nothing else.
 from __future__ import annotations
 
 import errno
+import io
 import pickle
 import random
 import re
@@ -44,9 +45,15 @@ LEGACY_GLOBALS = _numpy_globals()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a job killed while saving never leaves a truncated checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    """Write atomically: a job killed while saving never leaves a truncated checkpoint.
+
+    Serialised in memory first: torch's own file writer reports a full disk as an opaque RuntimeError
+    ("unexpected pos ..."), a plain write as ENOSPC, which the atomic writer names with its fix.
+    """
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    with atomic_path(path, needed=buffer.getbuffer().nbytes) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def _why(exc: BaseException) -> str:

@@ -99,9 +99,9 @@ def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, th
     out_dir = config.path("annotated_masks") / scene.date
     key = record_key(scene, config, auxiliary)
     with output_lock(out_dir, f"annotate {scene.date}"):
+        reclaim_partials(out_dir)
         if not force and records.is_complete(out_dir, key, required=("mask.tif", "coverage.tif")):
             return SceneOutcome(scene.date, "skipped")
-        reclaim_partials(out_dir)
         with building(out_dir) as partial:
             details = _write_masks(scene, config, auxiliary, partial, threads, on_window)
             records.write_record(partial, key, OUTPUTS, **details)

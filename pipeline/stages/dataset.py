@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from numpy.lib.format import open_memmap
 from rasterio.windows import Window
 
 from pipeline.bands import BANDS, CLASS_NAMES
@@ -26,10 +25,10 @@ from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxilia
 from pipeline.data.masks import MaskFiles, find_mask
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
-from pipeline.data.writer import write_json
+from pipeline.data.writer import allocate_npy, write_json
 from pipeline.errors import DataError, SceneError, SnowpipeError
-from pipeline.progress import make_progress, say
 from pipeline.locks import output_lock
+from pipeline.progress import make_progress, say
 from pipeline.stages import annotate, records, sampling
 from pipeline.stages.base import SceneOutcome, StageInfo, StageReport, enforce_policy, failure_message
 from pipeline.stages.publish import building, reclaim_partials
@@ -239,8 +238,9 @@ def _write_splits(partial: Path, plans: list[ScenePlan], counts: dict[str, int],
     """Cut all patches into the split arrays, fit the normalisation on the training ones, apply it."""
     settings = config.dataset
     channels, size = len(BANDS) + int(settings.include_dem), settings.patch_size
-    arrays = {name: (open_memmap(partial / f"{name}_images.npy", "w+", np.float16, (n, channels, size, size)),
-                     open_memmap(partial / f"{name}_masks.npy", "w+", np.uint8, (n, size, size)))
+    # Allocated up front: a full disk is one OutputError here, not a SIGBUS while the patches are cut.
+    arrays = {name: (allocate_npy(partial / f"{name}_images.npy", np.float16, (n, channels, size, size)),
+                     allocate_npy(partial / f"{name}_masks.npy", np.uint8, (n, size, size)))
               for name, n in counts.items()}
     per_patch = int(np.clip(STATS_PIXELS // max(counts["train"], 1), 16, size * size))
     stats: list = []
@@ -294,6 +294,7 @@ def _build(config: PipelineConfig, dates: list[str] | None, force: bool, report:
     """Under the dataset's lock: skip a complete dataset, or build it in a private folder and swap it in."""
     settings = config.dataset
     out = config.path("dataset")
+    reclaim_partials(out)
     plans = _find_scenes(config, dates, report)
     key = records.key_for(INFO.name, config, [p for plan in plans for p in (*plan.scene.bands.values(),
                                                                             plan.masks.mask, plan.masks.coverage)],
@@ -317,7 +318,6 @@ def _build(config: PipelineConfig, dates: list[str] | None, force: bool, report:
     rng = np.random.default_rng(settings.seed)
     _choose_positions(plans, validation, settings, rng)
     counts = _assign_rows(plans, split, settings, rng)
-    reclaim_partials(out)
     with building(out) as partial:
         normaliser, splits_info = _write_splits(partial, plans, counts, config, auxiliary, rng, report)
         arrays = [info[kind] for info in splits_info.values() for kind in ("images", "masks")]

@@ -33,8 +33,8 @@ from pipeline.inference.outputs import write_quicklooks
 from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
 from pipeline.inference.tiling import predict_windows
-from pipeline.model.checkpoint import check_compatible, load_model
 from pipeline.locks import output_lock
+from pipeline.model.checkpoint import check_compatible, load_model
 from pipeline.stages import records
 from pipeline.stages.base import (
     ProgressCallback,
@@ -93,9 +93,9 @@ def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force
     out_dir = prediction_folder(config, scene.date)
     key = record_key(config, scene, auxiliary)
     with output_lock(out_dir, f"infer {scene.date}"):
+        reclaim_partials(out_dir)
         if not force and records.is_complete(out_dir, key, required=OUTPUTS_REQUIRED):
             return SceneOutcome(scene.date, "skipped")
-        reclaim_partials(out_dir)
         with building(out_dir) as partial:
             details = _predict(scene, config, loaded, auxiliary, partial, on_window)
             outputs = [p.name for p in partial.iterdir() if p.is_file() and not p.name.startswith(".")]

@@ -36,8 +36,12 @@ def reclaim_partials(target: Path) -> int:
     """
     if not target.parent.is_dir():
         return 0
+    aside = target.with_name(f".{target.name}.old.tmp")
+    if aside.is_dir() and not target.exists():  # killed between the two renames of a swap: the old one is it
+        aside.rename(target)
+        say(f"  restored {target} from {aside.name}, where an interrupted run had moved it aside")
     freed = 0
-    leftovers = [*target.parent.glob(f".{target.name}{PARTIAL}*"), target.with_name(f".{target.name}.old.tmp")]
+    leftovers = [*target.parent.glob(f".{target.name}{PARTIAL}*"), aside]
     for stale in leftovers:
         if stale.is_dir() and not stale.is_symlink():
             freed += folder_bytes(stale)

@@ -13,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 
 from pipeline.config import PipelineConfig
+from pipeline.data.writer import remove_temporaries
+from pipeline.locks import output_lock
 from pipeline.progress import say
 from pipeline.stages.base import SceneOutcome, StageInfo, StageReport
 from pipeline.training import distributed
@@ -48,26 +51,38 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     report = StageReport(INFO.name, output=str(out))
     manifest = read_manifest(config.path("dataset"))
     procs = distributed.start(config.training.device)
+    # Rank 0 alone writes, so it alone holds the training folder's lock; the other ranks wait for it at the
+    # first collective. Temporaries of a job killed while saving are removed under the lock.
+    lock = output_lock(out, "train") if procs.main else nullcontext()
     try:
-        trainer = Trainer(config, manifest, procs, training_hash(config, manifest), legacy_hashes(config, manifest))
-        resumed = trainer.start(force)
-        if resumed and (trainer.state.finished or trainer.state.epoch >= config.training.epochs):
-            trainer.adopt_identity()
-            report.outcomes.append(SceneOutcome("model", "skipped"))
-            report.note = f"finished after {trainer.state.epoch} epochs (use --force to train again)"
-            return report
-        if procs.main:
-            where = "new training"
-            if resumed:
-                step = trainer.state.step
-                where = f"resuming after epoch {trainer.state.epoch}" + (f" (and {step} steps of the next)"
-                                                                        if step else "")
-            say(f"  {where}: {len(trainer.train_set)} train / {len(trainer.val_set) * procs.world} validation "
-                f"patches, {procs.world} process(es) on {procs.device}, U-Net base {trainer.spec.base_channels} "
-                f"depth {trainer.spec.depth}")
-        state = trainer.fit()
+        with lock:
+            if procs.main:
+                remove_temporaries(out)
+            return _train(config, manifest, procs, force, report, start)
     finally:
         distributed.stop()
+
+
+def _train(config: PipelineConfig, manifest: dict, procs: distributed.Processes, force: bool, report: StageReport,
+           start: float) -> StageReport:
+    """Resume, skip or train, with the training folder locked."""
+    trainer = Trainer(config, manifest, procs, training_hash(config, manifest), legacy_hashes(config, manifest))
+    resumed = trainer.start(force)
+    if resumed and (trainer.state.finished or trainer.state.epoch >= config.training.epochs):
+        trainer.adopt_identity()
+        report.outcomes.append(SceneOutcome("model", "skipped"))
+        report.note = f"finished after {trainer.state.epoch} epochs (use --force to train again)"
+        return report
+    if procs.main:
+        where = "new training"
+        if resumed:
+            step = trainer.state.step
+            where = f"resuming after epoch {trainer.state.epoch}" + (f" (and {step} steps of the next)"
+                                                                    if step else "")
+        say(f"  {where}: {len(trainer.train_set)} train / {len(trainer.val_set) * procs.world} validation "
+            f"patches, {procs.world} process(es) on {procs.device}, U-Net base {trainer.spec.base_channels} "
+            f"depth {trainer.spec.depth}")
+    state = trainer.fit()
     report.outcomes.append(SceneOutcome("model", "done", time.perf_counter() - start))
     best = min(state.history, key=lambda r: r["val_loss"])
     iou = ", ".join(f"{c} {v:.3f}" for c, v in best["val_metrics"]["iou"].items() if v is not None)
