@@ -129,7 +129,7 @@ def test_a_mask_on_a_full_disk_is_one_line_and_the_previous_mask_is_kept(disk, w
 
 def test_gdal_errors_alone_stop_the_publication(disk, monkeypatch):
     """Even if the read-back were fooled, the errors GDAL logs while closing the file are enough."""
-    monkeypatch.setattr(writer, "_verify_raster", lambda path, profile: None)
+    monkeypatch.setattr(writer, "verify_raster", lambda path, profile: None)
     data = noise(1000)
     with pytest.raises(OutputError) as error, atomic_raster(disk / "coverage.tif", profile(1000)) as out:
         for row in range(0, 1000, 100):

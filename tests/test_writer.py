@@ -11,10 +11,10 @@ from rasterio.windows import Window
 
 from pipeline.data.grid import Grid
 from pipeline.data.preview import write_png
+from pipeline.data.raster_checks import verify_raster
 from pipeline.data.tiles import tile_crs, tile_origin
 from pipeline.data.writer import (
     FILE_MODE,
-    _verify_raster,
     atomic_path,
     atomic_raster,
     remove_temporaries,
@@ -75,12 +75,12 @@ def test_the_read_back_refuses_a_truncated_or_misshapen_geotiff(tmp_path):
     target = tmp_path / "mask.tif"
     with atomic_raster(target, grid_profile()) as out:
         out.write(np.random.default_rng(0).integers(0, 4, (700, 700), dtype=np.uint8), 1)
-    assert _verify_raster(target, grid_profile()) is None
+    assert verify_raster(target, grid_profile()) is None
     assert "reads back as 700x700 px, 1 band(s) of uint8, not 700x700 px, 4 band(s)" in \
-        _verify_raster(target, grid_profile(count=4))
+        verify_raster(target, grid_profile(count=4))
     with target.open("r+b") as handle:
         handle.truncate(target.stat().st_size - 1000)
-    assert "the file ends at byte" in _verify_raster(target, grid_profile())
+    assert "the file ends at byte" in verify_raster(target, grid_profile())
 
 
 def test_a_bug_in_the_writing_code_stays_a_bug_and_publishes_nothing(tmp_path):
