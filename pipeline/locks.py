@@ -54,6 +54,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.errors import OutputError, SnowpipeError, output_error
+from pipeline.processes import pid_alive, proc_stat
 from pipeline.progress import say
 
 HEARTBEAT = 30.0  # seconds between refreshes of a held lock's mtime
@@ -155,16 +156,6 @@ def _positive(name: str, default: float) -> float:
 HOST = socket.gethostname()
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) of a Linux process, or None when /proc has no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-    return fields[0], int(fields[19])
-
-
 def _boot_id() -> str | None:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
@@ -172,21 +163,8 @@ def _boot_id() -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process: alive
-    stat = _proc_stat(pid)
-    return not (stat and stat[0] in ("Z", "X"))  # a zombie writes nothing more
-
-
 def _our_info(what: str, heartbeat: float) -> LockInfo:
-    stat = _proc_stat(os.getpid())
+    stat = proc_stat(os.getpid())
     env = os.environ
     return LockInfo(host=HOST, pid=os.getpid(), start=stat[1] if stat else None, boot=_boot_id(),
                     slurm_job=_opt(env.get("SLURM_JOB_ID")), slurm_array_job=_opt(env.get("SLURM_ARRAY_JOB_ID")),
@@ -344,9 +322,9 @@ def _stale_reason(info: LockInfo | None, age: float, stale_after: float) -> str 
         boot = _boot_id()
         if info.boot and boot and info.boot != boot:
             return f"{HOST} rebooted since"
-        if not _pid_alive(info.pid):
+        if not pid_alive(info.pid):
             return f"pid {info.pid} is gone"
-        stat = _proc_stat(info.pid)
+        stat = proc_stat(info.pid)
         if info.start is not None and stat and stat[1] != info.start:
             return f"pid {info.pid} now belongs to another process"
         if info.pid == os.getpid() and (stat is None or info.start == stat[1]):

@@ -38,20 +38,11 @@ from pipeline.data.layout import Scene
 from pipeline.data.reader import SceneReader
 from pipeline.errors import SceneError
 from pipeline.faults import reached
+from pipeline.processes import bytes_under, pid_alive, proc_stat
 from pipeline.progress import say
 
 DN = np.dtype(np.uint16)
 PREFIX = "snowpipe-decoded-"
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks after boot) of a Linux process; None without /proc or such a process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-        return fields[0], int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _host() -> str:
@@ -62,37 +53,8 @@ def _host() -> str:
 
 def owner_tag() -> str:
     """'{host}-{pid}-{start}' of this process (start 0 where /proc is missing)."""
-    stat = _proc_stat(os.getpid())
+    stat = proc_stat(os.getpid())
     return f"{_host()}-{os.getpid()}-{stat[1] if stat else 0}"
-
-
-def _owner_alive(pid: int, start: int) -> bool:
-    """Whether the process that named a folder still runs on this host (pid alive and, where known, started
-    when the folder's owner did: a new process that reuses the pid is not the owner)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's live process
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True  # no /proc (macOS): the pid alone decides
-    state, started = stat
-    return state not in ("Z", "X") and (start == 0 or started == start)
-
-
-def _size_on_disk(folder: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def _human(size: int) -> str:
@@ -116,9 +78,9 @@ def reclaim_scratch(scratch: Path | None = None) -> tuple[int, int]:
         named = re.fullmatch(r"\d{8}T\d{6}-(.+)", parts[0])
         if named is None or named[1] != host or not path.is_dir() or path.is_symlink():
             continue  # another host's folder, in a scratch dir shared between nodes
-        if _owner_alive(int(parts[1]), int(parts[2])):
+        if pid_alive(int(parts[1]), int(parts[2])):
             continue
-        size = _size_on_disk(path)
+        size = bytes_under(path)
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():
             removed, freed = removed + 1, freed + size

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.data.writer import swap_folder
+from pipeline.processes import bytes_under
 from pipeline.progress import say
-from pipeline.stages.records import folder_bytes
 
 PARTIAL = ".partial-"
 
@@ -44,7 +44,7 @@ def reclaim_partials(target: Path) -> int:
     leftovers = [*target.parent.glob(f".{target.name}{PARTIAL}*"), aside]
     for stale in leftovers:
         if stale.is_dir() and not stale.is_symlink():
-            freed += folder_bytes(stale)
+            freed += bytes_under(stale)
             shutil.rmtree(stale, ignore_errors=True)
     if freed:
         say(f"  reclaimed {freed / 1e6:.1f} MB left by an interrupted run beside {target}")

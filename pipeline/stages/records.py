@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -191,15 +190,3 @@ def vouches(folder: Path) -> bool:
 
 def clear(folder: Path) -> None:
     (folder / RECORD_NAME).unlink(missing_ok=True)
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes under a folder (to say how much a clean-up freed)."""
-    total = 0
-    for base, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(base, name)).st_size
-            except OSError:
-                pass
-    return total
