@@ -102,7 +102,7 @@ def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, th
         reclaim_partials(out_dir)
         if not force and records.is_complete(out_dir, key, required=("mask.tif", "coverage.tif")):
             return SceneOutcome(scene.date, "skipped")
-        with building(out_dir) as partial:
+        with building(out_dir, owned=OUTPUTS) as partial:
             details = _write_masks(scene, config, auxiliary, partial, threads, on_window)
             records.write_record(partial, key, OUTPUTS, **details)
     return SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)

@@ -318,7 +318,7 @@ def _build(config: PipelineConfig, dates: list[str] | None, force: bool, report:
     rng = np.random.default_rng(settings.seed)
     _choose_positions(plans, validation, settings, rng)
     counts = _assign_rows(plans, split, settings, rng)
-    with building(out) as partial:
+    with building(out, owned=("*.npy", MANIFEST)) as partial:
         normaliser, splits_info = _write_splits(partial, plans, counts, config, auxiliary, rng, report)
         arrays = [info[kind] for info in splits_info.values() for kind in ("images", "masks")]
         write_json(partial / MANIFEST, {

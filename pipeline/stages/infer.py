@@ -96,7 +96,7 @@ def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force
         reclaim_partials(out_dir)
         if not force and records.is_complete(out_dir, key, required=OUTPUTS_REQUIRED):
             return SceneOutcome(scene.date, "skipped")
-        with building(out_dir) as partial:
+        with building(out_dir, owned=("*.tif", "*.png")) as partial:
             details = _predict(scene, config, loaded, auxiliary, partial, on_window)
             outputs = [p.name for p in partial.iterdir() if p.is_file() and not p.name.startswith(".")]
             records.write_record(partial, key, outputs, **details)

@@ -10,6 +10,7 @@ folders of dead runs are reclaimed by the next writer, which holds the output's 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import socket
@@ -51,13 +52,16 @@ def reclaim_partials(target: Path) -> int:
     return freed
 
 
-def _keep_foreign_files(target: Path, partial: Path) -> None:
-    """Files of the old folder that the stage does not write (a user's notes, thesis .jp2 masks) survive
-    the swap: hard-linked into the new folder, so a crash at any point loses none of them."""
+def _keep_foreign_files(target: Path, partial: Path, owned: tuple[str, ...]) -> None:
+    """Files of the old folder that the stage never writes (a user's notes, thesis .jp2 masks) survive the
+    swap: hard-linked into the new folder, so a crash at any point loses none of them. Files matching the
+    stage's own names (`owned` patterns) are not carried over: an old probabilities.tif must not sit beside
+    a new model's mask."""
     if not target.is_dir():
         return
     for entry in target.iterdir():
-        if entry.name.startswith(".") or (partial / entry.name).exists():
+        if entry.name.startswith(".") or (partial / entry.name).exists() or \
+                any(fnmatch.fnmatch(entry.name, pattern) for pattern in owned):
             continue
         if entry.is_file() and not entry.is_symlink():
             try:
@@ -70,15 +74,16 @@ def _keep_foreign_files(target: Path, partial: Path) -> None:
 
 
 @contextmanager
-def building(target: Path) -> Iterator[Path]:
+def building(target: Path, owned: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield an empty private folder; when the block succeeds it replaces `target`, otherwise it is removed
-    (also on Ctrl-C and SIGTERM, which the CLI turns into KeyboardInterrupt)."""
+    (also on Ctrl-C and SIGTERM, which the CLI turns into KeyboardInterrupt). `owned`: name patterns of the
+    files the stage writes, never carried over from the old folder."""
     partial = partial_folder(target)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         yield partial
-        _keep_foreign_files(target, partial)
+        _keep_foreign_files(target, partial, owned)
         swap_folder(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
