@@ -23,7 +23,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)  # before importing the stages (and torch): a config error is instant
     from pipeline.runner import select_stages
 
-    stages, unavailable = select_stages(config)
+    stages = select_stages(config)
     problems = check_data_folders(config, stages) + check_scenes(config, stages)
     if problems:
         raise invalid(args.config or "pipeline-config.yml", problems)
@@ -38,9 +38,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for spec in specs:  # a broken job spec fails here, not at submission
         load_jobs(spec.parent, spec.stem)
     found += f", {len(specs)} job spec(s) valid" if specs else ""
-    note = f" (enabled but not in this version: {', '.join(unavailable)})" if unavailable else ""
     print(f"{args.config or 'pipeline-config.yml'} is valid: tile {config.tile_id}{found}, "
-          f"stages: {', '.join(stages) or 'none'}{note}")
+          f"stages: {', '.join(stages) or 'none'}")
     if args.freeze:
         write_json(Path(args.freeze), config.resolved())
         print(f"resolved config (absolute paths) frozen to {args.freeze}: `snowpipe stage NAME --config "
@@ -87,9 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_stages, select_stages
 
     config = load_config(args.config)
-    stages, unavailable = select_stages(config, args.stages)
-    if unavailable:
-        say(f"note: {', '.join(unavailable)} enabled in the config but not part of this version; skipped")
+    stages = select_stages(config, args.stages)
     if not stages:
         say("nothing to run: no available stage is enabled (see the `enable` keys in the config)")
         return 0
@@ -103,7 +100,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.name not in STAGES:
         raise unknown_stage(args.name)
     config = apply_settings(load_config(args.config), args.set or [])
-    per_scene = STAGES[args.name].info.per_scene
+    per_scene = STAGES[args.name].per_scene
     if args.scene is not None and not per_scene:
         raise ConfigError(f"stage {args.name} runs over all scenes at once; drop --scene")
     dates = scene_for_task(config, args.scene, args.name) if per_scene else None

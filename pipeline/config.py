@@ -347,9 +347,11 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
 
 def check_data_folders(config: PipelineConfig, stages: list[str]) -> list[str]:
     """Problems with input folders the selected stages read, each naming the folder and the fix."""
+    from pipeline.stages.registry import STAGES  # the registry reads this module: import it when called
+
     problems: list[str] = []
     extracted = config.path("extracted_data")
-    reads_extracted = {"annotate", "dataset", "infer"} & set(stages)
+    reads_extracted = any(STAGES[name].reads("extracted_data") for name in stages)
     if reads_extracted and "download" not in stages and not extracted.is_dir():
         problems.append(
             f"paths.extracted_data: folder {extracted} does not exist; fix the path in the config, "

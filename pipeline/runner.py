@@ -1,70 +1,33 @@
-"""Run stages locally, in pipeline order: what `snowpipe run` and `snowpipe stage` (in batch scripts) call."""
+"""Run stages locally, in pipeline order: what `snowpipe run` and `snowpipe stage` (in batch scripts) call.
+
+The stages themselves are declared in pipeline/stages/registry.py; their code is imported when they run.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from pipeline.config import DATE_KEY, PipelineConfig, check_data_folders
 from pipeline.data.layout import discover_scenes
 from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import say
-from pipeline.stages import annotate, dataset, download, evaluate, infer, train
-from pipeline.stages.base import StageInfo, StageReport
-
-# Every stage of the pipeline, in order, with the config section that enables it.
-PIPELINE_ORDER: dict[str, str] = {
-    "download": "download",
-    "annotate": "annotation",
-    "dataset": "dataset",
-    "train": "training",
-    "infer": "inference",
-    "test": "testing",
-}
-
-
-@dataclass(frozen=True)
-class Stage:
-    info: StageInfo
-    run: Callable[..., StageReport]
-
-
-# The stages this version implements; the others are not offered (no stubs).
-STAGES: dict[str, Stage] = {
-    "download": Stage(download.INFO, download.run),
-    "annotate": Stage(annotate.INFO, annotate.run),
-    "dataset": Stage(dataset.INFO, dataset.run),
-    "train": Stage(train.INFO, train.run),
-    "infer": Stage(infer.INFO, infer.run),
-    "test": Stage(evaluate.INFO, evaluate.run),
-}
+from pipeline.stages.base import StageReport
+from pipeline.stages.registry import STAGES, enabled, stage_dates
 
 
 def unknown_stage(name: str) -> SnowpipeError:
-    if name in PIPELINE_ORDER:
-        return ConfigError(f"stage {name!r} is not available in this version of snowpipe; "
-                           f"available: {', '.join(STAGES)}")
     return ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
 
-def select_stages(config: PipelineConfig, requested: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """Stages to run in pipeline order, and enabled ones this version cannot run (to tell the user)."""
+def select_stages(config: PipelineConfig, requested: list[str] | None = None) -> list[str]:
+    """Stages to run in pipeline order: the requested ones, else those the config enables."""
     if requested:
         for name in requested:
             if name not in STAGES:
                 raise unknown_stage(name)
-        return [name for name in STAGES if name in requested], []
-    enabled = [name for name, section in PIPELINE_ORDER.items() if getattr(config, section).enable]
-    return [n for n in enabled if n in STAGES], [n for n in enabled if n not in STAGES]
-
-
-def stage_dates(config: PipelineConfig, name: str) -> list[str]:
-    """The scenes a per-scene stage covers: inference may list its own, the others use `dates`."""
-    if name == "infer" and config.inference.dates:
-        return config.inference.dates
-    return config.dates
+        return [name for name in STAGES if name in requested]
+    return enabled(config)
 
 
 def scene_for_task(config: PipelineConfig, scene: str | None, name: str) -> list[str] | None:
@@ -102,7 +65,7 @@ def run_stages(config: PipelineConfig, names: list[str], dates: list[str] | None
     reports = []
     for name in names:
         stage = STAGES[name]
-        say(f"== {name}: {stage.info.summary}")
+        say(f"== {name}: {stage.summary}")
         report = stage.run(config, dates=dates, force=force)
         say(report.summary())
         reports.append(report)

@@ -16,7 +16,7 @@ from pipeline.config import parse_config
 from pipeline.data.layout import discover_scenes, find_auxiliary
 from pipeline.demo import generate_demo
 from pipeline.errors import ConfigError, DataError, SnowpipeError
-from pipeline.runner import STAGES, select_stages
+from pipeline.runner import select_stages
 from pipeline.stages import download
 from pipeline.stages.download import (
     Product,
@@ -27,6 +27,7 @@ from pipeline.stages.download import (
     unpack,
     verify_sizes,
 )
+from pipeline.stages.registry import STAGES
 from pipeline.stages.rsync import Entry, Remote, explain, list_remote, parse_listing
 
 TILE = "32TNS"
@@ -150,9 +151,9 @@ def test_the_cli_refusal_is_one_line(tmp_path):
 
 def test_download_is_the_first_stage_and_runs_when_enabled(tmp_path):
     assert list(STAGES)[0] == "download"
-    info = STAGES["download"].info
+    info = STAGES["download"]
     assert (info.per_scene, info.needs_gpu, info.section) == (False, False, "download")
-    assert select_stages(config_for(tmp_path, dates=None))[0][:2] == ["download", "annotate"]
+    assert select_stages(config_for(tmp_path, dates=None))[:2] == ["download", "annotate"]
 
 
 def make_zip(folder: Path, zip_path: Path) -> None:

@@ -14,6 +14,7 @@ from pipeline.bands import CLASS_NAMES, NODATA
 from pipeline.metrics import confusion_matrix
 from pipeline.stages import evaluate, records
 from pipeline.stages.base import StageFailed
+from pipeline.stages.registry import stage_dates
 from tests.builders import make_config, write_raster, write_scene
 
 SIZE = 60
@@ -247,7 +248,7 @@ def test_a_prediction_changed_after_its_record_is_not_scored(config):
 
 def test_testing_dates_fall_back_to_inference_then_top_level_dates(scenes):
     base = make_config(scenes).model_copy(update={"dates": [DATE_A]})
-    assert evaluate.testing_dates(base, None) == [DATE_A]
+    assert stage_dates(base, "test") == [DATE_A]
     cfg = make_config(scenes, inference={"dates": [DATE_B]}).model_copy(update={"dates": [DATE_A, DATE_B]})
-    assert evaluate.testing_dates(cfg, None) == [DATE_B]
-    assert evaluate.testing_dates(cfg, [DATE_A]) == [DATE_A]
+    assert stage_dates(cfg, "test") == [DATE_B]
+    assert stage_dates(cfg, "test", [DATE_A]) == [DATE_A]

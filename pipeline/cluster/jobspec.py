@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
+from pipeline.stages.registry import PER_SCENE, STAGES
 
-STAGE_NAMES = ("download", "annotate", "dataset", "train", "infer", "test")
-PER_SCENE_STAGES = ("annotate", "infer")
+CLUSTER_STAGES = tuple(name for name, stage in STAGES.items() if stage.runs_on_cluster)
 TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 MEMORY = re.compile(r"^\d+[KMGT]?$")
 
@@ -69,7 +69,7 @@ BUILT_IN = Resources(time="04:00:00", cpus=1, memory="4G", gpus=0, gres=[], modu
 class JobEntry(Resources):
     name: str | None = None
     use: str | None = None                # take jobs/<use>.yml's job, then apply this entry's fields
-    stages: list[Literal["annotate", "dataset", "train", "infer", "test"]] | None = None
+    stages: list[str] | None = None       # stages of the registry that run on a cluster, in any order
     after: list[str] = []                 # job names this one waits for (afterok)
     array: bool | None = None             # one array task per scene (per-scene stages only)
     description: str | None = None
@@ -162,9 +162,13 @@ def load_jobs(jobs_dir: Path, spec: str, defaults: Resources | None = None,
             if not any(job.name == before for job in jobs):
                 raise ConfigError(f"{path}: job {name} runs after {before!r}, which is not a job listed before it")
         array = bool(fields.get("array", False))
-        if array and not all(stage in PER_SCENE_STAGES for stage in fields["stages"]):
+        unknown = [stage for stage in fields["stages"] if stage not in CLUSTER_STAGES]
+        if unknown:
+            raise ConfigError(f"{path}: job {name} runs {', '.join(map(repr, unknown))}; stages a job can run: "
+                              f"{', '.join(CLUSTER_STAGES)}")
+        if array and not all(stage in PER_SCENE for stage in fields["stages"]):
             raise ConfigError(f"{path}: job {name} is an array over scenes, so its stages must be per-scene stages "
-                              f"({', '.join(PER_SCENE_STAGES)}); got {', '.join(fields['stages'])}")
+                              f"({', '.join(PER_SCENE)}); got {', '.join(fields['stages'])}")
         resources = _layer(BUILT_IN, defaults or Resources())
         resources = _layer(resources, Resources.model_validate({k: v for k, v in fields.items() if k in RESOURCE_KEYS}))
         for key in ("*", name):

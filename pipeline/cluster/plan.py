@@ -22,30 +22,13 @@ from pipeline.cluster.jobspec import Job, Resources, load_jobs, parse_resources
 from pipeline.config import PipelineConfig, check_data_folders
 from pipeline.data.layout import EXOLABS_FOLDER, Scene, discover_scenes, find_auxiliary
 from pipeline.errors import ConfigError, DataError
-from pipeline.runner import PIPELINE_ORDER, STAGES, stage_dates
+from pipeline.stages.registry import STAGES, enabled, stage_dates
 
 Mode = Literal["cluster", "dry_run", "local_run"]
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 # Never synced, staged or copied back: temporaries, the output locks of live writers and the partial
 # folders of interrupted ones (pipeline/locks.py, pipeline/stages/publish.py) belong to one machine's processes.
 TEMPORARY_FILES = (".*.tmp", "*.tmp", ".snowpipe-tmp-*", "__pycache__/", ".*.lock", ".*.partial-*")
-# What each stage reads (r) and writes (w) among the config's folders: what a job stages to node-local disk.
-STAGE_FOLDERS: dict[str, dict[str, str]] = {
-    "annotate": {"extracted_data": "r", "annotated_masks": "w"},
-    "dataset": {"extracted_data": "r", "annotated_masks": "r", "results": "w"},
-    "train": {"results": "w"},
-    "infer": {"extracted_data": "r", "results": "w"},
-    "test": {"extracted_data": "r", "annotated_masks": "r", "results": "w"},
-}
-# Large result folders a stage does not read, left behind when results are staged to node-local disk.
-RESULTS_NOT_READ: dict[str, list[str]] = {
-    "dataset": ["predictions/", "testing/", "training/"],
-    "train": ["predictions/", "testing/"],
-    "infer": ["predictions/", "testing/", "dataset/"],
-    "test": ["dataset/", "training/"],
-}
-
-
 @dataclass(frozen=True)
 class Target:
     """The cluster, as the inventory describes it (host variables prefixed `snowpipe_`)."""
@@ -114,7 +97,7 @@ def folder_size(path: Path) -> tuple[int, int]:
 def enabled_jobs(jobs: list[Job], config: PipelineConfig, spec: str) -> list[Job]:
     """Jobs with the stages the config enables; a job left without one is dropped and its dependents
     wait for what it waited for instead."""
-    enabled = {name for name, section in PIPELINE_ORDER.items() if getattr(config, section).enable}
+    wanted = set(enabled(config))
     kept: list[Job] = []
     waits: dict[str, list[str]] = {}
     for job in jobs:
@@ -123,14 +106,14 @@ def enabled_jobs(jobs: list[Job], config: PipelineConfig, spec: str) -> list[Job
             for before in waits.get(name, [name]):
                 if before not in after:
                     after.append(before)
-        stages = [stage for stage in job.stages if stage in enabled]
+        stages = [stage for stage in job.stages if stage in wanted]
         if stages:
             kept.append(job.model_copy(update={"stages": stages, "after": after}))
         else:
             waits[job.name] = after
     if not kept:
         raise ConfigError(f"jobs/{spec}.yml: none of its stages is enabled in the config "
-                          f"(enabled: {', '.join(sorted(enabled)) or 'none'}); set `enable: true` where needed")
+                          f"(enabled: {', '.join(sorted(wanted)) or 'none'}); set `enable: true` where needed")
     return kept
 
 
@@ -229,10 +212,10 @@ def _stage_command(stage: str, job: Job, paths: dict[str, str], config: Pipeline
     processes = (job.resources.gpus or 0) if stage == "train" and (job.resources.gpus or 0) > 1 else 1
     staged, sets = [], []
     if job.resources.stage_inputs:
-        for name, access in STAGE_FOLDERS[stage].items():
+        for name, access in STAGES[stage].folders.items():
             per_task = job.array and name == "extracted_data"
             staged.append({"name": name, "source": paths[name], "writable": access == "w",
-                           "excludes": RESULTS_NOT_READ.get(stage, []) if name == "results" else [],
+                           "excludes": list(STAGES[stage].results_not_read) if name == "results" else [],
                            "task_filters": task_filters(config, scan(stage_dates(config, stage))) if per_task else []})
             sets.append({"key": f"paths.{name}", "scratch": name})
             if name == "results":
@@ -298,8 +281,8 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
     jobs = enabled_jobs(load_jobs(jobs_dir, spec, target.defaults, target.overrides), config, spec)
     for job in jobs:
         for stage in job.stages:
-            if stage not in STAGES:
-                raise ConfigError(f"job {job.name} runs stage {stage!r}, not available in this version")
+            if not STAGES[stage].runs_on_cluster:
+                raise ConfigError(f"job {job.name} runs stage {stage!r}, which never runs on a cluster")
     problems = check_data_folders(config, sorted({stage for job in jobs for stage in job.stages}))
     if problems:
         raise DataError("\n".join(problems))

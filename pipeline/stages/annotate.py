@@ -29,7 +29,6 @@ from pipeline.stages import records
 from pipeline.stages.base import (
     ProgressCallback,
     SceneOutcome,
-    StageInfo,
     StageReport,
     describe,
     enforce_policy,
@@ -39,10 +38,10 @@ from pipeline.stages.base import (
 )
 from pipeline.stages.clouds import CloudDetector
 from pipeline.stages.publish import building, reclaim_partials
+from pipeline.stages.registry import STAGES, stage_dates
 from pipeline.workers import die_with_parent
 
-INFO = StageInfo("annotate", "annotation", per_scene=True, needs_gpu=False,
-                 summary="automatic masks: water, glacier, ExoLabs snow, s2cloudless clouds")
+INFO = STAGES["annotate"]
 
 
 def _inputs(scene: Scene, auxiliary: Auxiliary, settings: Annotation) -> list[Path | None]:
@@ -160,7 +159,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     """Annotate the selected scenes (all of the config's by default), several in parallel."""
     start = time.perf_counter()
     settings = config.annotation
-    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, dates or config.dates)
+    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, INFO.name, dates))
     workers = min(workers or settings.workers, len(scenes))
     threads = worker_threads(workers)
     report = StageReport(INFO.name, output=str(config.path("annotated_masks")))

@@ -10,17 +10,9 @@ from rich.progress import Progress
 
 from pipeline.errors import SceneError, SnowpipeError
 from pipeline.progress import make_progress, say
+from pipeline.stages.registry import StageInfo
 
-
-@dataclass(frozen=True)
-class StageInfo:
-    """A stage declares what it needs; runners (local, SLURM) decide how to run it."""
-
-    name: str
-    section: str  # its key in pipeline-config.yml
-    per_scene: bool  # can be split into one job-array task per scene
-    needs_gpu: bool
-    summary: str
+__all__ = ["StageInfo", "SceneOutcome", "StageReport", "StageFailed", "enforce_policy", "run_scenes"]
 
 
 @dataclass

@@ -30,11 +30,11 @@ from pipeline.errors import DataError, SceneError, SnowpipeError
 from pipeline.locks import output_lock
 from pipeline.progress import make_progress, say
 from pipeline.stages import annotate, records, sampling
-from pipeline.stages.base import SceneOutcome, StageInfo, StageReport, enforce_policy, failure_message
+from pipeline.stages.base import SceneOutcome, StageReport, enforce_policy, failure_message
 from pipeline.stages.publish import building, reclaim_partials
+from pipeline.stages.registry import STAGES, stage_dates
 
-INFO = StageInfo("dataset", "dataset", per_scene=False, needs_gpu=False,
-                 summary="training / validation patches, split by scene, normalisation constants")
+INFO = STAGES["dataset"]
 MANIFEST = "manifest.json"
 CHUNK = 1024  # patches are cut from reads of about this many pixels square
 STATS_PIXELS = 2_000_000  # training pixels sampled to fit the normalisation
@@ -198,7 +198,7 @@ def _find_scenes(config: PipelineConfig, dates: list[str] | None, report: StageR
     plans: list[ScenePlan] = []
     masks_root = config.path("annotated_masks")
     auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
-    for scene in discover_scenes(config.path("extracted_data"), config.tile_id, dates or config.dates):
+    for scene in discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, INFO.name, dates)):
         files = find_mask(masks_root, scene.date)
         problem = _mask_problem(config, scene, auxiliary, files)
         if problem:

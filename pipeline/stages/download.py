@@ -24,11 +24,11 @@ from pipeline.data.layout import EXOLABS_FOLDER, SAFE_NAME
 from pipeline.data.writer import swap_folder
 from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import make_progress, say
-from pipeline.stages.base import SceneOutcome, StageInfo, StageReport
+from pipeline.stages.base import SceneOutcome, StageReport
+from pipeline.stages.registry import STAGES, stage_dates
 from pipeline.stages.rsync import Entry, Remote, list_remote, received_files, transfer
 
-INFO = StageInfo("download", "download", per_scene=False, needs_gpu=False,
-                 summary="rsync raw data (products, ExoLabs, auxiliary layers) from the data server over SSH")
+INFO = STAGES["download"]
 
 BATCH_VARIABLES = ("SNOWPIPE_BATCH_JOB", "SLURM_JOB_ID")  # set in every batch job snowpipe submits
 PRODUCT_NAME = re.compile(SAFE_NAME.pattern.replace(r"\.SAFE$", r"\.(?P<form>SAFE|zip)$"))
@@ -191,7 +191,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     dest = config.path("extracted_data")
     tile = config.tile_id
     top = list_remote(remote)
-    products = pick_products(top, tile, dates or config.dates, remote.where)
+    products = pick_products(top, tile, stage_dates(config, INFO.name, dates), remote.where)
     auxiliary = _auxiliary(top, tile)
     exolabs = any(e.path == EXOLABS_FOLDER and e.kind == "dir" for e in top)
     filters = selection_filters(products, tile, auxiliary, exolabs)

@@ -56,13 +56,12 @@ from pipeline.stages.base import (
     ProgressCallback,
     SceneOutcome,
     StageFailed,
-    StageInfo,
     StageReport,
     failure_message,
 )
+from pipeline.stages.registry import STAGES, stage_dates
 
-INFO = StageInfo("test", "testing", per_scene=False, needs_gpu=False,
-                 summary="metrics of the predictions against ExoLabs or the annotated masks, with plots")
+INFO = STAGES["test"]
 
 WINDOW = 1024
 PREVIEW_SIDE = 1024
@@ -342,17 +341,12 @@ def write_outputs(out: Path, reference: str, results: list[SceneResult], failed:
 # ---------------------------------------------------------------- the stage
 
 
-def testing_dates(config: PipelineConfig, dates: list[str] | None) -> list[str]:
-    """Explicit dates, else testing.dates, else the inference dates (inference.dates or the top-level dates)."""
-    return list(dates or config.testing.dates or config.inference.dates or config.dates)
-
-
 def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
     """Compare every selected scene's prediction with its reference; write metrics and plots."""
     start = time.perf_counter()
     out = config.path("results") / "testing"
     report = StageReport(INFO.name, output=str(out))
-    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, testing_dates(config, dates))
+    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, INFO.name, dates))
     all_inputs = [find_inputs(config, scene) for scene in scenes]
     key = records.key_for(INFO.name, config, [p if p is not None and p.is_file() else None
                                               for i in all_inputs for p in (i.prediction, i.reference, i.coverage)],

@@ -40,17 +40,16 @@ from pipeline.stages.base import (
     ProgressCallback,
     SceneOutcome,
     StageFailed,
-    StageInfo,
     StageReport,
     run_scenes,
     usable_cpus,
 )
 from pipeline.stages.publish import building, reclaim_partials
+from pipeline.stages.registry import STAGES, stage_dates
 
 __all__ = ["checkpoint_path", "data_channels", "infer_scene", "load_predictor", "run"]
 
-INFO = StageInfo("infer", "inference", per_scene=True, needs_gpu=True,
-                 summary="predict whole scenes with the trained U-Net: masks, probabilities, quicklooks")
+INFO = STAGES["infer"]
 
 
 def reader_threads() -> int:
@@ -150,7 +149,7 @@ def _write_window(mask_out, result) -> np.ndarray:
 def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
     """Predict the selected scenes: `dates`, else inference.dates, else the config's dates (all by default)."""
     start = time.perf_counter()
-    wanted = dates or config.inference.dates or config.dates
+    wanted = stage_dates(config, INFO.name, dates)
     scenes = discover_scenes(config.path("extracted_data"), config.tile_id, wanted)
     loaded = load_predictor(config)  # a missing or mismatched checkpoint stops the stage before any scene
     report = StageReport(INFO.name, output=str(config.path("results") / "predictions"),

@@ -19,13 +19,13 @@ from pipeline.config import PipelineConfig
 from pipeline.data.writer import remove_temporaries
 from pipeline.locks import output_lock
 from pipeline.progress import say
-from pipeline.stages.base import SceneOutcome, StageInfo, StageReport
+from pipeline.stages.base import SceneOutcome, StageReport
+from pipeline.stages.registry import STAGES
 from pipeline.training import distributed
 from pipeline.training.data import read_manifest
 from pipeline.training.loop import Trainer
 
-INFO = StageInfo("train", "training", per_scene=False, needs_gpu=True,
-                 summary="U-Net training: checkpoints every epoch, resume, curves")
+INFO = STAGES["train"]
 # Keys that may change between a run and its resumption (continue for more epochs, other hardware).
 RESUMABLE_KEYS = {"enable", "epochs", "resume", "workers", "device", "early_stopping_patience"}
 

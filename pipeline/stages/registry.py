@@ -1,0 +1,96 @@
+"""Every stage of the pipeline, declared once: its name, config section, the folders it reads and writes,
+whether it splits per scene, whether it needs a GPU, and which scenes it covers.
+
+The runner, the job specs, the submission planner, the config checks and the README's stage table read this
+table; nothing else restates it. It imports no stage module (and so no torch): a stage's code is loaded only
+when the stage runs, so validating a config or planning a submission stays light. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from pipeline.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from pipeline.stages.base import StageReport
+
+Access = Literal["r", "w"]
+
+
+def config_dates(config: PipelineConfig) -> list[str]:
+    """The top-level `dates` ([] = every scene found)."""
+    return list(config.dates)
+
+
+def inference_dates(config: PipelineConfig) -> list[str]:
+    """`inference.dates`, else the top-level dates."""
+    return list(config.inference.dates or config.dates)
+
+
+def testing_dates(config: PipelineConfig) -> list[str]:
+    """`testing.dates`, else the scenes inference covers."""
+    return list(config.testing.dates or inference_dates(config))
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """A stage declares what it needs; runners (local, SLURM) decide how to run it."""
+
+    name: str
+    section: str  # its key in pipeline-config.yml
+    summary: str
+    per_scene: bool  # can be split into one job-array task per scene
+    needs_gpu: bool
+    module: str  # where its `run(config, dates=None, force=False)` lives
+    # The config's folders (paths.*) it reads (r) and writes (w): what a batch job stages to node-local disk.
+    folders: dict[str, Access] = field(default_factory=dict)
+    # Big folders under results/ it never reads, left behind when results are staged.
+    results_not_read: tuple[str, ...] = ()
+    dates: Callable[[PipelineConfig], list[str]] = config_dates  # the scenes it covers by default
+    runs_on_cluster: bool = True
+
+    def reads(self, folder: str) -> bool:
+        return folder in self.folders
+
+    def run(self, config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
+        """Import the stage's module (torch, s2cloudless: only now) and run it."""
+        return importlib.import_module(self.module).run(config, dates=dates, force=force)
+
+
+STAGES: dict[str, StageInfo] = {stage.name: stage for stage in (
+    StageInfo("download", "download", "raw data from a data server (rsync over SSH)", per_scene=False,
+              needs_gpu=False, module="pipeline.stages.download", runs_on_cluster=False),
+    StageInfo("annotate", "annotation", "automatic masks: water, glacier, ExoLabs snow, s2cloudless clouds",
+              per_scene=True, needs_gpu=False, module="pipeline.stages.annotate",
+              folders={"extracted_data": "r", "annotated_masks": "w"}),
+    StageInfo("dataset", "dataset", "training / validation patches, split by scene, normalisation constants",
+              per_scene=False, needs_gpu=False, module="pipeline.stages.dataset",
+              folders={"extracted_data": "r", "annotated_masks": "r", "results": "w"},
+              results_not_read=("predictions/", "testing/", "training/")),
+    StageInfo("train", "training", "U-Net training: checkpoints every epoch, resume, curves", per_scene=False,
+              needs_gpu=True, module="pipeline.stages.train", folders={"results": "w"},
+              results_not_read=("predictions/", "testing/")),
+    StageInfo("infer", "inference", "predict whole scenes with the trained U-Net: masks, probabilities, quicklooks",
+              per_scene=True, needs_gpu=True, module="pipeline.stages.infer",
+              folders={"extracted_data": "r", "results": "w"},
+              results_not_read=("predictions/", "testing/", "dataset/"), dates=inference_dates),
+    StageInfo("test", "testing", "metrics of the predictions against ExoLabs or the annotated masks, with plots",
+              per_scene=False, needs_gpu=False, module="pipeline.stages.evaluate",
+              folders={"extracted_data": "r", "annotated_masks": "r", "results": "w"},
+              results_not_read=("dataset/", "training/"), dates=testing_dates),
+)}
+PER_SCENE = tuple(name for name, stage in STAGES.items() if stage.per_scene)
+
+
+def enabled(config: PipelineConfig) -> list[str]:
+    """The stages the config enables, in pipeline order."""
+    return [name for name, stage in STAGES.items() if getattr(config, stage.section).enable]
+
+
+def stage_dates(config: PipelineConfig, name: str, explicit: list[str] | None = None) -> list[str]:
+    """The scenes a stage covers: explicit dates (--scene, an array task), else its own rule."""
+    return list(explicit) if explicit else STAGES[name].dates(config)
