@@ -82,7 +82,7 @@ def test_sigusr1_saves_last_and_exits_with_the_requeue_code(tmp_path):
     deadline = time.monotonic() + 120
     while not history_file.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    job.send_signal(signal.SIGUSR1)  # SLURM: --signal=B:USR1@600 before the time limit
+    job.send_signal(signal.SIGUSR1)  # SLURM: --signal=B:USR1@300 before the time limit
     _, stderr = job.communicate(timeout=120)
     assert job.returncode == EXIT_REQUEUE, stderr
     assert "stopped by SIGUSR1" in stderr and "Traceback" not in stderr

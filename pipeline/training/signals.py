@@ -1,6 +1,6 @@
-"""Stop requests: SLURM sends SIGUSR1 before the time limit (`--signal=B:USR1@600`) and SIGTERM on
-scancel or pre-emption. Training finishes the current step, saves last.pt and exits with EXIT_REQUEUE,
-so the batch script can requeue the job and the next run resumes."""
+"""Stop requests: SLURM sends SIGUSR1 before the time limit (`--signal=B:USR1@300`, set by the submission
+plan) and SIGTERM on scancel or pre-emption. Training finishes the current step, saves last.pt and exits
+with EXIT_REQUEUE, so the batch script can requeue the job and the next run resumes."""
 
 from __future__ import annotations
 
