@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from rich.console import Console
 from rich.table import Table
@@ -41,7 +42,7 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     node_state = state.node_state or "unknown (slurmctld not answering)"
     out.print(f"node {info.node} (partition {info.partition}): {node_state}", markup=False)
     out.print(embedded.accounting_line(state.accounting, state.sacct_works), markup=False, soft_wrap=True)
-    out.print(f"ssh:        {' '.join(info.ssh_command())}", markup=False, soft_wrap=True)
+    out.print(f"ssh:        {shlex.join(info.ssh_command())}", markup=False, soft_wrap=True)
     out.print(f"SLURM_CONF: export SLURM_CONF={info.slurm_conf}", markup=False, soft_wrap=True)
     out.print(f"remote root: {info.remote_root}", markup=False, soft_wrap=True)
     if state.all_running:

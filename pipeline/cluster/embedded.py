@@ -42,6 +42,7 @@ from pipeline.cluster.embedded_files import (
 )
 from pipeline.errors import SnowpipeError
 from pipeline.progress import say
+from pipeline.ssh_options import SshOptions, login
 
 __all__ = ["ACCOUNTING_DAEMONS", "ALL_DAEMONS", "ClusterInfo", "ClusterStatus", "DAEMONS", "accounting_enabled",
            "cluster_dir", "cluster_info", "down", "is_up", "missing_packages", "status", "up", "write_files"]
@@ -80,11 +81,13 @@ class ClusterInfo:
         """os.environ plus SLURM_CONF, for running sbatch / squeue / scontrol on this machine."""
         return {**os.environ, "SLURM_CONF": str(self.slurm_conf)}
 
+    def ssh_options(self) -> SshOptions:
+        """This cluster's key and known_hosts with the options of every connection (inventory/local.yml's too)."""
+        return SshOptions.of(self.port, self.key, self.known_hosts)
+
     def ssh_command(self, *remote: str) -> list[str]:
-        """`ssh` with this cluster's key and known_hosts, host keys checked, never prompting."""
-        return ["ssh", "-i", str(self.key), "-p", str(self.port), "-o", f"UserKnownHostsFile={self.known_hosts}",
-                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-                "-o", "ConnectTimeout=5", f"{self.user}@{self.host}", *remote]
+        """`ssh` to this cluster, host keys checked, never prompting."""
+        return self.ssh_options().command(login(self.host, self.user), *remote)
 
 
 @dataclass

@@ -1,21 +1,20 @@
 """One SSH connection to the cluster's login node per command (paramiko), host keys always checked.
 
 Connection facts come from the run record, where Ansible wrote them as it resolved the inventory at
-submission: address, port, user, key, known_hosts. Every failure is one line naming the host and the fix.
+submission: address, port, user, key, known_hosts; the options built from them are those of
+pipeline/ssh_options.py. Every failure is one line naming the host and the fix.
 """
 
 from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import paramiko
 
 from pipeline.errors import SnowpipeError
-
-CONNECT_TIMEOUT = 10.0
+from pipeline.ssh_options import SshOptions
 
 
 class ConnectionFailed(SnowpipeError):
@@ -35,24 +34,19 @@ class Remote:
     def __init__(self, record: dict[str, Any]) -> None:
         self.host = record.get("host", "?")
         self.address = record.get("address") or self.host
-        self.port = int(record.get("port", 22))
+        self.options = ssh_options(record)
+        self.port = self.options.port
         self.user = record.get("user") or None
-        self.key = record.get("key") or None
-        self.known_hosts = Path(record.get("known_hosts") or Path.home() / ".ssh" / "known_hosts").expanduser()
+        self.key = self.options.key
+        self.known_hosts = self.options.known_hosts
         self.client = self._connect()
 
     def _where(self) -> str:
         return f"{self.host} ({self.user + '@' if self.user else ''}{self.address}:{self.port})"
 
     def _connect(self) -> paramiko.SSHClient:
-        client = paramiko.SSHClient()
-        if self.known_hosts.is_file():
-            client.load_host_keys(str(self.known_hosts))
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
-            client.connect(self.address, port=self.port, username=self.user, key_filename=self.key,
-                           timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
-                           allow_agent=self.key is None, look_for_keys=self.key is None)
+            return self.options.connect_paramiko(self.address, self.user)
         except paramiko.BadHostKeyException as exc:
             raise ConnectionFailed(
                 f"the host key of {self._where()} has CHANGED ({exc.key.get_name()} "
@@ -73,7 +67,6 @@ class Remote:
             raise ConnectionFailed(
                 f"cannot reach {self._where()}: {exc.strerror or exc}. For the local cluster run `snowpipe "
                 f"cluster up`; otherwise check the network (VPN?) and the host in the inventory") from None
-        return client
 
     def run(self, argv: list[str], timeout: float = 120.0) -> Result:
         _, stdout, stderr = self.client.exec_command(shlex.join(argv), timeout=timeout)
@@ -106,11 +99,11 @@ class Remote:
         self.close()
 
 
+def ssh_options(record: dict[str, Any]) -> SshOptions:
+    """The options of a run record's connection ("" key: ssh's default keys; "" known_hosts: ~/.ssh/known_hosts)."""
+    return SshOptions.of(record.get("port", 22), record.get("key"), record.get("known_hosts"))
+
+
 def rsync_shell(record: dict[str, Any]) -> str:
-    """The `rsync -e` command: the same host-key checks as the SSH tools."""
-    parts = ["ssh", "-p", str(record.get("port", 22)), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
-    if record.get("key"):
-        parts += ["-i", record["key"], "-o", "IdentitiesOnly=yes"]
-    if record.get("known_hosts"):
-        parts += ["-o", f"UserKnownHostsFile={record['known_hosts']}"]
-    return shlex.join(parts)
+    """The `rsync -e` command: the same options as the SSH tools' connections."""
+    return ssh_options(record).rsh()

@@ -22,6 +22,7 @@ from pipeline.cluster import jobstate
 from pipeline.cluster.records import RUNS_DIR, list_records, load_record, remember_state
 from pipeline.errors import SnowpipeError
 from pipeline.progress import say
+from pipeline.ssh_options import login
 
 STATE_STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red", "CANCELLED": "magenta",
                "TIMEOUT": "red", "OUT_OF_MEMORY": "red", "UNKNOWN": "dim"}
@@ -161,7 +162,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     dest = Path(args.dest or RUNS_DIR / record["run_id"]).expanduser()
     if shutil.which("rsync") is None:
         raise SnowpipeError("rsync not found on this machine: apt-get install rsync")
-    source = f"{record['user'] + '@' if record.get('user') else ''}{record['address']}:{record['remote_dir']}/"
+    source = f"{login(record['address'], record.get('user') or '')}:{record['remote_dir']}/"
     dest.mkdir(parents=True, exist_ok=True)
     argv = ["rsync", "--archive", "--partial", "--itemize-changes", "--protect-args", "--rsh", rsync_shell(record),
             "--include=/results/***", "--include=/logs/***", "--include=/config.json", "--include=/COMMIT",

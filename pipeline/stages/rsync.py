@@ -1,13 +1,13 @@
 """rsync over SSH to a data server: list a folder, transfer with filters, explain failures in one line.
 
-Every call is an argv list (never a shell); ssh always checks host keys (StrictHostKeyChecking=yes against
-the configured known_hosts file) and never prompts (BatchMode=yes), so a missing key fails instead of hanging.
+Every call is an argv list (never a shell); ssh's options come from pipeline/ssh_options.py: host keys always
+checked (StrictHostKeyChecking=yes against the configured known_hosts file), never prompting (BatchMode=yes), so a
+missing key fails instead of hanging.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import DataError, SnowpipeError
+from pipeline.ssh_options import SshOptions, login
 
-CONNECT_TIMEOUT_S = 10
 IO_TIMEOUT_S = 300  # rsync gives up when no data moves for this long
 PARTIAL_DIR = ".rsync-partial"  # half-transferred files wait here, so none looks complete under its real name
 SSH_AUTH_FAILED = re.compile(r"Permission denied \((publickey|password|keyboard|gssapi|hostbased)")
@@ -37,7 +37,7 @@ class Remote:
 
     @property
     def login(self) -> str:
-        return f"{self.user}@{self.host}" if self.user else self.host
+        return login(self.host, self.user)
 
     @property
     def where(self) -> str:
@@ -49,18 +49,17 @@ class Remote:
         """The folder's contents as an rsync source (trailing slash: the contents, not the folder itself)."""
         return f"{self.login}:{self.path.rstrip('/')}/"
 
+    @property
+    def ssh(self) -> SshOptions:
+        """No known_hosts: ~/.ssh/known_hosts."""
+        return SshOptions.of(self.port, self.key, self.known_hosts)
+
     def ssh_argv(self) -> list[str]:
-        argv = ["ssh", "-p", str(self.port)]
-        if self.key is not None:
-            argv += ["-i", str(self.key), "-o", "IdentitiesOnly=yes"]
-        if self.known_hosts is not None:
-            argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
-        return argv + ["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
-                       "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"]
+        return self.ssh.argv()
 
     def rsh(self) -> str:
         """The `-e` value: rsync splits it on spaces and honours quotes, so paths with spaces survive."""
-        return shlex.join(self.ssh_argv())
+        return self.ssh.rsh()
 
 
 @dataclass(frozen=True)
