@@ -1,22 +1,26 @@
 """The state of a run's jobs: one `sacct` for all of them when accounting is on; otherwise `squeue`, then
 `scontrol show job` for jobs that just left the queue, then the exit markers the batch scripts write into
 the run folder (so a job SLURM has forgotten after MinJobAge still shows its true final state).
-Array tasks are listed one by one."""
+Array tasks are listed one by one. `slurm_parsers` builds those commands and reads what they print; this module
+runs them and decides which record fills which row."""
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # paramiko loads only when a command connects
     from pipeline.cluster.ssh import Remote
+from pipeline.cluster import slurm_parsers
+from pipeline.cluster.slurm_parsers import JobRecord, expand_tasks
 from pipeline.errors import SnowpipeError
+
+__all__ = ["FAILED_STATES", "NOT_DONE", "TaskState", "exit_code", "expand_tasks", "expected_tasks", "from_exit_markers",
+           "from_sacct", "from_scontrol", "from_squeue", "last_log_lines", "query", "summary"]
 
 NOT_DONE = {"PENDING", "RUNNING", "REQUEUED", "PREEMPTED", "COMPLETING", "CONFIGURING", "SUSPENDED", "RESIZING",
             "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
-FIELDS = "JobID,JobName,State,Elapsed,NodeList,ExitCode,Reason"
 
 
 @dataclass
@@ -44,16 +48,6 @@ class TaskState:
         return asdict(self)
 
 
-def expand_tasks(spec: str) -> list[int]:
-    """`0-3,7` or `[0-3%2]` -> [0, 1, 2, 3, 7]."""
-    spec = spec.strip("[]").split("%")[0]
-    tasks: list[int] = []
-    for part in filter(None, spec.split(",")):
-        low, _, high = part.partition("-")
-        tasks.extend(range(int(low), int(high or low) + 1))
-    return tasks
-
-
 def expected_tasks(record: dict[str, Any]) -> list[TaskState]:
     """Every job and array task of the run, as UNKNOWN until a query says otherwise."""
     rows = []
@@ -65,21 +59,16 @@ def expected_tasks(record: dict[str, Any]) -> list[TaskState]:
     return rows
 
 
-def _split_id(job_id: str) -> tuple[str, list[int] | None]:
-    match = re.fullmatch(r"(\d+)(?:_(\[[^\]]+\]|\d+))?(?:\+\d+)?", job_id)
-    if not match:
-        return job_id, None
-    return match[1], expand_tasks(match[2]) if match[2] else None
-
-
-def _apply(rows: dict[str, list[TaskState]], job_id: str, **values: str) -> None:
-    """Set the fields of the rows a SLURM id covers. A range record (`12_[3-9]`, the pending rest of an
-    array) only fills tasks no record of their own has described: accounting keeps it after tasks start."""
-    base, tasks = _split_id(job_id)
-    is_range = "[" in job_id
-    for row in rows.get(base, []):
-        if tasks is None or row.task in tasks:
-            if is_range and row.state != "UNKNOWN":
+def _apply(rows: dict[str, list[TaskState]], record: JobRecord) -> None:
+    """Set the fields of the rows a record covers, those the command reports. A range record (`12_[3-9]`, the
+    pending rest of an array) only fills tasks no record of their own has described: accounting keeps it after
+    tasks start."""
+    values = {"state": record.state, "elapsed": record.elapsed, "node": record.node, "reason": record.reason}
+    if record.exit_code is not None:
+        values["exit_code"] = record.exit_code
+    for row in rows.get(record.job, []):
+        if record.tasks is None or row.task in record.tasks:
+            if record.is_range and row.state != "UNKNOWN":
                 continue
             for name, value in values.items():
                 setattr(row, name, value)
@@ -94,54 +83,38 @@ def _by_job(rows: list[TaskState]) -> dict[str, list[TaskState]]:
 
 def from_sacct(remote: Remote, rows: list[TaskState]) -> bool:
     """Fill states from accounting; False when sacct is not usable on this cluster."""
-    ids = ",".join(sorted({row.id for row in rows}))
-    result = remote.run(["sacct", "--jobs", ids, "--allocations", "--noheader", "--parsable2", f"--format={FIELDS}"])
+    result = remote.run(slurm_parsers.sacct_command(sorted({row.id for row in rows})))
     if result.code != 0:
         return False
     grouped = _by_job(rows)
-    lines = sorted(result.stdout.splitlines(), key=lambda line: "[" in line.split("|")[0])  # ranges last
-    for line in lines:
-        parts = line.split("|")
-        if len(parts) != 7:
-            continue
-        job_id, _, state, elapsed, node, exit_code, reason = parts
-        _apply(grouped, job_id, state=state.split()[0], elapsed=elapsed, node=node if node != "None assigned" else "",
-               exit_code=exit_code, reason="" if reason == "None" else reason)
+    for record in sorted(slurm_parsers.parse_sacct(result.stdout), key=lambda record: record.is_range):  # ranges last
+        _apply(grouped, record)
     return True
 
 
 def from_squeue(remote: Remote, rows: list[TaskState]) -> bool:
-    ids = ",".join(sorted({row.id for row in rows}))
-    result = remote.run(["squeue", "--noheader", "--array", "--jobs", ids, "--format=%i|%T|%M|%N|%r"])
+    result = remote.run(slurm_parsers.squeue_command(sorted({row.id for row in rows})))
     if result.code != 0 and "Invalid job id" not in result.stderr:
         return False
     grouped = _by_job(rows)
-    for line in result.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 5:
-            job_id, state, elapsed, node, reason = parts
-            _apply(grouped, job_id, state=state, elapsed=elapsed, node=node, reason="" if reason == "None" else reason)
+    for record in slurm_parsers.parse_squeue(result.stdout):
+        _apply(grouped, record)
     return True
 
 
 def from_scontrol(remote: Remote, rows: list[TaskState]) -> None:
-    """Jobs that left squeue but not yet slurmctld's memory (MinJobAge): one scontrol call per job."""
+    """Jobs that left squeue but not yet slurmctld's memory (MinJobAge): one scontrol call per job. Only a record
+    of the row's own job or task fills it (a pending range does not)."""
     grouped = _by_job(rows)
     for job_id, tasks in grouped.items():
         if all(row.state != "UNKNOWN" for row in tasks):
             continue
-        result = remote.run(["scontrol", "--oneliner", "show", "job", job_id])
-        for line in result.stdout.splitlines():
-            fields = dict(re.findall(r"(\w+)=(\S*)", line))
-            task_id = fields.get("ArrayTaskId")
-            key = f"{fields.get('ArrayJobId', job_id)}_{task_id}" if task_id else fields.get("JobId", job_id)
+        result = remote.run(slurm_parsers.scontrol_command(job_id))
+        for record in slurm_parsers.parse_scontrol(result.stdout):
             for row in tasks:
-                if row.state == "UNKNOWN" and (row.key == key or (row.task is None and key == job_id)):
-                    row.state = fields.get("JobState", "UNKNOWN")
-                    row.elapsed = fields.get("RunTime", "")
-                    row.node = fields.get("NodeList", "") if fields.get("NodeList") != "(null)" else ""
-                    row.exit_code = fields.get("ExitCode", "")
-                    row.reason = "" if fields.get("Reason") == "None" else fields.get("Reason", "")
+                if row.state == "UNKNOWN" and row.key == record.job_id:
+                    row.state, row.elapsed, row.node = record.state, record.elapsed, record.node
+                    row.exit_code, row.reason = record.exit_code or "", record.reason
 
 
 def from_exit_markers(remote: Remote, record: dict[str, Any], rows: list[TaskState]) -> None:
