@@ -57,7 +57,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def _why(exc: BaseException) -> str:
-    """A short reason for a failed load (torch's own text spans many lines and suggests weights_only=False)."""
+    """A short reason for a failed load (torch's own text spans many lines and suggests unsafe loading)."""
     text = str(exc)
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if isinstance(exc, pickle.UnpicklingError) and found:
