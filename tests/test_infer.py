@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from rasterio.windows import Window
 
+from bench.thesis_patch_blend import predict_patch_blend
 from pipeline.bands import BANDS, CLASS_NAMES, NODATA
 from pipeline.config import parse_config
 from pipeline.data.layout import discover_scenes, find_auxiliary
@@ -28,7 +29,7 @@ from pipeline.demo import generate_demo
 from pipeline.errors import DataError
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.source import array_input
-from pipeline.inference.tiling import predict_patch_blend, predict_windows
+from pipeline.inference.tiling import predict_windows
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.stages import infer

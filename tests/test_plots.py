@@ -69,5 +69,6 @@ def test_training_curves_from_a_three_epoch_history(tmp_path):
 def test_training_curves_tolerate_missing_keys_and_empty_history(tmp_path):
     assert plots.plot_training_curves([], tmp_path) == []
     written = plots.plot_training_curves([{"epoch": 1, "train_loss": 0.9}, {"epoch": 2, "train_loss": 0.7}], tmp_path)
+    assert tmp_path / "loss.png" in written  # the loss curve exists without validation records
     for path in written:
         assert_picture(path)

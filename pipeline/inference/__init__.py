@@ -1,1 +1,1 @@
-"""Whole-scene inference: large windows with a halo, the thesis' patch blend for comparison, outputs."""
+"""Whole-scene inference: large windows with a halo, read ahead in threads, and the outputs."""
