@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.cluster import embedded
+from pipeline.localcluster import embedded
 
 SNOWPIPE = Path(sys.executable).parent / "snowpipe"
 

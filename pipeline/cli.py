@@ -31,8 +31,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if config.path("extracted_data").is_dir() and "download" not in stages:
         scenes = discover_scenes(config.path("extracted_data"), config.tile_id, config.dates)
         found = f", {len(scenes)} scene(s)"
-    from pipeline.cluster.jobspec import load_jobs
-    from pipeline.cluster.plan import REPO_ROOT
+    from pipeline.submit.jobspec import load_jobs
+    from pipeline.submit.plan import REPO_ROOT
 
     specs = sorted((REPO_ROOT / "jobs").glob("*.yml"))
     for spec in specs:  # a broken job spec fails here, not at submission
@@ -156,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. paths.results=/scratch/results (repeatable)")
     p.set_defaults(func=cmd_stage)
 
-    from pipeline.cluster.commands import add_cluster_parser
-    from pipeline.cluster.plan_command import add_plan_parser
-    from pipeline.cluster.tools import add_tool_parsers
+    from pipeline.localcluster.commands import add_cluster_parser
+    from pipeline.monitor.tools import add_tool_parsers
+    from pipeline.submit.plan_command import add_plan_parser
 
     add_plan_parser(sub)
     add_cluster_parser(sub)

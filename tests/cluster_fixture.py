@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.cluster import embedded
-from pipeline.cluster.embedded import ClusterInfo
 from pipeline.errors import SnowpipeError
+from pipeline.localcluster import embedded
+from pipeline.localcluster.embedded import ClusterInfo
 
 
 def accounting_wanted() -> bool:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cluster.plan import REPO_ROOT
-from pipeline.cluster.role_docs import variables_table
+from pipeline.submit.plan import REPO_ROOT
+from pipeline.submit.role_docs import variables_table
 
 ROLES = REPO_ROOT / "ansible" / "roles"
 
@@ -29,7 +29,7 @@ def test_every_role_declares_its_variables_and_the_readme_lists_them():
         specs = yaml.safe_load((ROLES / role / "meta" / "argument_specs.yml").read_text())
         assert specs["argument_specs"]["main"]["options"], role
     assert variables_table() in (REPO_ROOT / "README.md").read_text(), \
-        "README's variable table is stale: python -m pipeline.cluster.role_docs"
+        "README's variable table is stale: python -m pipeline.submit.role_docs"
 
 
 def test_every_snowpipe_variable_the_roles_read_is_declared():

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster import embedded
-from pipeline.cluster.commands import EXIT_STOPPED, add_cluster_parser
-from pipeline.cluster.embedded import ClusterInfo
-from pipeline.cluster.embedded_files import (
+from pipeline.errors import SnowpipeError
+from pipeline.localcluster import embedded
+from pipeline.localcluster.commands import EXIT_STOPPED, add_cluster_parser
+from pipeline.localcluster.embedded import ClusterInfo
+from pipeline.localcluster.embedded_files import (
     ClusterPaths,
     render_slurm_conf,
     render_slurmdbd_conf,
     slurm_conf_accounting,
 )
-from pipeline.errors import SnowpipeError
 
 pytestmark = pytest.mark.cluster
 

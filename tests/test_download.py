@@ -28,7 +28,7 @@ from pipeline.stages.download import (
     verify_sizes,
 )
 from pipeline.stages.registry import STAGES
-from pipeline.stages.rsync import Entry, Remote, explain, list_remote, parse_listing
+from pipeline.stages.rsync import DataServer, Entry, explain, list_remote, parse_listing
 
 TILE = "32TNS"
 SAFE_A = "S2A_MSIL1C_20211220T102451_N0301_R065_T32TNS_20211220T122851"
@@ -126,7 +126,7 @@ def test_rsync_listings_are_parsed():
     ("bash: rsync: command not found\n", 127, "rsync is not installed on h"),
 ])
 def test_ssh_and_rsync_failures_become_one_line_with_the_fix(stderr, code, message):
-    error = explain(Remote("h", "/data", user="u"), stderr, code, "listing")
+    error = explain(DataServer("h", "/data", user="u"), stderr, code, "listing")
     assert message in str(error) and "\n" not in str(error)
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.cluster.jobspec import Resources, load_jobs
-from pipeline.cluster.plan import REPO_ROOT, Target, make_plan, sbatch_lines, sbatch_quote
-from pipeline.cluster.records import build_record, write_record
 from pipeline.config import apply_settings
 from pipeline.errors import ConfigError
+from pipeline.monitor.runs import build_record, write_record
+from pipeline.submit.jobspec import Resources, load_jobs
+from pipeline.submit.plan import REPO_ROOT, Target, make_plan, sbatch_lines, sbatch_quote
 from tests.builders import make_config, write_scene
 
 JOBS = REPO_ROOT / "jobs"

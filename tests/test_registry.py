@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster.jobspec import load_jobs
 from pipeline.config import check_data_folders
 from pipeline.errors import ConfigError
 from pipeline.runner import select_stages
 from pipeline.stages.registry import PER_SCENE, STAGES, stage_dates
+from pipeline.submit.jobspec import load_jobs
 from tests.builders import make_config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -22,7 +22,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def test_validating_and_planning_import_no_torch():
     """`snowpipe validate` and `snowpipe plan` run on a laptop in a second; torch takes several."""
-    code = ("import sys, pipeline.cli, pipeline.runner, pipeline.cluster.plan, pipeline.cluster.plan_command; "
+    code = ("import sys, pipeline.cli, pipeline.runner, pipeline.submit.plan, pipeline.submit.plan_command; "
             "print(sorted(m for m in ('torch', 's2cloudless', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

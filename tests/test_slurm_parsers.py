@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster import jobstate, slurm_parsers
-from pipeline.cluster.slurm_parsers import JobRecord, parse_sacct, parse_scontrol, parse_squeue
-from pipeline.cluster.ssh import Result
+from pipeline.monitor import jobstate, slurm_parsers
+from pipeline.monitor.slurm_parsers import JobRecord, parse_sacct, parse_scontrol, parse_squeue
+from pipeline.monitor.ssh import Result
 
 FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
 

@@ -11,10 +11,9 @@ from typing import Any
 import paramiko
 import pytest
 
-from pipeline.cluster.embedded import cluster_info
-from pipeline.cluster.embedded_files import ClusterPaths
-from pipeline.cluster.ssh import Remote as ClusterRemote
-from pipeline.cluster.ssh import rsync_shell, ssh_options
+from pipeline.localcluster.embedded import cluster_info
+from pipeline.localcluster.embedded_files import ClusterPaths
+from pipeline.monitor.ssh import ClusterConnection, rsync_shell, ssh_options
 from pipeline.ssh_options import CONNECT_TIMEOUT_S, SshOptions, login
 from pipeline.stages import rsync
 
@@ -72,8 +71,8 @@ def test_paths_with_spaces_stay_whole_for_rsync_and_for_ssh(tmp_path):
 
 
 def test_the_download_stage_uses_the_builder(tmp_path):
-    remote = rsync.Remote(host="data.example.org", path="/data", port=2200, user="me", key=tmp_path / "id",
-                          known_hosts=tmp_path / "kh")
+    remote = rsync.DataServer(host="data.example.org", path="/data", port=2200, user="me", key=tmp_path / "id",
+                              known_hosts=tmp_path / "kh")
     options = SshOptions.of(2200, tmp_path / "id", tmp_path / "kh")
     assert remote.ssh_argv() == options.argv() and remote.rsh() == options.rsh()
     argv = rsync._rsync(remote, ["--list-only", remote.source])
@@ -91,7 +90,7 @@ def test_the_ssh_tools_connect_with_the_same_settings_in_paramiko(tmp_path, monk
                         lambda client, address, **kw: calls.append((client, address, kw)))
     record = {"host": "c", "address": "127.0.0.1", "port": 2200, "user": "me", "key": str(tmp_path / "id"),
               "known_hosts": str(known)}
-    with ClusterRemote(record), ClusterRemote({**record, "key": ""}):
+    with ClusterConnection(record), ClusterConnection({**record, "key": ""}):
         pass
     (keyed, address, with_key), (_, _, without_key) = calls
     assert address == "127.0.0.1" and isinstance(keyed._policy, paramiko.RejectPolicy)

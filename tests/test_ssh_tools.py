@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.cluster import embedded, records, tools
+from pipeline.localcluster import embedded
+from pipeline.monitor import runs, tools
 
 pytestmark = pytest.mark.cluster
 
@@ -52,10 +53,10 @@ def run_dir(local_cluster, tmp_path) -> Path:
 @pytest.fixture
 def run_factory(local_cluster, run_dir, tmp_path, monkeypatch):
     """Write run records the way the submit playbook does, into a private runs/ folder."""
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    monkeypatch.setattr(records, "RUNS_DIR", runs)
-    monkeypatch.setattr(tools, "RUNS_DIR", runs)
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    monkeypatch.setattr(runs, "RUNS_DIR", runs_dir)
+    monkeypatch.setattr(tools, "RUNS_DIR", runs_dir)
 
     def make(run_id: str, jobs: list[dict], **connection) -> dict:
         remote_dir = run_dir
@@ -66,7 +67,7 @@ def run_factory(local_cluster, run_dir, tmp_path, monkeypatch):
                   "known_hosts": str(local_cluster.known_hosts), "remote_dir": str(remote_dir),
                   "remote_root": str(local_cluster.remote_root), "commit": "abc", "config_hash": "x",
                   "submitted": time.strftime("%Y-%m-%dT%H:%M:%S+00:00"), "jobs": jobs, **connection}
-        (runs / f"{run_id}.json").write_text(json.dumps(record))
+        (runs_dir / f"{run_id}.json").write_text(json.dumps(record))
         return record
 
     return make
@@ -213,14 +214,14 @@ class NoSlurm:
     """A login node without SLURM client commands (cannot be had on this machine, which has them)."""
 
     def run(self, argv, timeout=120.0):
-        from pipeline.cluster.ssh import Result
+        from pipeline.monitor.ssh import Result
 
         return Result(127, "", f"bash: {argv[0]}: command not found")
 
 
 def test_a_host_without_sacct_and_squeue_is_named():
-    from pipeline.cluster.jobstate import query
     from pipeline.errors import SnowpipeError
+    from pipeline.monitor.jobstate import query
 
     record = {"host": "login", "address": "login.example", "remote_dir": "/r", "jobs": [job("x", "1")]}
     with pytest.raises(SnowpipeError, match="neither sacct nor squeue works on login: is it a SLURM login node"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.cluster.plan import REPO_ROOT
+from pipeline.submit.plan import REPO_ROOT
 
 pytestmark = pytest.mark.cluster
 

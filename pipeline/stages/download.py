@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import make_progress, say
 from pipeline.stages.base import SceneOutcome, StageReport
 from pipeline.stages.registry import STAGES, stage_dates
-from pipeline.stages.rsync import Entry, Remote, list_remote, received_files, transfer
+from pipeline.stages.rsync import DataServer, Entry, list_remote, received_files, transfer
 
 INFO = STAGES["download"]
 
@@ -73,15 +73,15 @@ def _local_file(config: PipelineConfig, key: str, raw: str) -> Path:
     return path
 
 
-def remote_of(config: PipelineConfig) -> Remote:
+def remote_of(config: PipelineConfig) -> DataServer:
     settings = config.download
     for key in ("host", "remote_path"):
         if not getattr(settings, key):
             raise ConfigError(f"download.{key}: empty: set the data server's "
                               f"{'host name' if key == 'host' else 'folder with the products'} in the config")
     key = _local_file(config, "key", settings.key) if settings.key else None
-    return Remote(host=settings.host, path=settings.remote_path, port=settings.port, user=settings.user, key=key,
-                  known_hosts=_local_file(config, "known_hosts", settings.known_hosts))
+    return DataServer(host=settings.host, path=settings.remote_path, port=settings.port, user=settings.user, key=key,
+                      known_hosts=_local_file(config, "known_hosts", settings.known_hosts))
 
 
 def pick_products(entries: list[Entry], tile: str, dates: list[str], where: str) -> list[Product]:

@@ -79,7 +79,7 @@ STAGES: dict[str, StageInfo] = {stage.name: stage for stage in (
               folders={"extracted_data": "r", "results": "w"},
               results_not_read=("predictions/", "testing/", "dataset/"), dates=inference_dates),
     StageInfo("test", "testing", "metrics of the predictions against ExoLabs or the annotated masks, with plots",
-              per_scene=False, needs_gpu=False, module="pipeline.stages.evaluate",
+              per_scene=False, needs_gpu=False, module="pipeline.stages.test",
               folders={"extracted_data": "r", "annotated_masks": "r", "results": "w"},
               results_not_read=("dataset/", "training/"), dates=testing_dates),
 )}

@@ -25,7 +25,7 @@ UNREACHABLE = ("Connection refused", "Could not resolve hostname", "timed out", 
 
 
 @dataclass(frozen=True)
-class Remote:
+class DataServer:
     """A folder on a data server and how to reach it (download.host, user, port, key, known_hosts)."""
 
     host: str
@@ -84,7 +84,7 @@ def parse_listing(text: str) -> list[Entry]:
     return entries
 
 
-def explain(remote: Remote, stderr: str, code: int, what: str) -> SnowpipeError:
+def explain(remote: DataServer, stderr: str, code: int, what: str) -> SnowpipeError:
     """One line naming what failed, the config key involved and the fix."""
     port = f"-p {remote.port} " if remote.port != 22 else ""
     known = remote.known_hosts or "~/.ssh/known_hosts"
@@ -120,7 +120,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _rsync(remote: Remote, args: list[str]) -> list[str]:
+def _rsync(remote: DataServer, args: list[str]) -> list[str]:
     return ["rsync", "--no-human-readable", f"--timeout={IO_TIMEOUT_S}", "-e", remote.rsh(), *args]
 
 
@@ -129,7 +129,7 @@ def _not_installed() -> SnowpipeError:
                          "(apt install rsync openssh-client, or brew install rsync)")
 
 
-def list_remote(remote: Remote, filters: list[str] | None = None, recursive: bool = False) -> list[Entry]:
+def list_remote(remote: DataServer, filters: list[str] | None = None, recursive: bool = False) -> list[Entry]:
     """The server folder's entries (its top level, or everything the filters select with `recursive`)."""
     argv = _rsync(remote, ["--list-only", *(["--recursive"] if recursive else []), *(filters or []), remote.source])
     try:
@@ -141,7 +141,7 @@ def list_remote(remote: Remote, filters: list[str] | None = None, recursive: boo
     return parse_listing(done.stdout)
 
 
-def transfer(remote: Remote, dest: Path, filters: list[str],
+def transfer(remote: DataServer, dest: Path, filters: list[str],
              on_item: Callable[[str], None] | None = None) -> list[str]:
     """rsync the selected entries into `dest`; returns rsync's itemised changes (`>f+++++++++ path` per file).
 

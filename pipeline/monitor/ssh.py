@@ -28,7 +28,7 @@ class Result:
     stderr: str
 
 
-class Remote:
+class ClusterConnection:
     """Commands on the cluster as argv lists (each value shell-quoted), over one connection."""
 
     def __init__(self, record: dict[str, Any]) -> None:
@@ -92,7 +92,7 @@ class Remote:
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> Remote:
+    def __enter__(self) -> ClusterConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:

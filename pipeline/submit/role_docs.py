@@ -1,5 +1,5 @@
 """The README's table of Ansible role variables, generated from the roles' meta/argument_specs.yml (the one
-place they are declared): `python -m pipeline.cluster.role_docs` prints it; a test keeps the README in step."""
+place they are declared): `python -m pipeline.submit.role_docs` prints it; a test keeps the README in step."""
 
 from __future__ import annotations
 

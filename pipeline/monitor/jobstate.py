@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # paramiko loads only when a command connects
-    from pipeline.cluster.ssh import Remote
-from pipeline.cluster import slurm_parsers
-from pipeline.cluster.slurm_parsers import JobRecord, expand_tasks
+    from pipeline.monitor.ssh import ClusterConnection
 from pipeline.errors import SnowpipeError
+from pipeline.monitor import slurm_parsers
+from pipeline.monitor.slurm_parsers import JobRecord, expand_tasks
 
 __all__ = ["FAILED_STATES", "NOT_DONE", "TaskState", "exit_code", "expand_tasks", "expected_tasks", "from_exit_markers",
            "from_sacct", "from_scontrol", "from_squeue", "last_log_lines", "query", "summary"]
@@ -81,7 +81,7 @@ def _by_job(rows: list[TaskState]) -> dict[str, list[TaskState]]:
     return grouped
 
 
-def from_sacct(remote: Remote, rows: list[TaskState]) -> bool:
+def from_sacct(remote: ClusterConnection, rows: list[TaskState]) -> bool:
     """Fill states from accounting; False when sacct is not usable on this cluster."""
     result = remote.run(slurm_parsers.sacct_command(sorted({row.id for row in rows})))
     if result.code != 0:
@@ -92,7 +92,7 @@ def from_sacct(remote: Remote, rows: list[TaskState]) -> bool:
     return True
 
 
-def from_squeue(remote: Remote, rows: list[TaskState]) -> bool:
+def from_squeue(remote: ClusterConnection, rows: list[TaskState]) -> bool:
     result = remote.run(slurm_parsers.squeue_command(sorted({row.id for row in rows})))
     if result.code != 0 and "Invalid job id" not in result.stderr:
         return False
@@ -102,7 +102,7 @@ def from_squeue(remote: Remote, rows: list[TaskState]) -> bool:
     return True
 
 
-def from_scontrol(remote: Remote, rows: list[TaskState]) -> None:
+def from_scontrol(remote: ClusterConnection, rows: list[TaskState]) -> None:
     """Jobs that left squeue but not yet slurmctld's memory (MinJobAge): one scontrol call per job. Only a record
     of the row's own job or task fills it (a pending range does not)."""
     grouped = _by_job(rows)
@@ -117,7 +117,7 @@ def from_scontrol(remote: Remote, rows: list[TaskState]) -> None:
                     row.exit_code, row.reason = record.exit_code or "", record.reason
 
 
-def from_exit_markers(remote: Remote, record: dict[str, Any], rows: list[TaskState]) -> None:
+def from_exit_markers(remote: ClusterConnection, record: dict[str, Any], rows: list[TaskState]) -> None:
     """The `.exit` markers the batch scripts' cleanup writes: the final word for forgotten jobs."""
     unknown = [row for row in rows if row.state == "UNKNOWN"]
     if not unknown:
@@ -140,7 +140,7 @@ def from_exit_markers(remote: Remote, record: dict[str, Any], rows: list[TaskSta
             row.reason = "from the exit marker (job left the queue)"
 
 
-def last_log_lines(remote: Remote, rows: list[TaskState]) -> None:
+def last_log_lines(remote: ClusterConnection, rows: list[TaskState]) -> None:
     """The last line of every task's output, in one command."""
     script = ('for f in "$@"; do l=$(tail -c 2000 "$f" 2>/dev/null | tr "\\r" "\\n" | grep -v "^\\s*$" '
               '| tail -n 1); printf "%s\\t%s\\n" "$f" "$l"; done')
@@ -150,7 +150,7 @@ def last_log_lines(remote: Remote, rows: list[TaskState]) -> None:
         row.last_line = lines.get(row.log, "")[:200]
 
 
-def query(remote: Remote, record: dict[str, Any], use_sacct: bool = True) -> tuple[list[TaskState], str]:
+def query(remote: ClusterConnection, record: dict[str, Any], use_sacct: bool = True) -> tuple[list[TaskState], str]:
     """States of every task of the run, and which source answered ("sacct" or "squeue")."""
     rows = expected_tasks(record)
     source = "sacct"

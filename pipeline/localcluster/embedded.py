@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cluster import embedded_accounting
-from pipeline.cluster.embedded_files import (
+from pipeline.errors import SnowpipeError
+from pipeline.localcluster import embedded_accounting
+from pipeline.localcluster.embedded_files import (
     HOST,
     MARIADB_PORT,
     PARTITION,
@@ -40,7 +41,6 @@ from pipeline.cluster.embedded_files import (
     which_program,
     write_files,
 )
-from pipeline.errors import SnowpipeError
 from pipeline.progress import say
 from pipeline.ssh_options import SshOptions, login
 

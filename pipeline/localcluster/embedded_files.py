@@ -38,7 +38,8 @@ PACKAGES = {  # Debian package -> a program it installs
 ACCOUNTING_PACKAGES = {"slurmdbd": "slurmdbd", "mariadb-server": "mariadbd"}  # only for `up --accounting`
 CLUSTER_NAME = "snowpipe-local"
 GPUS = 2
-BANNER = "# rendered by snowpipe (pipeline/cluster/embedded_files.py) — do not edit; `snowpipe cluster up` rewrites it"
+BANNER = ("# rendered by snowpipe (pipeline/localcluster/embedded_files.py) — do not edit; "
+          "`snowpipe cluster up` rewrites it")
 
 
 def cluster_dir() -> Path:

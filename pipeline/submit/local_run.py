@@ -93,7 +93,7 @@ def run_plan(render_dir: Path) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not (Path(argv[0]) / "plan.json").is_file():
-        print("usage: python -m pipeline.cluster.local_run RENDER_DIR (a folder with plan.json and jobs/)",
+        print("usage: python -m pipeline.submit.local_run RENDER_DIR (a folder with plan.json and jobs/)",
               file=sys.stderr)
         return 2
     return run_plan(Path(argv[0]))

@@ -13,7 +13,8 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from pipeline.cluster.embedded_files import (
+from pipeline.errors import SnowpipeError
+from pipeline.localcluster.embedded_files import (
     CLUSTER_NAME,
     DB_NAME,
     DB_USER,
@@ -23,7 +24,6 @@ from pipeline.cluster.embedded_files import (
     db_password,
     which_program,
 )
-from pipeline.errors import SnowpipeError
 
 Report = Callable[[str], None]
 

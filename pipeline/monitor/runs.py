@@ -1,6 +1,6 @@
 """Run records: `runs/<run_id>.json` at the repository root, what `snowpipe status/logs/fetch/cancel` read.
 
-The submit playbook pipes {"plan", "ids", "connection"} into `python -m pipeline.cluster.records RUNS_DIR`;
+The submit playbook pipes {"plan", "ids", "connection"} into `python -m pipeline.monitor.runs RUNS_DIR`;
 the record keeps the fields docs/architecture.md lists (run_id, host, remote_dir, commit, config_hash, jobs with
 name / id / after / array) plus what the SSH tools need to reconnect and find logs.
 """

@@ -4,7 +4,7 @@ Pixels outside coverage (prediction 255, or a reference that did not observe the
 metric; the thesis zeroed them and so counted them as background agreement. Everything is read window by
 window and summed into one confusion matrix per scene, so memory does not grow with the scene, and the
 overall scores come from the sum of the scenes' matrices (pixel-weighted), never from averaged ratios.
-The module is not called test.py so that pytest does not collect it.
+The module bears the stage's name; pytest collects only test_*.py and *_test.py, so it is not taken for tests.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.cluster.jobspec import Job, Resources, load_jobs, parse_resources
 from pipeline.config import PipelineConfig, check_data_folders
 from pipeline.data.layout import EXOLABS_FOLDER, Scene, discover_scenes, find_auxiliary
 from pipeline.errors import ConfigError, DataError
 from pipeline.stages.registry import STAGES, enabled, stage_dates
+from pipeline.submit.jobspec import Job, Resources, load_jobs, parse_resources
 
 Mode = Literal["cluster", "dry_run", "local_run"]
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent

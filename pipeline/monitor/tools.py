@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pipeline.cluster import jobstate
-from pipeline.cluster.records import RUNS_DIR, list_records, load_record, remember_state
 from pipeline.errors import SnowpipeError
+from pipeline.monitor import jobstate
+from pipeline.monitor.runs import RUNS_DIR, list_records, load_record, remember_state
 from pipeline.progress import say
 from pipeline.ssh_options import login
 
@@ -60,9 +60,9 @@ def status_table(record: dict[str, Any], rows: list[jobstate.TaskState], source:
 
 
 def _query(record: dict[str, Any], use_sacct: bool) -> tuple[list[jobstate.TaskState], str]:
-    from pipeline.cluster.ssh import Remote  # paramiko: only for the commands that connect
+    from pipeline.monitor.ssh import ClusterConnection  # paramiko: only for the commands that connect
 
-    with Remote(record) as remote:
+    with ClusterConnection(record) as remote:
         return jobstate.query(remote, record, use_sacct=use_sacct)
 
 
@@ -133,13 +133,13 @@ def _pick_task(record: dict[str, Any], job_name: str | None, task: int | None) -
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from pipeline.cluster.ssh import Remote
+    from pipeline.monitor.ssh import ClusterConnection
 
     record = load_record(args.run)
     job, task = _pick_task(record, args.job, args.task)
     row = next(r for r in jobstate.expected_tasks({**record, "jobs": [job]}) if r.task == task)
     marker = f"{record['remote_dir']}/logs/{job['name']}-{row.key}.exit"
-    with Remote(record) as remote:
+    with ClusterConnection(record) as remote:
         if not args.follow:
             result = remote.run(["tail", "-n", str(args.lines), row.log])
             if result.code != 0:
@@ -156,7 +156,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from pipeline.cluster.ssh import rsync_shell
+    from pipeline.monitor.ssh import rsync_shell
 
     record = load_record(args.run)
     dest = Path(args.dest or RUNS_DIR / record["run_id"]).expanduser()
@@ -189,9 +189,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             say("nothing cancelled")
             return 1
-    from pipeline.cluster.ssh import Remote
+    from pipeline.monitor.ssh import ClusterConnection
 
-    with Remote(record) as remote:
+    with ClusterConnection(record) as remote:
         result = remote.run(["scancel", *ids])
     if result.code != 0:
         raise SnowpipeError(f"scancel on {record['host']} failed: {result.stderr.strip()}")

@@ -80,7 +80,7 @@ def print_plan(plan: dict[str, Any]) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline.cluster.plan import Target, make_plan  # imports the stages (torch): only when planning
+    from pipeline.submit.plan import Target, make_plan  # imports the stages (torch): only when planning
 
     config_path = Path(args.config or "pipeline-config.yml")
     config = load_config(config_path)

@@ -8,7 +8,7 @@ import shlex
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cluster import embedded
+from pipeline.localcluster import embedded
 from pipeline.progress import say
 
 EXIT_STOPPED = 3

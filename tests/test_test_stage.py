@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.bands import CLASS_NAMES, NODATA
 from pipeline.metrics import confusion_matrix
-from pipeline.stages import evaluate, records
+from pipeline.stages import records
+from pipeline.stages import test as test_stage
 from pipeline.stages.base import StageFailed
 from pipeline.stages.registry import stage_dates
 from tests.builders import make_config, write_raster, write_scene
@@ -24,7 +25,7 @@ N = NODATA
 
 def scores_of(predicted, reference):
     matrix = confusion_matrix(np.asarray(predicted, np.uint8), np.asarray(reference, np.uint8))
-    return evaluate.summarise(matrix, total_pixels=np.asarray(predicted).size)
+    return test_stage.summarise(matrix, total_pixels=np.asarray(predicted).size)
 
 
 def test_hand_computed_4x4_with_ignored_pixels():
@@ -76,14 +77,14 @@ def test_miou_averages_only_classes_present_and_absent_scores_are_null():
 
 def test_exolabs_codes_map_to_classes_glacier_ice_is_snow_and_unobserved_is_ignored():
     codes = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 255], np.uint8)
-    assert evaluate.exolabs_reference(codes).tolist() == [N, N, 0, 2, 1, 0, 3, 0, 1, N]
+    assert test_stage.exolabs_reference(codes).tolist() == [N, N, 0, 2, 1, 0, 3, 0, 1, N]
 
 
 def test_annotated_mask_reference_drops_pixels_outside_coverage():
     mask = np.array([[0, 1, 2, N]], np.uint8)
     coverage = np.array([[1, 0, 1, 1]], np.uint8)
-    assert evaluate.mask_reference(mask, coverage).tolist() == [[0, N, 2, N]]
-    assert evaluate.mask_reference(mask, None).tolist() == [[0, 1, 2, N]]
+    assert test_stage.mask_reference(mask, coverage).tolist() == [[0, N, 2, N]]
+    assert test_stage.mask_reference(mask, None).tolist() == [[0, 1, 2, N]]
 
 
 # ---------------------------------------------------------------- the stage on tiny scenes
@@ -107,7 +108,7 @@ def exolabs_b() -> np.ndarray:
 
 def prediction_a() -> np.ndarray:
     """ExoLabs' answer, background where ExoLabs did not observe, and no prediction in one corner."""
-    predicted = evaluate.exolabs_reference(exolabs_a())
+    predicted = test_stage.exolabs_reference(exolabs_a())
     predicted[predicted == N] = 0
     predicted[:5, :10] = N
     return predicted
@@ -139,8 +140,8 @@ def config(scenes, tmp_path):
 
 
 def test_stage_against_exolabs_writes_metrics_csv_and_plots(config, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "WINDOW", 25)  # windows that do not divide the scene
-    report = evaluate.run(config)
+    monkeypatch.setattr(test_stage, "WINDOW", 25)  # windows that do not divide the scene
+    report = test_stage.run(config)
     assert report.count("done") == 2 and not report.failed
     out = config.path("results") / "testing"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -191,7 +192,7 @@ def test_annotated_masks_reference_with_coverage(config):
     write_raster(folder / "coverage.tif", coverage, 10)
     cfg = config.model_copy(update={"testing": config.testing.model_copy(
         update={"reference": "annotated_masks", "dates": [DATE_B]})})
-    evaluate.run(cfg)
+    test_stage.run(cfg)
     metrics = json.loads((cfg.path("results") / "testing" / "metrics.json").read_text())
     assert metrics["reference"] == "annotated_masks" and list(metrics["scenes"]) == [DATE_B]
     b = metrics["scenes"][DATE_B]
@@ -204,7 +205,7 @@ def test_missing_prediction_is_named_and_the_other_scene_is_still_measured(confi
     missing = config.path("results") / "predictions" / DATE_B / "mask.tif"
     missing.unlink()
     with pytest.raises(StageFailed) as failure:
-        evaluate.run(config)
+        test_stage.run(config)
     message = str(failure.value)
     assert str(missing) in message and "run the infer stage" in message and DATE_B in message
     out = config.path("results") / "testing"
@@ -215,17 +216,17 @@ def test_missing_prediction_is_named_and_the_other_scene_is_still_measured(confi
 
 def test_a_complete_test_is_skipped_until_forced_or_a_prediction_changes(config):
     out = config.path("results") / "testing"
-    assert evaluate.run(config).count("done") == 2
+    assert test_stage.run(config).count("done") == 2
     first = (out / "metrics.json").stat().st_mtime_ns
-    again = evaluate.run(config)
+    again = test_stage.run(config)
     assert again.count("skipped") == 2 and (out / "metrics.json").stat().st_mtime_ns == first
-    assert evaluate.run(config, force=True).count("done") == 2
+    assert test_stage.run(config, force=True).count("done") == 2
     prediction = config.path("results") / "predictions" / DATE_A / "mask.tif"
     stamp = prediction.stat().st_mtime_ns + 10**9
     os.utime(prediction, ns=(stamp, stamp))  # touched or copied, not changed: still complete
-    assert evaluate.run(config).count("skipped") == 2
+    assert test_stage.run(config).count("skipped") == 2
     write_prediction(config, DATE_A, np.zeros((SIZE, SIZE), np.uint8))  # infer ran again with another result
-    assert evaluate.run(config).count("done") == 2
+    assert test_stage.run(config).count("done") == 2
 
 
 def test_a_prediction_without_its_infer_record_is_not_scored(config):
@@ -233,7 +234,7 @@ def test_a_prediction_without_its_infer_record_is_not_scored(config):
     folder = config.path("results") / "predictions" / DATE_B
     (folder / records.RECORD_NAME).unlink()
     with pytest.raises(StageFailed) as failure:
-        evaluate.run(config)
+        test_stage.run(config)
     assert "not the infer stage's complete output" in str(failure.value) and DATE_B in str(failure.value)
     metrics = json.loads((config.path("results") / "testing" / "metrics.json").read_text())
     assert list(metrics["scenes"]) == [DATE_A] and DATE_B in metrics["failed"]
@@ -243,7 +244,7 @@ def test_a_prediction_changed_after_its_record_is_not_scored(config):
     folder = config.path("results") / "predictions" / DATE_B
     write_raster(folder / "mask.tif", np.zeros((SIZE + 3, SIZE), np.uint8), 10, nodata=N)  # other size
     with pytest.raises(StageFailed, match="not the infer stage's complete output"):
-        evaluate.run(config)
+        test_stage.run(config)
 
 
 def test_testing_dates_fall_back_to_inference_then_top_level_dates(scenes):

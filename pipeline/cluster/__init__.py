@@ -1,1 +1,0 @@
-"""Running the pipeline on SLURM: the embedded local cluster (`embedded`) and the `snowpipe cluster` command."""
