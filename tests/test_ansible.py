@@ -42,3 +42,31 @@ def test_every_snowpipe_variable_the_roles_read_is_declared():
         used |= set(re.findall(r"\b(snowpipe_[a-z_]+)", path.read_text()))
     internal = {"snowpipe_job", "snowpipe_plan", "snowpipe_wait"}  # loop variables and the play's own switch
     assert used - internal <= declared, sorted(used - internal - declared)
+
+
+def _declared_options(role: str) -> dict[str, dict]:
+    options: dict[str, dict] = {}
+    spec = yaml.safe_load((ROLES / role / "meta" / "argument_specs.yml").read_text())
+    for entry in spec["argument_specs"].values():
+        options.update(entry.get("options") or {})
+    return options
+
+
+# In defaults/main.yml but not an argument: rsync's ssh command line, derived from the connection variables;
+# tests/test_ssh_options.py reads it from that file. Other derived settings live in vars/main.yml.
+DERIVED_DEFAULTS = {"stage_data": {"stage_data_rsh"}}
+
+
+def test_every_role_defaults_file_mirrors_its_argument_specs():
+    """As dev-sec does: each optional argument has a default in the spec, the same one in defaults/main.yml, and
+    defaults/main.yml holds nothing else; no task falls back on an inline default() for a declared variable."""
+    for role in sorted(p.name for p in ROLES.iterdir() if p.is_dir()):
+        options = _declared_options(role)
+        assert all(option.get("required") or "default" in option for option in options.values()), role
+        declared = {name: option["default"] for name, option in options.items() if not option.get("required")}
+        defaults = yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {}
+        derived = DERIVED_DEFAULTS.get(role, set())
+        assert {k: v for k, v in defaults.items() if k not in derived} == declared, role
+        for path in (ROLES / role).rglob("*.yml"):
+            inline = set(re.findall(r"\b(\w+)\s*\|\s*default\(", path.read_text())) & set(options)
+            assert not inline, f"{path.relative_to(ROLES)}: inline default() for declared {sorted(inline)}"
