@@ -206,3 +206,15 @@ def test_after_a_submission_status_logs_and_fetch_tell_what_happened(local_clust
     capsys.readouterr()
     assert main(["status", "no-such-run"]) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_failed_job_fails_a_waited_submission_and_names_the_logs(local_cluster, demo):
+    """A run of the test job alone has no predictions to score: the job fails, and `-e wait=true` says so."""
+    run_id = f"t{SESSION}-fails"
+    try:
+        result = playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "job=test", "-e", "wait=true",
+                          "-e", json.dumps({"snowpipe_job_overrides": SMALL_JOBS}))
+        assert result.returncode != 0, result.stdout[-3000:]
+        assert "1 task(s) failed, 1 of 1 ended" in result.stdout and f"/runs/{run_id}/logs/" in result.stdout
+    finally:
+        (REPO_ROOT / "runs" / f"{run_id}.json").unlink(missing_ok=True)
