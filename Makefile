@@ -61,6 +61,7 @@ demo-local: setup
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/mypy
 	cd ansible && ../$(VENV)/bin/ansible-lint --profile production --offline -q .
 
 test: setup lint

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import apply_settings, check_data_folders, check_scenes, invalid, load_config
+from pipeline.contract.formats import EXIT_INTERRUPTED
 from pipeline.data.layout import discover_scenes
 from pipeline.data.writer import write_json
 from pipeline.errors import ConfigError, SnowpipeError, output_error
@@ -41,7 +42,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.config or 'pipeline-config.yml'} is valid: tile {config.tile_id}{found}, "
           f"stages: {', '.join(stages) or 'none'}")
     if args.freeze:
-        write_json(Path(args.freeze), config.resolved())
+        write_json(Path(args.freeze), config.frozen())
         print(f"resolved config (absolute paths) frozen to {args.freeze}: `snowpipe stage NAME --config "
               f"{args.freeze}` reads it")
     return 0
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept, unfinished ones were not written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug, not a user error: one line, the traceback on request
         if args.debug:
             raise

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from pipeline.config_yaml import invalid, load_yaml, read_config_text
+from pipeline.contract.formats import CONFIG_SCHEMA, SCHEMA_KEY
 from pipeline.data.layout import Scene, discover_scenes
 from pipeline.data.tiles import is_tile_id
 from pipeline.errors import ConfigError, DataError
@@ -220,8 +222,18 @@ class PipelineConfig(Section):
     testing: Testing = Testing()
     # Not a key of the file: the folder relative paths resolve against (set by load_config).
     base_dir: Annotated[str, Field(exclude=True)] = "."
+    # Not a key a user writes either: the version planners stamp on a frozen config.json (contract/formats.py).
+    schema_version: Annotated[int | None, Field(alias=SCHEMA_KEY, exclude=True)] = None
 
     _dates = field_validator("dates")(_check_dates)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, version: int | None) -> int | None:
+        if version is not None and not 1 <= version <= CONFIG_SCHEMA:
+            raise ValueError(f"this frozen config has format version {version}, this snowpipe reads up to "
+                             f"{CONFIG_SCHEMA}: run the job with the code the run was planned with (runs/RUN/code)")
+        return version
 
     @field_validator("tile_id")
     @classmethod
@@ -237,9 +249,13 @@ class PipelineConfig(Section):
 
     def resolved(self) -> dict[str, Any]:
         """The config as JSON-ready data with absolute paths: what a remote job reads."""
-        data = self.model_dump(mode="json")
+        data: dict[str, Any] = self.model_dump(mode="json")
         data["paths"] = {name: str(self.path(name)) for name in Paths.model_fields}
         return data
+
+    def frozen(self) -> dict[str, Any]:
+        """`resolved()` stamped with the frozen-config format version: the content of a run's config.json."""
+        return {SCHEMA_KEY: CONFIG_SCHEMA, **self.resolved()}
 
     def section_hash(self, *sections: str) -> str:
         """Hash of the given sections (and the tile): a stage's outputs depend on nothing else.
@@ -294,7 +310,7 @@ BOUNDS = {
 }
 
 
-def _format_error(error: dict[str, Any]) -> str:
+def _format_error(error: ErrorDetails) -> str:
     loc = tuple(error["loc"])
     path = ".".join(str(part) for part in loc) or "(top level)"
     kind = error["type"]

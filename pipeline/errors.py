@@ -2,6 +2,8 @@
 
 import errno
 
+from pipeline.contract.formats import EXIT_CONFIG, EXIT_FAILED, EXIT_OUTPUT
+
 
 class SnowpipeError(Exception):
     """A problem the user can fix (bad config, missing data, unreadable file).
@@ -9,13 +11,13 @@ class SnowpipeError(Exception):
     The CLI prints the message as one plain line and exits non-zero, without a traceback.
     """
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
 
 class ConfigError(SnowpipeError):
     """pipeline-config.yml is invalid; the message lists every problem with its key path."""
 
-    exit_code = 2
+    exit_code = EXIT_CONFIG
 
 
 class DataError(SnowpipeError):
@@ -34,7 +36,7 @@ class SceneError(DataError):
 class OutputError(SnowpipeError):
     """An output cannot be written: disk full, quota, read-only or forbidden folder (names it and the fix)."""
 
-    exit_code = 74  # EX_IOERR
+    exit_code = EXIT_OUTPUT
 
 
 USER_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",

@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline.contract.formats import EXIT_RETRY
 from pipeline.errors import OutputError, SnowpipeError, output_error
 from pipeline.processes import pid_alive, proc_stat
 from pipeline.progress import say
@@ -74,7 +75,7 @@ UNSUPPORTED_LINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, 
 class LockBusy(SnowpipeError):
     """The output is locked by a live writer and SNOWPIPE_LOCK_TIMEOUT ran out."""
 
-    exit_code = 75  # EX_TEMPFAIL: try again later
+    exit_code = EXIT_RETRY  # EX_TEMPFAIL: try again later
 
 
 @dataclass(frozen=True)

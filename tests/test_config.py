@@ -141,10 +141,15 @@ def test_a_frozen_config_is_what_a_batch_job_reads(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(frozen.read_text())
     assert data["paths"]["extracted_data"] == str(tmp_path / "extracted_data") and "base_dir" not in data
+    assert data["schema"] == 1  # the frozen format's version; the strict config accepts it, and only it
     original, reloaded = load_config(source), load_config(frozen)
     assert reloaded.path("dataset") == original.path("dataset")
     # Completion records stay valid whichever of the two a stage was started with.
     assert reloaded.section_hash("annotation", "dataset") == original.section_hash("annotation", "dataset")
+    frozen.write_text(json.dumps({**data, "schema": 2}))
+    with pytest.raises(ConfigError, match="schema: this frozen config has format version 2, this snowpipe reads up "
+                                          "to 1: run the job with the code the run was planned with"):
+        load_config(frozen)
 
 
 NUMBERS = (int, float)

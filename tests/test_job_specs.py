@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import apply_settings
+from pipeline.contract.run_record import Connection, record_of_submission
 from pipeline.errors import ConfigError
-from pipeline.monitor.runs import build_record, write_record
+from pipeline.monitor.runs import save_record
 from pipeline.submit.jobspec import Resources, load_jobs
 from pipeline.submit.plan import REPO_ROOT, Target, make_plan, sbatch_lines, sbatch_quote
 from tests.builders import make_config, write_scene
@@ -34,18 +35,22 @@ def scenes(tmp_path: Path):
 def test_the_shipped_pipeline_chains_five_jobs_with_arrays_over_scenes(scenes, tmp_path):
     plan = make_plan(scenes, tmp_path / "pipeline-config.yml", "pipeline", target(), run_id="r1")
 
-    assert [job["name"] for job in plan["jobs"]] == ["annotate", "dataset", "train", "infer", "test"]
-    assert [job["after"] for job in plan["jobs"]] == [[], ["annotate"], ["dataset"], ["train"], ["infer"]]
-    assert plan["jobs"][0]["array"] == "0-1" and plan["jobs"][3]["array"] == "0-1"
-    assert plan["jobs"][0]["sbatch"]["array"] == "0-1%8"
-    assert plan["run_dir"] == "/scratch/me/snowpipe/runs/r1"
-    assert plan["config"]["paths"]["extracted_data"] == "/scratch/me/snowpipe/data/extracted_data"
-    assert plan["config"]["paths"]["results"] == "/scratch/me/snowpipe/runs/r1/results"
+    assert [job.name for job in plan.jobs] == ["annotate", "dataset", "train", "infer", "test"]
+    assert [job.after for job in plan.jobs] == [[], ["annotate"], ["dataset"], ["train"], ["infer"]]
+    assert plan.jobs[0].array == "0-1" and plan.jobs[3].array == "0-1"
+    assert plan.jobs[0].sbatch["array"] == "0-1%8"
+    assert plan.run_dir == "/scratch/me/snowpipe/runs/r1"
+    paths = plan.config["paths"]
+    assert isinstance(paths, dict)
+    assert paths["extracted_data"] == "/scratch/me/snowpipe/data/extracted_data"
+    assert paths["results"] == "/scratch/me/snowpipe/runs/r1/results"
     # "every scene" is pinned to the scenes sent: the cluster's shared data may hold other runs' scenes
-    assert plan["config"]["dates"] == DATES
-    train = plan["jobs"][2]
-    assert train["sbatch"]["gres"] == "gpu:1" and train["sbatch"]["signal"] == "B:USR1@300"
-    assert train["submit_display"] == ("train=$(sbatch --parsable --dependency=afterok:$dataset "
+    assert plan.config["dates"] == DATES
+    train = plan.job("train")
+    assert train.sbatch["gres"] == "gpu:1" and train.sbatch["signal"] == "B:USR1@300"
+    assert train.log == "/scratch/me/snowpipe/runs/r1/logs/%x-%j.out"
+    assert plan.jobs[0].log == "/scratch/me/snowpipe/runs/r1/logs/%x-%A_%a.out"
+    assert train.submit_display == ("train=$(sbatch --parsable --dependency=afterok:$dataset "
                                        "--kill-on-invalid-dep=yes /scratch/me/snowpipe/runs/r1/jobs/train.sbatch)")
 
 
@@ -69,9 +74,9 @@ def test_resources_layer_inventory_defaults_then_spec_then_overrides():
 def test_two_gpus_launch_one_training_process_per_gpu(scenes, tmp_path):
     plan = make_plan(scenes, tmp_path / "c.yml", "train-multi-gpu", target(snowpipe_gpu_request="gpus",
                      snowpipe_job_defaults={"gpu_type": "a100"}), run_id="r1")
-    train = plan["jobs"][0]
-    assert train["sbatch"]["gpus"] == "a100:2" and train["sbatch"]["ntasks-per-node"] == 2
-    assert train["commands"][0]["processes"] == 2
+    train = plan.jobs[0]
+    assert train.sbatch["gpus"] == "a100:2" and train.sbatch["ntasks-per-node"] == 2
+    assert train.commands[0].processes == 2
 
 
 def test_a_disabled_stage_drops_its_job_and_rewires_the_chain(tmp_path):
@@ -80,8 +85,8 @@ def test_a_disabled_stage_drops_its_job_and_rewires_the_chain(tmp_path):
     (tmp_path / "masks").mkdir()
     config = make_config(tmp_path, annotation={"enable": False}, **ALL_STAGES)
     plan = make_plan(config, tmp_path / "c.yml", "pipeline", target(), run_id="r1")
-    assert [job["name"] for job in plan["jobs"]] == ["dataset", "train", "infer", "test"]
-    assert plan["jobs"][0]["after"] == []
+    assert [job.name for job in plan.jobs] == ["dataset", "train", "infer", "test"]
+    assert plan.jobs[0].after == []
 
 
 def test_mistakes_in_a_job_spec_name_the_key_and_the_fix(tmp_path):
@@ -137,6 +142,10 @@ def test_snowpipe_plan_prints_the_jobs_and_their_json(scenes, tmp_path, capsys):
     assert main(["plan", str(config), "--target-vars", variables, "--run-id", "r9", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["run_id"] == "r9" and len(plan["jobs"]) == 5
+    # the versions a reader checks: the plan's own, and the frozen config's (config.json)
+    assert plan["schema"] == 1 and plan["config"]["schema"] == 1
+    assert plan["formats"]["requeue_exit_code"] == 75
+    assert plan["formats"]["dependency_prefix"] == "--dependency=afterok:"
     assert main(["plan", str(config), "--target-vars", variables, "--job", "nope"]) == 2
     assert "job spec" in capsys.readouterr().err
 
@@ -144,10 +153,11 @@ def test_snowpipe_plan_prints_the_jobs_and_their_json(scenes, tmp_path, capsys):
 def test_the_run_record_lists_jobs_with_ids_and_dependencies(scenes, tmp_path):
     plan = make_plan(scenes, tmp_path / "c.yml", "pipeline", target(), run_id="r1")
     ids = {"annotate": "11", "dataset": "14", "train": "15", "infer": "16", "test": "19"}
-    record = build_record(plan, ids, {"host": "local", "address": "127.0.0.1", "port": 2222, "user": "me"})
-    path = write_record(tmp_path / "runs", record)
+    record = record_of_submission(plan, ids, Connection(host="local", address="127.0.0.1", port=2222, user="me"))
+    path = save_record(tmp_path / "runs", record)
     saved = json.loads(path.read_text())
-    assert {"run_id", "host", "remote_dir", "commit", "config_hash", "jobs"} <= saved.keys()
+    assert {"schema", "run_id", "host", "remote_dir", "commit", "config_hash", "jobs"} <= saved.keys()
+    assert saved["schema"] == 1 and saved["port"] == 2222
     assert saved["jobs"][1] == {**saved["jobs"][1], "name": "dataset", "id": "14", "after": ["11"], "array": None}
     assert saved["jobs"][0]["array"] == "0-1"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.contract.run_record import RecordedJob, RunRecord
 from pipeline.monitor import jobstate, slurm_parsers
 from pipeline.monitor.slurm_parsers import JobRecord, parse_sacct, parse_scontrol, parse_squeue
 from pipeline.monitor.ssh import Result
@@ -271,9 +272,9 @@ class Replay:
 
 def status_of(remote: Replay, jobs: dict[str, str], arrays: dict[str, str], use_sacct: bool = True
               ) -> tuple[dict[tuple[str, int | None], jobstate.TaskState], str]:
-    record = {"host": "local", "address": "127.0.0.1", "remote_dir": "/runs/r",
-              "jobs": [{"name": name, "id": job_id, "array": arrays.get(name), "log": ""}
-                       for name, job_id in jobs.items()]}
+    record = RunRecord(run_id="r", host="local", address="127.0.0.1", remote_dir="/runs/r",
+                       jobs=[RecordedJob(name=name, id=job_id, array=arrays.get(name))
+                             for name, job_id in jobs.items()])
     rows, source = jobstate.query(remote, record, use_sacct=use_sacct)  # type: ignore[arg-type]
     return {(row.name, row.task): row for row in rows}, source
 

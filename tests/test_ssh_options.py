@@ -11,6 +11,7 @@ from typing import Any
 import paramiko
 import pytest
 
+from pipeline.contract.run_record import Connection, RunRecord
 from pipeline.localcluster.embedded import cluster_info
 from pipeline.localcluster.embedded_files import ClusterPaths
 from pipeline.monitor.ssh import ClusterConnection, rsync_shell, ssh_options
@@ -88,9 +89,9 @@ def test_the_ssh_tools_connect_with_the_same_settings_in_paramiko(tmp_path, monk
     calls: list[tuple[paramiko.SSHClient, str, dict[str, Any]]] = []
     monkeypatch.setattr(paramiko.SSHClient, "connect",
                         lambda client, address, **kw: calls.append((client, address, kw)))
-    record = {"host": "c", "address": "127.0.0.1", "port": 2200, "user": "me", "key": str(tmp_path / "id"),
-              "known_hosts": str(known)}
-    with ClusterConnection(record), ClusterConnection({**record, "key": ""}):
+    record = RunRecord(run_id="r", remote_dir="/r", host="c", address="127.0.0.1", port=2200, user="me",
+                       key=str(tmp_path / "id"), known_hosts=str(known))
+    with ClusterConnection(record), ClusterConnection(record.model_copy(update={"key": ""})):
         pass
     (keyed, address, with_key), (_, _, without_key) = calls
     assert address == "127.0.0.1" and isinstance(keyed._policy, paramiko.RejectPolicy)
@@ -132,7 +133,7 @@ def ansible_view():
     rsh = _load(loader, roles / "stage_data" / "defaults" / "main.yml")["stage_data_rsh"]
     connection = _load(loader, roles / "record" / "tasks" / "main.yml")[0]["vars"]["record_input"]["connection"]
 
-    def view(inventory: str, extra_vars: dict[str, Any], control_dir: Path) -> tuple[list[str], str, dict[str, Any]]:
+    def view(inventory: str, extra_vars: dict[str, Any], control_dir: Path) -> tuple[list[str], str, RunRecord]:
         manager = InventoryManager(loader=loader, sources=[str(REPO_ROOT / "inventory" / inventory)])
         host = manager.get_host(manager.get_groups_dict()["cluster"][0])
         variables = {**VariableManager(loader=loader, inventory=manager).get_vars(host=host), **extra_vars,
@@ -142,7 +143,9 @@ def ansible_view():
         ssh.set_options(var_options={key: templar.template(value) for key, value in variables.items()
                                      if key.startswith("ansible_")})
         argv = [arg.decode() for arg in ssh._build_command("ssh", "ssh", host.name, "true")]
-        return argv, templar.template(rsh), templar.template(connection)
+        written = Connection.model_validate(templar.template(connection))  # as the record role pipes it in
+        record = RunRecord(run_id="r", remote_dir="/r", **written.model_dump())
+        return argv, templar.template(rsh), record
 
     return view
 
@@ -168,6 +171,6 @@ def test_ansible_rsync_and_the_ssh_tools_use_identical_options(ansible_view, inv
 def test_the_local_inventory_reaches_the_embedded_cluster_with_its_own_options(ansible_view, tmp_path):
     _, _, record = ansible_view("local.yml", {}, tmp_path)
     info = cluster_info(ClusterPaths(REPO_ROOT / ".cluster"))
-    assert (record["address"], record["port"], record["user"]) == (info.host, info.port, info.user)
+    assert (record.address, record.port, record.user) == (info.host, info.port, info.user)
     assert ssh_options(record) == info.ssh_options()
     assert info.ssh_command("true") == [*info.ssh_options().argv(), f"{info.user}@{info.host}", "true"]

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.contract.formats import EXIT_MARKER_PRINTF
+from pipeline.contract.run_record import RunRecord
 from pipeline.localcluster import embedded
 from pipeline.monitor import runs, tools
 
@@ -33,8 +35,8 @@ def wait_for(condition, timeout: float = 60.0) -> None:
 def marker_line(name: str) -> str:
     """What the batch scripts' cleanup writes: the exit marker of this job (or array task)."""
     return ('tag=${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}; '
-            f'printf \'{{"job": "{name}", "task": "%s", "exit_code": %d, "node": "%s"}}\\n\' "$tag" "$code" '
-            f'"$(hostname)" > logs/{name}-$tag.exit')
+            f'printf \'{EXIT_MARKER_PRINTF}\' {name} "$tag" "$code" "$(hostname)" "$(date -Is)" '
+            f'> logs/{name}-$tag.exit')
 
 
 def job(name: str, job_id: str, array: str | None = None) -> dict:
@@ -223,6 +225,6 @@ def test_a_host_without_sacct_and_squeue_is_named():
     from pipeline.errors import SnowpipeError
     from pipeline.monitor.jobstate import query
 
-    record = {"host": "login", "address": "login.example", "remote_dir": "/r", "jobs": [job("x", "1")]}
+    record = RunRecord(run_id="r", host="login", address="login.example", remote_dir="/r", jobs=[job("x", "1")])
     with pytest.raises(SnowpipeError, match="neither sacct nor squeue works on login: is it a SLURM login node"):
         query(NoSlurm(), record)

@@ -279,7 +279,7 @@ class SceneReader:
         date = self.scene.date
         if source.crs is None:
             raise SceneError(date, f"{path} has no coordinate reference system (re-download it)")
-        bounds: Bounds = tuple(source.bounds)  # type: ignore[assignment]
+        bounds: Bounds = tuple(source.bounds)
         where = ""
         if source.crs != self.grid.crs:
             try:

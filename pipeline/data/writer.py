@@ -275,7 +275,12 @@ def remove_temporaries(folder: Path) -> None:
 
 def write_json(target: Path, data: Any) -> None:
     """Write JSON atomically; a short write or a full disk publishes nothing (OutputError)."""
-    encoded = (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+    write_text(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(target: Path, text: str) -> None:
+    """Write a text file atomically; a short write or a full disk publishes nothing (OutputError)."""
+    encoded = text.encode()
     with atomic_path(target) as tmp:
         with tmp.open("wb") as handle:
             handle.write(encoded)

@@ -234,15 +234,16 @@ def exolabs_map(fields: SceneFields) -> np.ndarray:
     terrain, extent_km = fields.terrain, fields.size * 0.01
     rng = fields.spec.rng(3)
     material = terrain.material[::2, ::2]
-    own = fractal_noise(rng, material.shape, extent_km * 2, 6)
-    exo = np.full(material.shape, EXO_VEGETATION, np.uint8)
+    shape20: tuple[int, int] = material.shape
+    own = fractal_noise(rng, shape20, extent_km * 2, 6)
+    exo = np.full(shape20, EXO_VEGETATION, np.uint8)
     exo[material == ROCK] = EXO_BARE_SOIL
     exo[(fields.gain[::2, ::2] < 0.4) & np.isin(material, (MEADOW, FOREST, ROCK))] = EXO_DARK
     exo[terrain.water10[::2, ::2]] = EXO_WATER
     exo[upsample(terrain.glacier, 3, terrain.shape10, nearest=True)[::2, ::2]] = EXO_GLACIER_ICE
     exo[fields.snow_score[::2, ::2] + np.float32(1.5) * own - np.float32(0.2) > 0] = EXO_SNOW
     exo[
-        fields.alpha[::2, ::2] + np.float32(0.12) * fractal_noise(rng, material.shape, extent_km, 4) > EXO_CLOUD_ALPHA
+        fields.alpha[::2, ::2] + np.float32(0.12) * fractal_noise(rng, shape20, extent_km, 4) > EXO_CLOUD_ALPHA
     ] = EXO_CLOUDS
     exo[~fields.spec.swath.valid(fields.size, 20, exo.shape)] = EXO_NOT_OBSERVED
     return exo

@@ -66,7 +66,8 @@ def write_overlay_png(target: Path, image: np.ndarray) -> None:
     axes = figure.add_axes((0, strip / (height + strip), 1, height / (height + strip)))
     axes.imshow(np.moveaxis(image, 0, -1), interpolation="nearest")
     axes.set_axis_off()
-    handles = [Patch(color=np.asarray(colour) / 255, label=name) for colour, name in zip(CLASS_COLOURS, CLASS_NAMES)]
+    handles = [Patch(color=tuple(np.asarray(colour) / 255), label=name)
+               for colour, name in zip(CLASS_COLOURS, CLASS_NAMES)]
     figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False,
                   handlelength=1.2, columnspacing=1.0, borderaxespad=0.2)
     save_figure(figure, target, dpi=dpi, bbox_inches=None)

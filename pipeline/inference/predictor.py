@@ -48,7 +48,8 @@ class Predictor:
         self.cuda = device.type == "cuda"
         self.model = model.to(device).eval()
         if self.cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # torch's stubs for Module.to omit its documented to(memory_format=...) form
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.multiple = 2 ** model.spec.depth
         self.classes = model.spec.classes
         self.in_channels = model.spec.in_channels

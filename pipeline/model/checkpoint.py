@@ -15,6 +15,7 @@ allow-listed for loading, nothing else.
 from __future__ import annotations
 
 import errno
+import importlib
 import io
 import pickle
 import random
@@ -35,7 +36,9 @@ DEFAULT_FIX = "point inference.checkpoint at a checkpoint written by the train s
 
 def _numpy_globals() -> list[Any]:
     """What numpy's legacy RNG state (a uint32 array) unpickles through, under the names numpy 1 and 2 use."""
-    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    # numpy 1 only: the installed (numpy 2) stubs have no numpy.core.multiarray, so import it by name.
+    reconstruct = (np._core.multiarray._reconstruct if hasattr(np, "_core")
+                   else importlib.import_module("numpy.core.multiarray")._reconstruct)
     return [(reconstruct, "numpy._core.multiarray._reconstruct"),
             (reconstruct, "numpy.core.multiarray._reconstruct"),
             np.ndarray, np.dtype, type(np.dtype(np.uint32))]

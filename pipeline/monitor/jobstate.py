@@ -6,12 +6,13 @@ runs them and decides which record fills which row."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # paramiko loads only when a command connects
     from pipeline.monitor.ssh import ClusterConnection
+from pipeline.contract import formats
+from pipeline.contract.run_record import RunRecord
 from pipeline.errors import SnowpipeError
 from pipeline.monitor import slurm_parsers
 from pipeline.monitor.slurm_parsers import JobRecord, expand_tasks
@@ -44,18 +45,17 @@ class TaskState:
     def done(self) -> bool:
         return self.state not in NOT_DONE and self.state != "UNKNOWN"
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, str | int | None]:
         return asdict(self)
 
 
-def expected_tasks(record: dict[str, Any]) -> list[TaskState]:
+def expected_tasks(record: RunRecord) -> list[TaskState]:
     """Every job and array task of the run, as UNKNOWN until a query says otherwise."""
     rows = []
-    for job in record["jobs"]:
-        for task in expand_tasks(job["array"]) if job.get("array") else [None]:
-            log = job.get("log", "").replace("%x", job["name"]).replace("%A", job["id"]).replace("%j", job["id"])
-            log = log.replace("%a", str(task))
-            rows.append(TaskState(job["name"], job["id"], task, "UNKNOWN", log=log))
+    for job in record.jobs:
+        tasks: list[int | None] = list(expand_tasks(job.array)) if job.array else [None]
+        for task in tasks:
+            rows.append(TaskState(job.name, job.id, task, "UNKNOWN", log=job.log_of(task)))
     return rows
 
 
@@ -117,26 +117,21 @@ def from_scontrol(remote: ClusterConnection, rows: list[TaskState]) -> None:
                     row.exit_code, row.reason = record.exit_code or "", record.reason
 
 
-def from_exit_markers(remote: ClusterConnection, record: dict[str, Any], rows: list[TaskState]) -> None:
-    """The `.exit` markers the batch scripts' cleanup writes: the final word for forgotten jobs."""
+def from_exit_markers(remote: ClusterConnection, record: RunRecord, rows: list[TaskState]) -> None:
+    """The exit markers the batch scripts' cleanup writes: the final word for forgotten jobs."""
     unknown = [row for row in rows if row.state == "UNKNOWN"]
     if not unknown:
         return
-    result = remote.run(["bash", "-c", 'cat "$1"/logs/*.exit 2>/dev/null; true', "markers", record["remote_dir"]])
-    markers = {}
-    for line in result.stdout.splitlines():
-        try:
-            marker = json.loads(line)
-            markers[marker["task"]] = marker
-        except (json.JSONDecodeError, KeyError):
-            continue
+    folder = f"{record.remote_dir}/{formats.LOG_FOLDER}"
+    result = remote.run(["bash", "-c", f'cat "$1"/{formats.EXIT_MARKER_GLOB} 2>/dev/null; true', "markers", folder])
+    parsed = (formats.parse_exit_marker(line) for line in result.stdout.splitlines())
+    markers = {marker.task: marker for marker in parsed if marker is not None}
     for row in unknown:
         marker = markers.get(row.key)
         if marker:
-            code = int(marker["exit_code"])
-            row.state = "COMPLETED" if code == 0 else ("CANCELLED" if code in (130, 143) else "FAILED")
-            row.exit_code = f"{code}:0"
-            row.node = marker.get("node", "")
+            row.state = marker.state
+            row.exit_code = f"{marker.exit_code}:0"
+            row.node = marker.node
             row.reason = "from the exit marker (job left the queue)"
 
 
@@ -150,7 +145,7 @@ def last_log_lines(remote: ClusterConnection, rows: list[TaskState]) -> None:
         row.last_line = lines.get(row.log, "")[:200]
 
 
-def query(remote: ClusterConnection, record: dict[str, Any], use_sacct: bool = True) -> tuple[list[TaskState], str]:
+def query(remote: ClusterConnection, record: RunRecord, use_sacct: bool = True) -> tuple[list[TaskState], str]:
     """States of every task of the run, and which source answered ("sacct" or "squeue")."""
     rows = expected_tasks(record)
     source = "sacct"
@@ -158,8 +153,8 @@ def query(remote: ClusterConnection, record: dict[str, Any], use_sacct: bool = T
         source = "squeue"
     if any(row.state == "UNKNOWN" for row in rows):  # no accounting, or it lags behind a fresh job
         if not from_squeue(remote, rows) and source == "squeue":
-            raise SnowpipeError(f"neither sacct nor squeue works on {record['host']}: is it a SLURM login node? "
-                                f"(check with: ssh {record['address']} squeue)")
+            raise SnowpipeError(f"neither sacct nor squeue works on {record.host}: is it a SLURM login node? "
+                                f"(check with: ssh {record.login_address} squeue)")
         from_scontrol(remote, rows)
     from_exit_markers(remote, record, rows)
     last_log_lines(remote, rows)
@@ -181,7 +176,11 @@ def summary(rows: list[TaskState]) -> str:
     return "CANCELLED" if "CANCELLED" in states else "UNKNOWN"
 
 
+STILL_RUNNING = 3  # `snowpipe status` exit code while a task is pending or running (the wait loop polls for it)
+
+
 def exit_code(rows: list[TaskState]) -> int:
     """0 when every task completed, 3 while any is not done, 1 otherwise."""
     state = summary(rows)
-    return {"COMPLETED": 0, "RUNNING": 3, "PENDING": 3}.get(state, 1)
+    return {"COMPLETED": formats.EXIT_OK, "RUNNING": STILL_RUNNING, "PENDING": STILL_RUNNING}.get(
+        state, formats.EXIT_FAILED)

@@ -143,7 +143,7 @@ def parse_scontrol(text: str) -> list[JobRecord]:
     `ArrayTaskId=2-3%2` and is given the id `12_[2-3%2]`, as sacct and squeue write it."""
     records = []
     for line in text.splitlines():
-        fields = dict(_SCONTROL_FIELD.findall(line))
+        fields: dict[str, str] = dict(_SCONTROL_FIELD.findall(line))
         if "JobId" not in fields:
             continue
         task_id = fields.get("ArrayTaskId")

@@ -8,11 +8,12 @@ pipeline/ssh_options.py. Every failure is one line naming the host and the fix.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import paramiko
 
+from pipeline.contract.run_record import RunRecord
 from pipeline.errors import SnowpipeError
 from pipeline.ssh_options import SshOptions
 
@@ -31,12 +32,12 @@ class Result:
 class ClusterConnection:
     """Commands on the cluster as argv lists (each value shell-quoted), over one connection."""
 
-    def __init__(self, record: dict[str, Any]) -> None:
-        self.host = record.get("host", "?")
-        self.address = record.get("address") or self.host
+    def __init__(self, record: RunRecord) -> None:
+        self.host = record.host
+        self.address = record.login_address
         self.options = ssh_options(record)
         self.port = self.options.port
-        self.user = record.get("user") or None
+        self.user = record.user or None
         self.key = self.options.key
         self.known_hosts = self.options.known_hosts
         self.client = self._connect()
@@ -74,9 +75,12 @@ class ClusterConnection:
         err = stderr.read().decode(errors="replace")
         return Result(stdout.channel.recv_exit_status(), out, err)
 
-    def stream(self, argv: list[str], write) -> int:
+    def stream(self, argv: list[str], write: Callable[[str], object]) -> int:
         """Run a long command (tail -f), passing its output on as it comes; Ctrl-C stops it."""
-        channel = self.client.get_transport().open_session()
+        transport = self.client.get_transport()
+        if transport is None:
+            raise ConnectionFailed(f"the connection to {self._where()} was closed")
+        channel = transport.open_session()
         channel.exec_command(shlex.join(argv))
         try:
             while True:
@@ -99,11 +103,11 @@ class ClusterConnection:
         self.close()
 
 
-def ssh_options(record: dict[str, Any]) -> SshOptions:
+def ssh_options(record: RunRecord) -> SshOptions:
     """The options of a run record's connection ("" key: ssh's default keys; "" known_hosts: ~/.ssh/known_hosts)."""
-    return SshOptions.of(record.get("port", 22), record.get("key"), record.get("known_hosts"))
+    return SshOptions.of(record.port, record.key, record.known_hosts)
 
 
-def rsync_shell(record: dict[str, Any]) -> str:
+def rsync_shell(record: RunRecord) -> str:
     """The `rsync -e` command: the same options as the SSH tools' connections."""
     return ssh_options(record).rsh()

@@ -12,12 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from pipeline.contract import formats
+from pipeline.contract.run_record import RecordedJob, RunRecord
 from pipeline.errors import SnowpipeError
 from pipeline.monitor import jobstate
 from pipeline.monitor.runs import RUNS_DIR, list_records, load_record, remember_state
@@ -39,8 +40,8 @@ def _styled(state: str) -> str:
     return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
 
 
-def status_table(record: dict[str, Any], rows: list[jobstate.TaskState], source: str) -> Table:
-    table = Table(title=f"run {record['run_id']} on {record['host']}: {_styled(jobstate.summary(rows))} "
+def status_table(record: RunRecord, rows: list[jobstate.TaskState], source: str) -> Table:
+    table = Table(title=f"run {record.run_id} on {record.host}: {_styled(jobstate.summary(rows))} "
                         f"(from {source})", title_justify="left")
     for column in ("job", "id", "task", "state", "elapsed", "node", "exit", "reason"):
         table.add_column(column, no_wrap=column != "reason")
@@ -48,18 +49,18 @@ def status_table(record: dict[str, Any], rows: list[jobstate.TaskState], source:
     for row in rows:
         table.add_row(row.name, row.id, "" if row.task is None else str(row.task), _styled(row.state), row.elapsed,
                       row.node, row.exit_code, row.reason, row.last_line)
-    for job in record["jobs"]:
-        if job.get("array"):
-            tasks = [r for r in rows if r.id == job["id"]]
+    for job in record.jobs:
+        if job.array:
+            tasks = [r for r in rows if r.id == job.id]
             counts: dict[str, int] = {}
             for r in tasks:
                 counts[r.state] = counts.get(r.state, 0) + 1
             table.caption = (table.caption + "\n" if table.caption else "") + \
-                f"{job['name']} ({len(tasks)} tasks): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                f"{job.name} ({len(tasks)} tasks): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return table
 
 
-def _query(record: dict[str, Any], use_sacct: bool) -> tuple[list[jobstate.TaskState], str]:
+def _query(record: RunRecord, use_sacct: bool) -> tuple[list[jobstate.TaskState], str]:
     from pipeline.monitor.ssh import ClusterConnection  # paramiko: only for the commands that connect
 
     with ClusterConnection(record) as remote:
@@ -73,7 +74,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows, source = _query(record, use_sacct)
         remember_state(record, jobstate.summary(rows))
         if args.json:
-            print(json.dumps({"run": record["run_id"], "host": record["host"], "state": jobstate.summary(rows),
+            print(json.dumps({"run": record.run_id, "host": record.host, "state": jobstate.summary(rows),
                               "source": source, "jobs": [row.as_dict() for row in rows]}, indent=1))
         else:
             _console().print(status_table(record, rows, source))
@@ -104,31 +105,33 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for column in ("run", "cluster", "commit", "submitted", "jobs", "last known state"):
         table.add_column(column)
     for record in records:
-        state = record.get("last_state")
-        known = f"{_styled(state['summary'])} at {state['at'][11:16]}" if state else "[dim]run snowpipe status[/]"
-        table.add_row(record["run_id"], record.get("host", ""), record.get("commit", "")[:8],
-                      record.get("submitted", "")[:16].replace("T", " "), str(len(record.get("jobs", []))), known)
+        state = record.last_state
+        known = f"{_styled(state.summary)} at {state.at[11:16]}" if state else "[dim]run snowpipe status[/]"
+        table.add_row(record.run_id, record.host, record.commit[:8], record.submitted[:16].replace("T", " "),
+                      str(len(record.jobs)), known)
     _console().print(table)
     return 0
 
 
-def _pick_task(record: dict[str, Any], job_name: str | None, task: int | None) -> tuple[dict, int | None]:
-    jobs = record["jobs"]
+def _pick_task(record: RunRecord, job_name: str | None, task: int | None) -> tuple[RecordedJob, int | None]:
+    jobs = record.jobs
+    if not jobs:
+        raise SnowpipeError(f"run {record.run_id} has no job recorded")
     if job_name:
-        matches = [job for job in jobs if job["name"] == job_name or job["id"] == job_name]
+        matches = [job for job in jobs if job_name in (job.name, job.id)]
         if not matches:
-            raise SnowpipeError(f"run {record['run_id']} has no job {job_name!r}; its jobs: "
-                                f"{', '.join(job['name'] for job in jobs)}")
+            raise SnowpipeError(f"run {record.run_id} has no job {job_name!r}; its jobs: "
+                                f"{', '.join(job.name for job in jobs)}")
         job = matches[-1]
     else:
         job = jobs[-1]
-    if job.get("array"):
-        tasks = jobstate.expand_tasks(job["array"])
+    if job.array:
+        tasks = jobstate.expand_tasks(job.array)
         task = tasks[0] if task is None else task
         if task not in tasks:
-            raise SnowpipeError(f"job {job['name']} has array tasks {job['array']}, not {task}")
+            raise SnowpipeError(f"job {job.name} has array tasks {job.array}, not {task}")
     elif task is not None:
-        raise SnowpipeError(f"job {job['name']} is not an array job: drop --task")
+        raise SnowpipeError(f"job {job.name} is not an array job: drop --task")
     return job, task
 
 
@@ -137,14 +140,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     record = load_record(args.run)
     job, task = _pick_task(record, args.job, args.task)
-    row = next(r for r in jobstate.expected_tasks({**record, "jobs": [job]}) if r.task == task)
-    marker = f"{record['remote_dir']}/logs/{job['name']}-{row.key}.exit"
+    row = next(r for r in jobstate.expected_tasks(record.model_copy(update={"jobs": [job]})) if r.task == task)
+    marker = formats.exit_marker_path(record.remote_dir, job.name, row.key)
     with ClusterConnection(record) as remote:
         if not args.follow:
             result = remote.run(["tail", "-n", str(args.lines), row.log])
             if result.code != 0:
-                raise SnowpipeError(f"no output of {job['name']} ({row.key}) yet at {row.log}: the job may still be "
-                                    f"pending (snowpipe status {record['run_id']})")
+                raise SnowpipeError(f"no output of {job.name} ({row.key}) yet at {row.log}: the job may still be "
+                                    f"pending (snowpipe status {record.run_id})")
             sys.stdout.write(result.stdout)
             return 0
         # Follow until the job's exit marker appears (or Ctrl-C).
@@ -159,33 +162,33 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from pipeline.monitor.ssh import rsync_shell
 
     record = load_record(args.run)
-    dest = Path(args.dest or RUNS_DIR / record["run_id"]).expanduser()
+    dest = Path(args.dest or RUNS_DIR / record.run_id).expanduser()
     if shutil.which("rsync") is None:
         raise SnowpipeError("rsync not found on this machine: apt-get install rsync")
-    source = f"{login(record['address'], record.get('user') or '')}:{record['remote_dir']}/"
+    source = f"{login(record.login_address, record.user)}:{record.remote_dir}/"
     dest.mkdir(parents=True, exist_ok=True)
     argv = ["rsync", "--archive", "--partial", "--itemize-changes", "--protect-args", "--rsh", rsync_shell(record),
             "--include=/results/***", "--include=/logs/***", "--include=/config.json", "--include=/COMMIT",
             "--exclude=*", source, f"{dest}/"]
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SnowpipeError(f"rsync from {record['host']} failed: {result.stderr.strip().splitlines()[-1:]}")
+        raise SnowpipeError(f"rsync from {record.host} failed: {result.stderr.strip().splitlines()[-1:]}")
     sent = [line for line in result.stdout.splitlines() if line.startswith(">f")]
-    say(f"fetched {len(sent)} changed file(s) of run {record['run_id']} into {dest} (results/, logs/, config.json)")
+    say(f"fetched {len(sent)} changed file(s) of run {record.run_id} into {dest} (results/, logs/, config.json)")
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     record = load_record(args.run)
-    jobs = [job for job in record["jobs"] if not args.job or args.job in (job["name"], job["id"])]
+    jobs = [job for job in record.jobs if not args.job or args.job in (job.name, job.id)]
     if not jobs:
-        raise SnowpipeError(f"run {record['run_id']} has no job {args.job!r}")
-    ids = [job["id"] for job in jobs]
+        raise SnowpipeError(f"run {record.run_id} has no job {args.job!r}")
+    ids = [job.id for job in jobs]
     if not args.yes:
         if not sys.stdin.isatty():
             raise SnowpipeError("cancel needs a confirmation: add --yes")
-        listed = ", ".join(f"{job['name']} ({job['id']})" for job in jobs)
-        answer = input(f"cancel {listed} of run {record['run_id']} on {record['host']}? [y/N] ")
+        listed = ", ".join(f"{job.name} ({job.id})" for job in jobs)
+        answer = input(f"cancel {listed} of run {record.run_id} on {record.host}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             say("nothing cancelled")
             return 1
@@ -194,8 +197,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     with ClusterConnection(record) as remote:
         result = remote.run(["scancel", *ids])
     if result.code != 0:
-        raise SnowpipeError(f"scancel on {record['host']} failed: {result.stderr.strip()}")
-    say(f"cancelled {', '.join(ids)} of run {record['run_id']} (finished jobs are not affected)")
+        raise SnowpipeError(f"scancel on {record.host} failed: {result.stderr.strip()}")
+    say(f"cancelled {', '.join(ids)} of run {record.run_id} (finished jobs are not affected)")
     return 0
 
 

@@ -45,7 +45,7 @@ INFO = STAGES["annotate"]
 
 
 def _inputs(scene: Scene, auxiliary: Auxiliary, settings: Annotation) -> list[Path | None]:
-    layers = [*scene.bands.values()]
+    layers: list[Path | None] = [*scene.bands.values()]
     if settings.water:
         layers += [auxiliary.layers.get("lakes"), auxiliary.layers.get("surface_water")]
     if settings.glacier:

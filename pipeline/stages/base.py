@@ -6,8 +6,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
+from pipeline.data.layout import Scene
 from pipeline.errors import SceneError, SnowpipeError
 from pipeline.progress import make_progress, say
 from pipeline.stages.registry import StageInfo
@@ -92,7 +93,7 @@ def describe(outcome: SceneOutcome) -> str:
             f"({outcome.seconds:.1f} s)")
 
 
-def run_scenes(report: StageReport, scenes: list, work: Callable[[object, ProgressCallback], SceneOutcome],
+def run_scenes(report: StageReport, scenes: list[Scene], work: Callable[[Scene, ProgressCallback], SceneOutcome],
                progress: Progress | None = None) -> None:
     """Process scenes one after the other in this process, with a bar per scene's windows.
 
@@ -103,7 +104,7 @@ def run_scenes(report: StageReport, scenes: list, work: Callable[[object, Progre
         for scene in scenes:
             window_bar = bars.add_task(f"  {scene.date}", total=None)
 
-            def on_window(done: int, total: int, bar: int = window_bar) -> None:
+            def on_window(done: int, total: int, bar: TaskID = window_bar) -> None:
                 bars.update(bar, completed=done, total=total)
 
             try:

@@ -72,7 +72,7 @@ class CloudDetector:
             prob = cv2.filter2D(prob, -1, self._average, borderType=cv2.BORDER_REFLECT)
         if f > 1:
             prob = cv2.resize(prob, (int(padded.width), int(padded.height)), interpolation=cv2.INTER_LINEAR)
-        mask = (prob > self.settings.threshold).astype(np.uint8)
+        mask: np.ndarray = (prob > self.settings.threshold).astype(np.uint8)  # cv2.dilate's result may replace it
         if self._dilation is not None:
             mask = cv2.dilate(mask, self._dilation)
         return mask[tile.inner], (valid[tile.inner] if f == 1 else None)

@@ -49,6 +49,12 @@ class ScenePlan:
     positions: list[tuple[int, int]] = field(default_factory=list)
     rows: dict[int, tuple[str, int]] = field(default_factory=dict)  # patch -> (split, row in its arrays)
 
+    @property
+    def scanned(self) -> sampling.Candidates:
+        """The candidates of a plan that _scan kept (it drops every plan whose scan failed)."""
+        assert self.candidates is not None, f"{self.scene.date}: scene not scanned"
+        return self.candidates
+
 
 def split_scenes(dates: list[str], settings: Dataset) -> tuple[set[str], str]:
     """Validation dates, and the split actually used (by scene unless only one scene exists)."""
@@ -222,14 +228,14 @@ def _scan(plans: list[ScenePlan], config: PipelineConfig, auxiliary: Auxiliary, 
 
 def _choose_positions(plans: list[ScenePlan], validation: set[str], settings: Dataset,
                       rng: np.random.Generator) -> None:
-    train_pixels = sum((p.candidates.counts.sum(0) for p in plans if p.scene.date not in validation),
+    train_pixels = sum((p.scanned.counts.sum(0) for p in plans if p.scene.date not in validation),
                        np.zeros(len(CLASS_NAMES), np.int64))
     weights = sampling.class_weights(train_pixels) if settings.sampling == "balanced" else None
     for plan in plans:
         plan.split = "validation" if plan.scene.date in validation else "train"
         # Validation patches are drawn uniformly, so validation metrics see the true class mix.
         use = weights if plan.split == "train" else None
-        plan.positions = sampling.choose(rng, plan.candidates, settings.patches_per_scene, settings.patch_size, use)
+        plan.positions = sampling.choose(rng, plan.scanned, settings.patches_per_scene, settings.patch_size, use)
 
 
 def _write_splits(partial: Path, plans: list[ScenePlan], counts: dict[str, int], config: PipelineConfig,

@@ -79,9 +79,9 @@ def remote_of(config: PipelineConfig) -> DataServer:
         if not getattr(settings, key):
             raise ConfigError(f"download.{key}: empty: set the data server's "
                               f"{'host name' if key == 'host' else 'folder with the products'} in the config")
-    key = _local_file(config, "key", settings.key) if settings.key else None
-    return DataServer(host=settings.host, path=settings.remote_path, port=settings.port, user=settings.user, key=key,
-                      known_hosts=_local_file(config, "known_hosts", settings.known_hosts))
+    key_file = _local_file(config, "key", settings.key) if settings.key else None
+    return DataServer(host=settings.host, path=settings.remote_path, port=settings.port, user=settings.user,
+                      key=key_file, known_hosts=_local_file(config, "known_hosts", settings.known_hosts))
 
 
 def pick_products(entries: list[Entry], tile: str, dates: list[str], where: str) -> list[Product]:

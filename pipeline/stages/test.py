@@ -23,6 +23,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from rich.console import Console
+from rich.progress import TaskID
 from rich.table import Table
 
 from pipeline import plots
@@ -374,7 +375,7 @@ def _compare_all(config: PipelineConfig, out: Path, scenes: list[Scene], all_inp
         for inputs in all_inputs:
             window_bar = progress.add_task(f"  {inputs.scene.date}", total=None)
 
-            def on_window(done: int, total: int, bar: int = window_bar) -> None:
+            def on_window(done: int, total: int, bar: TaskID = window_bar) -> None:
                 progress.update(bar, completed=done, total=total)
 
             scene_start = time.perf_counter()

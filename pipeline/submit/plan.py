@@ -13,22 +13,33 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from pydantic import JsonValue
 
 from pipeline.config import PipelineConfig, check_data_folders
+from pipeline.contract import formats
+from pipeline.contract.plan import (
+    ConfigOverride,
+    Mode,
+    Plan,
+    PlannedJob,
+    SbatchValue,
+    StageCommand,
+    StagedFolder,
+    SyncedFolder,
+)
 from pipeline.data.layout import EXOLABS_FOLDER, Scene, discover_scenes, find_auxiliary
 from pipeline.errors import ConfigError, DataError
 from pipeline.stages.registry import STAGES, enabled, stage_dates
 from pipeline.submit.jobspec import Job, Resources, load_jobs, parse_resources
 
-Mode = Literal["cluster", "dry_run", "local_run"]
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-# Never synced, staged or copied back: temporaries, the output locks of live writers and the partial
-# folders of interrupted ones (pipeline/locks.py, pipeline/stages/publish.py) belong to one machine's processes.
-TEMPORARY_FILES = (".*.tmp", "*.tmp", ".snowpipe-tmp-*", "__pycache__/", ".*.lock", ".*.partial-*")
+
+
 @dataclass(frozen=True)
 class Target:
     """The cluster, as the inventory describes it (host variables prefixed `snowpipe_`)."""
@@ -42,15 +53,18 @@ class Target:
     overrides: dict[str, Resources] = field(default_factory=dict)
 
     @classmethod
-    def from_vars(cls, host: str, variables: dict[str, Any]) -> Target:
+    def from_vars(cls, host: str, variables: Mapping[str, object]) -> Target:
+        """Inventory values are whatever YAML made of them: each is checked and named when wrong."""
         root = variables.get("snowpipe_remote_root")
         if not root or not str(root).startswith("/"):
             raise ConfigError(f"inventory host {host}: snowpipe_remote_root must be an absolute path on the cluster "
                               f"(got {root!r}); set it in the inventory, e.g. /cluster/scratch/$USER/snowpipe")
-        gpu_request = variables.get("snowpipe_gpu_request", "gres")
-        if gpu_request not in ("gres", "gpus"):
+        requested = variables.get("snowpipe_gpu_request", "gres")
+        if requested not in ("gres", "gpus"):
             raise ConfigError(f"inventory host {host}: snowpipe_gpu_request must be 'gres' (--gres=gpu:N) or "
-                              f"'gpus' (--gpus=N), got {gpu_request!r}")
+                              f"'gpus' (--gpus=N), got {requested!r}")
+        gpu_request: Literal["gres", "gpus"] = "gpus" if requested == "gpus" else "gres"
+        venv = variables.get("snowpipe_venv")
         overrides = variables.get("snowpipe_job_overrides") or {}
         if not isinstance(overrides, dict):
             raise ConfigError(f"inventory host {host}: snowpipe_job_overrides must map job names (or '*') to "
@@ -58,12 +72,12 @@ class Target:
         return cls(
             host=host,
             remote_root=str(root).rstrip("/"),
-            python=variables.get("snowpipe_python") or "python3",
-            venv=variables.get("snowpipe_venv") or None,
+            python=str(variables.get("snowpipe_python") or "python3"),
+            venv=str(venv) if venv else None,
             gpu_request=gpu_request,
             defaults=parse_resources(variables.get("snowpipe_job_defaults"), f"{host}: snowpipe_job_defaults"),
             overrides={name: parse_resources(value, f"{host}: snowpipe_job_overrides.{name}")
-                       for name, value in overrides.items()},
+                       for name, value in overrides.items()},  # names: YAML keys, str() when a number
         )
 
 
@@ -160,14 +174,14 @@ def _gpu_options(resources: Resources, gpu_request: str) -> dict[str, str]:
     return options
 
 
-def sbatch_options(job: Job, run_id: str, run_dir: str, array_size: int | None, gpu_request: str) -> dict[str, Any]:
+def sbatch_options(job: Job, run_id: str, run_dir: str, array_size: int | None,
+                   gpu_request: str) -> dict[str, SbatchValue]:
     """#SBATCH options (name -> value; None for a flag). Dependencies are added at submission."""
     r = job.resources
-    log = f"{run_dir}/logs/%x-%A_%a.out" if array_size else f"{run_dir}/logs/%x-%j.out"
-    options: dict[str, Any] = {
+    options: dict[str, SbatchValue] = {
         "job-name": job.name,
         "comment": f"snowpipe run {run_id}",
-        "output": log,
+        "output": formats.log_pattern(run_dir, array=bool(array_size)),
         "chdir": run_dir,
         "time": r.time,
         "cpus-per-task": r.cpus,
@@ -207,26 +221,22 @@ def task_filters(config: PipelineConfig, scenes: list[Scene]) -> list[str]:
 
 
 def _stage_command(stage: str, job: Job, paths: dict[str, str], config: PipelineConfig,
-                   scan: SceneScan) -> dict[str, Any]:
+                   scan: SceneScan) -> StageCommand:
     """One stage of a job: its arguments, processes, and the folders staged to node-local scratch."""
     processes = (job.resources.gpus or 0) if stage == "train" and (job.resources.gpus or 0) > 1 else 1
-    staged, sets = [], []
+    staged: list[StagedFolder] = []
+    sets: list[ConfigOverride] = []
     if job.resources.stage_inputs:
         for name, access in STAGES[stage].folders.items():
             per_task = job.array and name == "extracted_data"
-            staged.append({"name": name, "source": paths[name], "writable": access == "w",
-                           "excludes": list(STAGES[stage].results_not_read) if name == "results" else [],
-                           "task_filters": task_filters(config, scan(stage_dates(config, stage))) if per_task else []})
-            sets.append({"key": f"paths.{name}", "scratch": name})
+            staged.append(StagedFolder(
+                name=name, source=paths[name], writable=access == "w",
+                excludes=list(STAGES[stage].results_not_read) if name == "results" else [],
+                task_filters=task_filters(config, scan(stage_dates(config, stage))) if per_task else []))
+            sets.append(ConfigOverride(key=f"paths.{name}", scratch=name))
             if name == "results":
-                sets.append({"key": "paths.dataset", "scratch": "results/dataset"})
-    return {"stage": stage, "args": ["stage", stage], "processes": processes,
-            "staged": staged, "sets": sets}
-
-
-def dependency_args(job_ids: list[str]) -> list[str]:
-    """sbatch arguments that start a job only after all of `job_ids` ended well; a failed one cancels it."""
-    return [f"--dependency=afterok:{':'.join(job_ids)}", "--kill-on-invalid-dep=yes"] if job_ids else []
+                sets.append(ConfigOverride(key="paths.dataset", scratch="results/dataset"))
+    return StageCommand(stage=stage, args=["stage", stage], processes=processes, staged=staged, sets=sets)
 
 
 def submit_display(job: Job, script: str) -> str:
@@ -235,11 +245,11 @@ def submit_display(job: Job, script: str) -> str:
         return name.replace("-", "_")
 
     after = [f"${variable(name)}" for name in job.after]
-    flags = " ".join(dependency_args(after))
+    flags = " ".join(formats.dependency_args(after))
     return f"{variable(job.name)}=$(sbatch --parsable {flags + ' ' if flags else ''}{shlex.quote(script)})"
 
 
-def sbatch_quote(value: Any) -> str:
+def sbatch_quote(value: SbatchValue) -> str:
     """A value as sbatch reads it from an #SBATCH line: double quotes, backslash escapes."""
     text = str(value)
     if "\n" in text or "\r" in text:
@@ -249,33 +259,40 @@ def sbatch_quote(value: Any) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def sbatch_lines(options: dict[str, Any]) -> list[str]:
+def sbatch_lines(options: dict[str, SbatchValue]) -> list[str]:
     """Sorted `--name=value` lines (flags without a value) for the script's header."""
     return [f"--{name}" if value is None else f"--{name}={sbatch_quote(value)}"
             for name, value in sorted(options.items())]
 
 
 def frozen_config(config: PipelineConfig, data_root: str | None, run_dir: str,
-                  scan: SceneScan | None = None) -> dict[str, Any]:
+                  scan: SceneScan | None = None) -> dict[str, JsonValue]:
     """The resolved config a job reads: data under the shared data folder, outputs in the run folder."""
-    frozen = config.resolved()
-    if not frozen["dates"] and config.path("extracted_data").is_dir():
+    frozen: dict[str, JsonValue] = config.frozen()
+    if not config.dates and config.path("extracted_data").is_dir():
         # "every scene found" is decided here, on the data being sent: the shared data folder on the cluster
         # may hold scenes of other runs, and array task i must mean the same scene there as here.
         frozen["dates"] = [scene.date for scene in (scan or scene_scanner(config))([])]
-    paths = frozen["paths"]
+    paths: dict[str, str] = {name: str(config.path(name)) for name in type(config.paths).model_fields}
     if data_root:
         paths["extracted_data"] = f"{data_root}/extracted_data"
         paths["annotated_masks"] = f"{data_root}/annotated_masks"
     paths["results"] = f"{run_dir}/results"
     paths["dataset"] = f"{run_dir}/results/dataset"
     paths["work"] = f"{run_dir}/work"
+    frozen["paths"] = dict(paths)
     return frozen
+
+
+def _mapping(value: JsonValue) -> dict[str, JsonValue]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object, got {value!r}")
+    return value
 
 
 def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Target, mode: Mode = "cluster",
               run_id: str | None = None, jobs_dir: Path = REPO_ROOT / "jobs", repo_root: Path = REPO_ROOT,
-              build_dir: Path | None = None) -> dict[str, Any]:
+              build_dir: Path | None = None) -> Plan:
     """The run as data: folders, files to sync, frozen config, and one entry per job in submission order."""
     run_id = run_id or new_run_id()
     jobs = enabled_jobs(load_jobs(jobs_dir, spec, target.defaults, target.overrides), config, spec)
@@ -302,53 +319,53 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
     for name in ("extracted_data", "annotated_masks"):
         source = config.path(name)
         if mode != "local_run" and source.is_dir():
-            files, size = folder_size(source)
-            sync.append({"name": name, "source": f"{source}/", "dest": f"{data_root}/{name}/", "files": files,
-                         "bytes": size})
+            files, total = folder_size(source)
+            sync.append(SyncedFolder(name=name, source=f"{source}/", dest=f"{data_root}/{name}/", files=files,
+                                     bytes=total))
     frozen = frozen_config(config, data_root, run_dir, scan)
+    paths = {name: str(value) for name, value in _mapping(frozen["paths"]).items()}
     planned = []
     for job in jobs:
         size = sizes.get(job.name)
         options = sbatch_options(job, run_id, run_dir, size, target.gpu_request)
-        planned.append({
-            "name": job.name,
-            "description": job.description,
-            "stages": job.stages,
-            "after": job.after,
-            "array": f"0-{size - 1}" if size else None,
-            "array_size": size or 0,
-            "script": f"{run_dir}/jobs/{job.name}.sbatch",
-            "render_path": f"{render_dir}/jobs/{job.name}.sbatch",
-            "sbatch": options,
-            "sbatch_lines": sbatch_lines(options),
-            "modules": job.resources.modules or [],
-            "setup": job.resources.setup or [],
-            "stage_inputs": bool(job.resources.stage_inputs),
+        planned.append(PlannedJob(
+            name=job.name,
+            description=job.description,
+            stages=job.stages,
+            after=job.after,
+            array=f"0-{size - 1}" if size else None,
+            array_size=size or 0,
+            script=f"{run_dir}/jobs/{job.name}.sbatch",
+            render_path=f"{render_dir}/jobs/{job.name}.sbatch",
+            sbatch=options,
+            sbatch_lines=sbatch_lines(options),
+            modules=job.resources.modules or [],
+            setup=job.resources.setup or [],
+            stage_inputs=bool(job.resources.stage_inputs),
             # Array task i processes scene_dates[i] (passed as --scene), whatever else the cluster holds.
-            "scene_dates": [scene.date for scene in scan(stage_dates(config, job.stages[0]))] if size else [],
-            "requeue_limit": job.resources.requeue_limit or 0,
-            "submit_display": submit_display(job, f"{run_dir}/jobs/{job.name}.sbatch"),
-            "commands": [_stage_command(stage, job, frozen["paths"], config, scan) for stage in job.stages],
-        })
-    return {
-        "run_id": run_id,
-        "mode": mode,
-        "host": target.host,
-        "spec": spec,
-        "remote_root": root,
-        "run_dir": run_dir,
-        "render_dir": render_dir,
-        "data_root": data_root,
-        "code_dir": code_dir,
-        "config_json": config_json,
-        "config_source": str(config_path),
-        "python": python,
-        "venv": venv,
-        "commit": commit,
-        "dirty": dirty,
-        "config_hash": config.section_hash("annotation", "dataset", "training", "inference", "testing"),
-        "config": frozen,
-        "sync": sync,
-        "sync_excludes": list(TEMPORARY_FILES),
-        "jobs": planned,
-    }
+            scene_dates=[scene.date for scene in scan(stage_dates(config, job.stages[0]))] if size else [],
+            requeue_limit=job.resources.requeue_limit or 0,
+            submit_display=submit_display(job, f"{run_dir}/jobs/{job.name}.sbatch"),
+            commands=[_stage_command(stage, job, paths, config, scan) for stage in job.stages],
+        ))
+    return Plan(
+        run_id=run_id,
+        mode=mode,
+        host=target.host,
+        spec=spec,
+        remote_root=root,
+        run_dir=run_dir,
+        render_dir=render_dir,
+        data_root=data_root,
+        code_dir=code_dir,
+        config_json=config_json,
+        config_source=str(config_path),
+        python=python,
+        venv=venv,
+        commit=commit,
+        dirty=dirty,
+        config_hash=config.section_hash("annotation", "dataset", "training", "inference", "testing"),
+        config=frozen,
+        sync=sync,
+        jobs=planned,
+    )

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import load_config
+from pipeline.contract.plan import Plan
 from pipeline.errors import ConfigError
 
 DEFAULT_INVENTORY = Path(__file__).resolve().parent.parent.parent / "inventory" / "local.yml"
@@ -62,21 +63,19 @@ def _human_size(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
-def print_plan(plan: dict[str, Any]) -> None:
+def print_plan(plan: Plan) -> None:
     console = Console()
-    table = Table(title=f"run {plan['run_id']} on {plan['host']} ({plan['run_dir']})")
+    table = Table(title=f"run {plan.run_id} on {plan.host} ({plan.run_dir})")
     for column in ("job", "stages", "array", "after", "resources"):
         table.add_column(column)
-    for job in plan["jobs"]:
-        options = job["sbatch"]
+    for job in plan.jobs:
+        options = job.sbatch
         resources = ", ".join(f"{key}={options[key]}" for key in ("time", "cpus-per-task", "mem", "gres", "gpus",
                                                                    "ntasks-per-node", "partition") if key in options)
-        table.add_row(job["name"], ", ".join(job["stages"]), job["array"] or "-", ", ".join(job["after"]) or "-",
-                      resources)
+        table.add_row(job.name, ", ".join(job.stages), job.array or "-", ", ".join(job.after) or "-", resources)
     console.print(table)
-    for item in plan["sync"]:
-        console.print(f"sync {item['source']} -> {plan['host']}:{item['dest']} "
-                      f"({item['files']} files, {_human_size(item['bytes'])})")
+    for item in plan.sync:
+        console.print(f"sync {item.source} -> {plan.host}:{item.dest} ({item.files} files, {_human_size(item.bytes)})")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -91,7 +90,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = make_plan(config, config_path.resolve(), args.job, Target.from_vars(host, variables), mode=args.mode,
                      run_id=args.run_id)
     if args.json:
-        print(json.dumps(plan, indent=1))
+        print(plan.to_json())
     else:
         print_plan(plan)
     return 0

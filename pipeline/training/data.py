@@ -73,7 +73,7 @@ class PatchDataset(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._images is None:
+        if self._images is None or self._masks is None:
             self._images = np.load(self.images_path, mmap_mode="r")
             self._masks = np.load(self.masks_path, mmap_mode="r")
         image = torch.from_numpy(np.asarray(self._images[index], dtype=np.float32))

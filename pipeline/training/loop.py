@@ -109,7 +109,8 @@ class Trainer:
         self.cuda = procs.device.type == "cuda"
         self.model = UNet(self.spec).to(procs.device)
         if self.cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # torch's stubs for Module.to omit its documented to(memory_format=...) form
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay, eps=1e-6, amsgrad=True)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -124,8 +125,8 @@ class Trainer:
         self.train_set = PatchDataset(folder, "train", augment, settings.seed)
         val_set = PatchDataset(folder, "validation")
         self.val_set = Subset(val_set, range(procs.rank, len(val_set), procs.world))  # exact shards, no padding
-        self.sampler = DistributedSampler(self.train_set, num_replicas=procs.world, rank=procs.rank,
-                                          shuffle=True, seed=settings.seed)
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            self.train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=settings.seed)
         self.network = (DistributedDataParallel(self.model, device_ids=[procs.local_rank] if self.cuda else None)
                         if procs.distributed else self.model)
 

@@ -5,10 +5,17 @@ with EXIT_REQUEUE, so the batch script can requeue the job and the next run resu
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from types import FrameType
+from typing import Any, TypeAlias
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again later"
+from pipeline.contract.formats import EXIT_RETRY
+
+EXIT_REQUEUE = EXIT_RETRY  # the batch script requeues the job on it
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+# What signal.signal accepts and returns: a handler, SIG_DFL/SIG_IGN, or None (installed outside Python).
+_Handler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class StopRequest:
@@ -16,7 +23,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _Handler] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal = signum

@@ -1,0 +1,123 @@
+"""The submission plan as types: what `snowpipe plan --json` prints, Ansible hands to its roles and the
+template, and the local runner reads back from `plan.json`.
+
+One model per level (plan, job, stage command, staged folder) with `extra="forbid"`, so a key a consumer
+expects cannot silently disappear or be misspelt on one side. `schema` versions the file.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from pipeline.contract import formats
+
+Mode = Literal["cluster", "dry_run", "local_run"]
+SbatchValue = str | int | None  # None: a flag without a value (--requeue)
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SyncedFolder(Model):
+    """A laptop folder rsync sends to the cluster's shared data folder."""
+
+    name: str
+    source: str
+    dest: str
+    files: int
+    bytes: int
+
+
+class StagedFolder(Model):
+    """A config folder a stage copies to node-local scratch (and back, when it writes there)."""
+
+    name: str
+    source: str
+    writable: bool
+    excludes: list[str] = []
+    task_filters: list[str] = []  # array task i stages only what task_filters[i] lets through
+
+
+class ConfigOverride(Model):
+    """`--set KEY=$SCRATCH/FOLDER`: the stage reads the staged copy instead of the shared one."""
+
+    key: str
+    scratch: str
+
+
+class StageCommand(Model):
+    stage: str
+    args: list[str]
+    processes: int = Field(ge=1)  # > 1: one process per GPU (srun, or torchrun in a local run)
+    staged: list[StagedFolder] = []
+    sets: list[ConfigOverride] = []
+
+
+class PlannedJob(Model):
+    name: str
+    description: str = ""
+    stages: list[str]
+    after: list[str] = []          # names of jobs this one waits for (afterok)
+    array: str | None = None       # "0-N" for a job array
+    array_size: int = 0
+    script: str                    # where the batch script lies on the cluster
+    render_path: str               # where Ansible renders it (the same path, or build/dry-run/... for a dry run)
+    sbatch: dict[str, SbatchValue]
+    sbatch_lines: list[str]
+    modules: list[str] = []
+    setup: list[str] = []
+    stage_inputs: bool = False
+    scene_dates: list[str] = []    # array task i processes scene_dates[i]
+    requeue_limit: int = 0
+    submit_display: str
+    commands: list[StageCommand]
+
+    @property
+    def log(self) -> str:
+        return str(self.sbatch["output"])
+
+
+class BatchFormats(Model):
+    """The cross-language formats of contract/formats.py, as the template and the playbooks read them."""
+
+    requeue_exit_code: int = formats.EXIT_RETRY
+    exit_marker_printf: str = formats.EXIT_MARKER_PRINTF
+    exit_marker_suffix: str = formats.EXIT_MARKER_SUFFIX
+    log_folder: str = formats.LOG_FOLDER
+    dependency_prefix: str = formats.DEPENDENCY_PREFIX
+    dependency_separator: str = formats.DEPENDENCY_SEPARATOR
+    dependency_extra: list[str] = list(formats.DEPENDENCY_EXTRA)
+    transient_files: list[str] = list(formats.TEMPORARY_FILES)
+
+
+class Plan(Model):
+    schema_version: int = Field(formats.PLAN_SCHEMA, alias=formats.SCHEMA_KEY)
+    run_id: str
+    mode: Mode
+    host: str
+    spec: str
+    remote_root: str
+    run_dir: str
+    render_dir: str
+    data_root: str | None
+    code_dir: str
+    config_json: str
+    config_source: str
+    python: str
+    venv: str | None
+    commit: str
+    dirty: bool
+    config_hash: str
+    config: dict[str, JsonValue]   # the frozen config (config.json), versioned by its own `schema` key
+    sync: list[SyncedFolder]
+    formats: BatchFormats = BatchFormats()
+    jobs: list[PlannedJob]
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=1)
+
+    def job(self, name: str) -> PlannedJob:
+        return next(job for job in self.jobs if job.name == name)
