@@ -15,6 +15,21 @@ import signal
 PR_SET_PDEATHSIG = 1
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: leave stop signals to the trainer.
+
+    scancel and preemption send SIGTERM to every process of the job, Ctrl-C sends SIGINT to the whole
+    foreground group. A data-loading worker killed by one fails the epoch ("DataLoader worker is killed by
+    signal") before the trainer can save; ignoring them lets the trainer finish its step, save and exit,
+    after which DataLoader stops its workers itself (and the kernel's SIGKILL still ends them).
+    """
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Pool initializer: ask the kernel to kill this process when its parent dies (Linux; elsewhere a no-op)."""
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -90,3 +91,77 @@ def test_the_exit_marker_a_script_writes_is_the_one_the_monitor_reads(demo, tmp_
     (marker,) = formats.read_exit_markers(run_dir / formats.LOG_FOLDER)
     assert marker.job == "test" and marker.task == "4242" and marker.exit_code == ended.returncode != 0
     assert marker.state == "FAILED" and marker.end
+
+
+def test_a_hostile_run_id_is_refused_before_anything_is_written(demo, tmp_path):
+    escape = tmp_path / "escaped"
+    result = playbook("-e", f"config={demo}", "-e", f"run_id=../../../../../../..{escape}", "-e", "dry_run=true")
+    assert result.returncode != 0
+    assert "is not allowed: use letters, digits" in result.stdout and "Traceback" not in result.stdout
+    assert not escape.exists()
+
+
+STOPPABLE_STAGE = """#!/bin/bash
+# Stands in for `python -m pipeline stage train`: saves progress "$STEP" when told to stop, as the trainer does.
+trap 'printf "epoch 1 step %s\\n" "$STEP" > "$SNOWPIPE_PROGRESS_FILE"; exit 75' USR1 TERM
+touch "$STARTED"
+while true; do sleep 0.05; done
+"""
+
+
+@pytest.fixture(scope="module")
+def train_script(demo, tmp_path_factory) -> tuple[str, Path, Path]:
+    """The rendered train job, pointed at a private run folder, with a stand-in stage and scontrol."""
+    run_id = f"t{SESSION}-requeue"
+    assert playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "dry_run=true").returncode == 0
+    plan = Plan.model_validate_json((DRY_RUNS / run_id / "plan.json").read_text())
+    tools = tmp_path_factory.mktemp("tools")
+    (tools / "python").write_text(STOPPABLE_STAGE)
+    (tools / "scontrol").write_text('#!/bin/bash\necho "$@" >> "$SCONTROL_CALLS"\n')
+    for tool in tools.iterdir():
+        tool.chmod(0o755)
+    run_dir = tmp_path_factory.mktemp("run")
+    script = (DRY_RUNS / run_id / "jobs" / "train.sbatch").read_text().replace(plan.run_dir, str(run_dir))
+    script = re.sub(r"^PYTHON=.*$", f"PYTHON={tools / 'python'}", script, flags=re.M)
+    script = re.sub(r"^source .*activate.*$", "", script, flags=re.M)
+    return script, run_dir, tools
+
+
+def stop_the_train_job(train_script, tmp_path, signal_name: str, restarts: int, step: int) -> tuple[int, str, list]:
+    """Run the train job's script once (as SLURM would, job 77, `restarts` requeues so far) and stop it."""
+    script, run_dir, tools = train_script
+    calls, started = tmp_path / f"scontrol-{restarts}", tmp_path / f"started-{restarts}"
+    env = {**os.environ, "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": str(restarts), "TMPDIR": str(tmp_path),
+           "STEP": str(step), "SCONTROL_CALLS": str(calls), "STARTED": str(started),
+           "PATH": f"{tools}:{os.environ['PATH']}"}
+    env.pop("SNOWPIPE_LOCAL_RUN", None)
+    job = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(getattr(signal, f"SIG{signal_name}"))  # to the batch shell, as SLURM does
+    out, _ = job.communicate(timeout=60)
+    return job.returncode, out, calls.read_text().split("\n")[:-1] if calls.exists() else []
+
+
+def test_the_time_limit_warning_requeues_a_job_that_made_progress_and_only_then(train_script, tmp_path):
+    code, out, calls = stop_the_train_job(train_script, tmp_path, "USR1", restarts=0, step=3)
+    assert code == 75 and calls == ["requeue 77"], out  # saved at epoch 1 step 3: requeued
+    assert "saved before the time limit at epoch 1 step 3; requeue 1/3" in out
+    code, out, calls = stop_the_train_job(train_script, tmp_path, "USR1", restarts=1, step=5)
+    assert code == 75 and calls == ["requeue 77"], out  # further on: requeued again
+    code, out, calls = stop_the_train_job(train_script, tmp_path, "USR1", restarts=2, step=5)
+    assert code == 1 and calls == [], out  # no further since the last requeue: it would only loop
+    assert "no progress since the last requeue (epoch 1 step 5): not requeued" in out
+    run_dir = train_script[1]
+    (marker,) = [m for m in formats.read_exit_markers(run_dir / formats.LOG_FOLDER) if m.task == "77"]
+    assert marker.exit_code == 1 and marker.state == "FAILED"
+
+
+def test_a_cancelled_job_is_never_requeued_by_its_script(train_script, tmp_path):
+    """scancel sends SIGTERM: the stage saves and exits 75, and the job stays cancelled."""
+    code, out, calls = stop_the_train_job(train_script, tmp_path, "TERM", restarts=0, step=9)
+    assert code == 75 and calls == [], out
+    assert "stopped by SIGTERM (scancel or preemption): state saved, not requeued" in out

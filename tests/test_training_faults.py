@@ -251,3 +251,28 @@ def test_a_stop_signal_mid_epoch_resumes_that_epoch_where_it_stopped(tmp_path, m
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in one["history"]]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in two["history"]]
     assert two["progress"]["step"] == 0 and assert_the_set_agrees(stopped)["epoch"] == 2
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_saves_and_exits_for_a_requeue(tmp_path):
+    """What scancel and preemption do: SIGTERM to the trainer and its two data-loading workers at once."""
+    import time
+
+    write_dataset(tmp_path / "dataset", train=64, validation=8)
+    config = write_config_file(tmp_path, epochs=12, workers=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SNOWPIPE_KILL_AT", None)
+    trainer = subprocess.Popen([sys.executable, "-m", "pipeline", "stage", "train", str(config)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (training(tmp_path) / "last.pt").is_file():  # an epoch finished: the workers are running again
+        assert trainer.poll() is None and time.monotonic() < deadline, trainer.communicate()
+        time.sleep(0.05)
+    os.killpg(trainer.pid, signal.SIGTERM)
+    _, err = trainer.communicate(timeout=300)
+    assert trainer.returncode == 75, err[-2000:]
+    assert "DataLoader worker" not in err and "internal error" not in err
+    saved = read_checkpoint(training(tmp_path) / "last.pt")
+    assert 1 <= saved["epoch"] < 12
+    resumed = snowpipe_train(config)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert recorded_epochs(tmp_path) == list(range(1, 13))  # each epoch once, none lost or repeated

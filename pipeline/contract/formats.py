@@ -7,6 +7,7 @@ the monitor, the local runner and the training loop import them.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,18 @@ PLAN_SCHEMA = 1         # plan.json (beside the rendered scripts)
 CONFIG_SCHEMA = 1       # config.json (the frozen config a batch job reads)
 RUN_RECORD_SCHEMA = 1   # runs/<run_id>.json (absent in records written before versions: read as 0)
 SCHEMA_KEY = "schema"
+
+# ---- run ids: a folder name on the laptop and on the cluster, so never a path -------------------------------------
+RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+
+
+def run_id_problem(run_id: str) -> str | None:
+    """Why `run_id` cannot name a run (None when it can): no `/`, no leading `.` or `-`, at most 100 characters."""
+    if re.fullmatch(RUN_ID_PATTERN, run_id):
+        return None
+    return (f"run id {run_id!r} is not allowed: use letters, digits, '.', '_' and '-' (not first), at most 100 "
+            f"characters, e.g. -e run_id=snow-2021-v2")
+
 
 # ---- exit codes ---------------------------------------------------------------------------------------------------
 EXIT_OK = 0
@@ -92,6 +105,12 @@ def read_exit_markers(folder: Path) -> list[ExitMarker]:
     """Every readable marker in a local logs folder (local runs, tests)."""
     found = [parse_exit_marker(path.read_text()) for path in sorted(folder.glob(EXIT_MARKER_GLOB))]
     return [marker for marker in found if marker is not None]
+
+
+# ---- requeue progress ----------------------------------------------------------------------------------------------
+# The batch script names a file in this variable; a stage that saves resumable state writes how far it got there
+# ("epoch E step S"). The script requeues a job only when that changed since its last requeue.
+PROGRESS_FILE_ENV = "SNOWPIPE_PROGRESS_FILE"
 
 
 # ---- job dependencies ----------------------------------------------------------------------------------------------

@@ -32,12 +32,10 @@ class SyncedFolder(Model):
 
 
 class StagedFolder(Model):
-    """A config folder a stage copies to node-local scratch (and back, when it writes there)."""
+    """A config folder a stage reads, copied to node-local scratch first (outputs are never staged)."""
 
     name: str
     source: str
-    writable: bool
-    excludes: list[str] = []
     task_filters: list[str] = []  # array task i stages only what task_filters[i] lets through
 
 
@@ -91,11 +89,12 @@ class BatchFormats(Model):
     dependency_separator: str = formats.DEPENDENCY_SEPARATOR
     dependency_extra: list[str] = list(formats.DEPENDENCY_EXTRA)
     transient_files: list[str] = list(formats.TEMPORARY_FILES)
+    progress_file_env: str = formats.PROGRESS_FILE_ENV
 
 
 class Plan(Model):
     schema_version: int = Field(formats.PLAN_SCHEMA, alias=formats.SCHEMA_KEY)
-    run_id: str
+    run_id: str = Field(pattern=f"^{formats.RUN_ID_PATTERN}$")
     mode: Mode
     host: str
     spec: str

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from pipeline.contract import formats
 from pipeline.contract.plan import Plan
 from pipeline.contract.run_record import (
     Connection,
@@ -83,6 +84,9 @@ def list_records(runs_dir: Path | None = None) -> list[RunRecord]:
 def load_record(run_id: str | None, runs_dir: Path | None = None) -> RunRecord:
     """One run's record; None = the newest. An unknown run names the known ones."""
     runs_dir = runs_dir or RUNS_DIR
+    problem = formats.run_id_problem(run_id) if run_id is not None else None
+    if problem:
+        raise SnowpipeError(problem)
     if run_id is not None and (runs_dir / f"{run_id}.json").is_file():
         try:
             return read_run_record(runs_dir / f"{run_id}.json")

@@ -46,10 +46,10 @@ class StageInfo:
     per_scene: bool  # can be split into one job-array task per scene
     needs_gpu: bool
     module: str  # where its `run(config, dates=None, force=False)` lives
-    # The config's folders (paths.*) it reads (r) and writes (w): what a batch job stages to node-local disk.
+    # The config's folders (paths.*) it reads (r) and writes (w). A batch job with stage_inputs copies what it
+    # reads to node-local disk; what it writes stays on shared storage, visible as each output is published
+    # (a requeue on another node resumes from it; a lost node loses no finished scene or epoch).
     folders: dict[str, Access] = field(default_factory=dict)
-    # Big folders under results/ it never reads, left behind when results are staged.
-    results_not_read: tuple[str, ...] = ()
     dates: Callable[[PipelineConfig], list[str]] = config_dates  # the scenes it covers by default
     runs_on_cluster: bool = True
 
@@ -69,19 +69,15 @@ STAGES: dict[str, StageInfo] = {stage.name: stage for stage in (
               folders={"extracted_data": "r", "annotated_masks": "w"}),
     StageInfo("dataset", "dataset", "training / validation patches, split by scene, normalisation constants",
               per_scene=False, needs_gpu=False, module="pipeline.stages.dataset",
-              folders={"extracted_data": "r", "annotated_masks": "r", "results": "w"},
-              results_not_read=("predictions/", "testing/", "training/")),
+              folders={"extracted_data": "r", "annotated_masks": "r", "results": "w"}),
     StageInfo("train", "training", "U-Net training: checkpoints every epoch, resume, curves", per_scene=False,
-              needs_gpu=True, module="pipeline.stages.train", folders={"results": "w"},
-              results_not_read=("predictions/", "testing/")),
+              needs_gpu=True, module="pipeline.stages.train", folders={"dataset": "r", "results": "w"}),
     StageInfo("infer", "inference", "predict whole scenes with the trained U-Net: masks, probabilities, quicklooks",
               per_scene=True, needs_gpu=True, module="pipeline.stages.infer",
-              folders={"extracted_data": "r", "results": "w"},
-              results_not_read=("predictions/", "testing/", "dataset/"), dates=inference_dates),
+              folders={"extracted_data": "r", "results": "w"}, dates=inference_dates),
     StageInfo("test", "testing", "metrics of the predictions against ExoLabs or the annotated masks, with plots",
               per_scene=False, needs_gpu=False, module="pipeline.stages.test",
-              folders={"extracted_data": "r", "annotated_masks": "r", "results": "w"},
-              results_not_read=("dataset/", "training/"), dates=testing_dates),
+              folders={"extracted_data": "r", "annotated_masks": "r", "results": "w"}, dates=testing_dates),
 )}
 PER_SCENE = tuple(name for name, stage in STAGES.items() if stage.per_scene)
 

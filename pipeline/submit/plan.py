@@ -222,20 +222,19 @@ def task_filters(config: PipelineConfig, scenes: list[Scene]) -> list[str]:
 
 def _stage_command(stage: str, job: Job, paths: dict[str, str], config: PipelineConfig,
                    scan: SceneScan) -> StageCommand:
-    """One stage of a job: its arguments, processes, and the folders staged to node-local scratch."""
+    """One stage of a job: its arguments, processes, and the input folders copied to node-local scratch."""
     processes = (job.resources.gpus or 0) if stage == "train" and (job.resources.gpus or 0) > 1 else 1
     staged: list[StagedFolder] = []
     sets: list[ConfigOverride] = []
     if job.resources.stage_inputs:
         for name, access in STAGES[stage].folders.items():
+            if access == "w":  # outputs are published in place on shared storage, as they finish
+                continue
             per_task = job.array and name == "extracted_data"
             staged.append(StagedFolder(
-                name=name, source=paths[name], writable=access == "w",
-                excludes=list(STAGES[stage].results_not_read) if name == "results" else [],
+                name=name, source=paths[name],
                 task_filters=task_filters(config, scan(stage_dates(config, stage))) if per_task else []))
             sets.append(ConfigOverride(key=f"paths.{name}", scratch=name))
-            if name == "results":
-                sets.append(ConfigOverride(key="paths.dataset", scratch="results/dataset"))
     return StageCommand(stage=stage, args=["stage", stage], processes=processes, staged=staged, sets=sets)
 
 
@@ -295,6 +294,9 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
               build_dir: Path | None = None) -> Plan:
     """The run as data: folders, files to sync, frozen config, and one entry per job in submission order."""
     run_id = run_id or new_run_id()
+    problem = formats.run_id_problem(run_id)
+    if problem:
+        raise ConfigError(problem)
     jobs = enabled_jobs(load_jobs(jobs_dir, spec, target.defaults, target.overrides), config, spec)
     for job in jobs:
         for stage in job.stages:

@@ -41,7 +41,8 @@ from pipeline.plots import plot_training_curves
 from pipeline.progress import make_progress, say
 from pipeline.training.data import IGNORE, Augmenter, PatchDataset, class_weights
 from pipeline.training.distributed import Processes, barrier, sum_all
-from pipeline.training.signals import EXIT_REQUEUE, StopRequest
+from pipeline.training.signals import EXIT_REQUEUE, StopRequest, report_progress
+from pipeline.workers import ignore_stop_signals
 
 N_CLASSES = len(CLASS_NAMES)
 SET_FILES = ("last.pt", "best.pt", "history.json", "loss.png", "iou.png")  # one epoch's writes, in order
@@ -270,6 +271,7 @@ class Trainer:
         if self.procs.main:
             state = self.checkpoint()
             save_checkpoint(self.out / "last.pt", state)
+            report_progress(self.state.epoch, self.state.step)
             if best:
                 save_checkpoint(self.out / "best.pt", state)
             write_json(self.out / "history.json", self.state.history)
@@ -301,7 +303,7 @@ class Trainer:
         done = min(state.step, steps)
         loader = DataLoader(self.train_set, batch_size=per_process, sampler=order[done * per_process:],
                             num_workers=settings.workers, pin_memory=self.cuda, drop_last=False,
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=ignore_stop_signals)
         self.network.train()
         total = torch.zeros(2, device=procs.device)
         if state.partial and procs.main:  # the loss summed over all processes before the stop
@@ -358,7 +360,8 @@ class Trainer:
         matrix = torch.zeros(N_CLASSES * N_CLASSES, dtype=torch.int64, device=procs.device)
         loss_sum = torch.zeros(2, dtype=torch.float64, device=procs.device)
         loader = DataLoader(self.val_set, batch_size=max(1, self.settings.batch_size // procs.world),
-                            num_workers=self.settings.workers, pin_memory=self.cuda)
+                            num_workers=self.settings.workers, pin_memory=self.cuda,
+                            worker_init_fn=ignore_stop_signals)
         for x, y in loader:
             x, y = self._to_device(x, y)
             with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):

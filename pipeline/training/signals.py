@@ -4,18 +4,34 @@ with EXIT_REQUEUE, so the batch script can requeue the job and the next run resu
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeAlias
 
-from pipeline.contract.formats import EXIT_RETRY
+from pipeline.contract.formats import EXIT_RETRY, PROGRESS_FILE_ENV
+from pipeline.data.writer import write_text
+from pipeline.errors import SnowpipeError
 
 EXIT_REQUEUE = EXIT_RETRY  # the batch script requeues the job on it
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 # What signal.signal accepts and returns: a handler, SIG_DFL/SIG_IGN, or None (installed outside Python).
 _Handler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def report_progress(epoch: int, step: int) -> None:
+    """Tell the batch script how far the saved checkpoint is: it refuses to requeue a job that made no progress
+    since its last requeue. Advisory: a failure to write it never stops training."""
+    path = os.environ.get(PROGRESS_FILE_ENV)
+    if not path:
+        return
+    try:
+        write_text(Path(path), f"epoch {epoch} step {step}\n")
+    except (OSError, SnowpipeError):
+        pass
 
 
 class StopRequest:
