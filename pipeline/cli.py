@@ -158,12 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stage)
 
     from pipeline.localcluster.commands import add_cluster_parser
+    from pipeline.monitor.resubmission import add_check_parser
     from pipeline.monitor.tools import add_tool_parsers
     from pipeline.submit.plan_command import add_plan_parser
 
     add_plan_parser(sub)
     add_cluster_parser(sub)
     add_tool_parsers(sub)
+    add_check_parser(sub)
     return parser
 
 

@@ -158,6 +158,8 @@ def test_the_run_record_lists_jobs_with_ids_and_dependencies(scenes, tmp_path):
     saved = json.loads(path.read_text())
     assert {"schema", "run_id", "host", "remote_dir", "commit", "config_hash", "jobs"} <= saved.keys()
     assert saved["schema"] == 1 and saved["port"] == 2222
+    # it names the cluster, the user and the key's path: readable by its owner only
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
     assert saved["jobs"][1] == {**saved["jobs"][1], "name": "dataset", "id": "14", "after": ["11"], "array": None}
     assert saved["jobs"][0]["array"] == "0-1"
 

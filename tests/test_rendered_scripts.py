@@ -165,3 +165,20 @@ def test_a_cancelled_job_is_never_requeued_by_its_script(train_script, tmp_path)
     code, out, calls = stop_the_train_job(train_script, tmp_path, "TERM", restarts=0, step=9)
     assert code == 75 and calls == [], out
     assert "stopped by SIGTERM (scancel or preemption): state saved, not requeued" in out
+
+
+def test_no_secret_reaches_a_rendered_script_the_plan_or_the_frozen_config(demo):
+    """Passwords given to Ansible and the private key stay with Ansible and ssh: nothing the run keeps holds them."""
+    run_id = f"t{SESSION}-secret"
+    secret = "Hunter2-s3cret-Passw0rd"
+    result = playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "dry_run=true",
+                      "-e", f"ansible_password={secret}", "-e", f"ansible_become_password={secret}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    key = (REPO_ROOT / ".cluster" / "ssh" / "id_ed25519")
+    key_body = key.read_text().splitlines()[1] if key.is_file() else "no key on this machine"
+    kept = [path for path in (DRY_RUNS / run_id).rglob("*") if path.is_file()]
+    assert len(kept) >= 7  # plan.json, config.json, COMMIT, five scripts
+    for path in kept:
+        text = path.read_text()
+        assert secret not in text and key_body not in text, path
+    assert secret not in result.stdout

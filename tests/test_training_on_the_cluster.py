@@ -21,7 +21,7 @@ from tests.playbooks import playbook
 pytestmark = pytest.mark.cluster
 
 SESSION = time.strftime("%H%M%S")
-EPOCHS = 60
+EPOCHS = 120
 SMALL_JOBS = {"*": {"cpus": 1, "memory": "1G", "tmp": "0", "time": "01:00:00"}}
 
 
@@ -55,7 +55,7 @@ def train_job(run_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    """Demo data and a config whose training takes half a minute: 60 short epochs, two loader workers."""
+    """Demo data and a config whose training takes a minute: 120 short epochs, two loader workers."""
     out = tmp_path_factory.mktemp("demo")
     assert main(["demo-data", str(out), "--scenes", "3", "--size", "128"]) == 0
     path = out / "pipeline-config.yml"
@@ -80,6 +80,14 @@ def test_a_cancelled_training_stays_cancelled_and_a_requeued_one_resumes_from_sh
         # While the job runs, every epoch's checkpoint is already on shared storage.
         wait_for(lambda: saved_epoch(last) >= 2, "epoch 2 in the run folder")
         assert squeue(local_cluster, "-j", job, "-o", "%T") == "RUNNING"
+
+        # The same submission again while it runs is refused, naming the run; so is adding its train job again.
+        again = playbook("-e", f"config={demo}", "-e", overrides)
+        assert again.returncode != 0 and f"run {run_id} is this same submission" in again.stdout, again.stdout[-3000:]
+        assert "-e force=true" in again.stdout
+        again = playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "job=train", "-e", overrides)
+        assert again.returncode != 0 and f"job train (id {job}) is still RUNNING" in again.stdout
+        assert squeue(local_cluster, "-n", "train", "-o", "%i") == job  # nothing was submitted twice
 
         # snowpipe cancel: scancel sends SIGTERM to the job's processes; the trainer saves and nothing comes back.
         assert main(["cancel", run_id, "train", "--yes"]) == 0

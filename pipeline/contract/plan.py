@@ -110,6 +110,7 @@ class Plan(Model):
     commit: str
     dirty: bool
     config_hash: str
+    submission_key: str            # code + job spec + config + data: the same key while queued = a duplicate
     config: dict[str, JsonValue]   # the frozen config (config.json), versioned by its own `schema` key
     sync: list[SyncedFolder]
     formats: BatchFormats = BatchFormats()

@@ -68,6 +68,7 @@ class RunRecord(BaseModel):
     commit: str = "unknown"
     dirty: bool = False
     config_hash: str = ""
+    submission_key: str = ""       # see Plan.submission_key ("" in records older than it)
     config: str = ""               # the config file it was planned from, on the laptop
     spec: str = ""
     submitted: str = ""
@@ -106,5 +107,5 @@ def record_of_submission(plan: Plan, ids: dict[str, str], connection: Connection
         address=connection.address or connection.host, port=connection.port, user=connection.user,
         inventory=connection.inventory, key=connection.key, known_hosts=connection.known_hosts,
         remote_root=plan.remote_root, remote_dir=plan.run_dir, commit=plan.commit, dirty=plan.dirty,
-        config_hash=plan.config_hash, config=plan.config_source, spec=plan.spec,
+        config_hash=plan.config_hash, submission_key=plan.submission_key, config=plan.config_source, spec=plan.spec,
         submitted=datetime.now(timezone.utc).isoformat(timespec="seconds"), jobs=jobs)

@@ -80,7 +80,7 @@ def space_error(target: Path, probe_bytes: int = PROBE_BYTES, needed: int | None
 
 
 @contextmanager
-def atomic_path(target: Path, needed: int | None = None) -> Iterator[Path]:
+def atomic_path(target: Path, needed: int | None = None, mode: int = FILE_MODE) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces the target.
 
     A write error publishes nothing: the temporary file is removed, the previous target is untouched,
@@ -95,7 +95,7 @@ def atomic_path(target: Path, needed: int | None = None) -> Iterator[Path]:
         os.close(fd)
         tmp = Path(tmp_name)
         yield tmp
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
         tmp = None
         faults.reached(f"published {target.name}")
@@ -278,10 +278,10 @@ def write_json(target: Path, data: Any) -> None:
     write_text(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_text(target: Path, text: str) -> None:
+def write_text(target: Path, text: str, mode: int = FILE_MODE) -> None:
     """Write a text file atomically; a short write or a full disk publishes nothing (OutputError)."""
     encoded = text.encode()
-    with atomic_path(target) as tmp:
+    with atomic_path(target, mode=mode) as tmp:
         with tmp.open("wb") as handle:
             handle.write(encoded)
         if tmp.stat().st_size != len(encoded):

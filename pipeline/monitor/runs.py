@@ -27,6 +27,7 @@ from pipeline.contract.run_record import (
 from pipeline.data.writer import write_text
 from pipeline.errors import SnowpipeError
 
+PRIVATE_FILE, PRIVATE_FOLDER = 0o600, 0o700  # records name the cluster, the user and the key's path: theirs alone
 RUNS_DIR = Path(os.environ.get("SNOWPIPE_RUNS_DIR") or Path(__file__).resolve().parent.parent.parent / "runs")
 
 
@@ -40,6 +41,8 @@ class Submission(BaseModel):
 
 def save_record(runs_dir: Path, record: RunRecord) -> Path:
     """Write the record; a later submission into the same run (-e run_id=ID) adds its jobs to the list."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir.chmod(PRIVATE_FOLDER)
     path = runs_dir / f"{record.run_id}.json"
     if path.is_file():
         try:
@@ -48,7 +51,7 @@ def save_record(runs_dir: Path, record: RunRecord) -> Path:
             raise SnowpipeError(f"{exc}: move it aside, then submit again") from None
         record = record.model_copy(update={"submitted": earlier.submitted or record.submitted,
                                            "jobs": earlier.jobs + record.jobs})
-    write_text(path, record.to_json())
+    write_text(path, record.to_json(), mode=PRIVATE_FILE)
     return path
 
 
@@ -113,7 +116,7 @@ def remember_state(record: RunRecord, summary: str, runs_dir: Path | None = None
     except (OSError, UnreadableRecord):
         return
     state = LastState(summary=summary, at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    write_text(path, current.model_copy(update={"last_state": state}).to_json())
+    write_text(path, current.model_copy(update={"last_state": state}).to_json(), mode=PRIVATE_FILE)
 
 
 if __name__ == "__main__":

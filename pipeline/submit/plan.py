@@ -7,6 +7,8 @@ testable without a cluster and the same for a real submission, a dry run and a l
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import secrets
 import shlex
@@ -97,15 +99,25 @@ def git_commit(root: Path = REPO_ROOT) -> tuple[str, bool]:
         return "unknown", True
 
 
-def folder_size(path: Path) -> tuple[int, int]:
-    """(files, bytes) below a folder, temporary files excluded: what rsync would consider."""
+def folder_size(path: Path) -> tuple[int, int, str]:
+    """(files, bytes, fingerprint) below a folder, temporary files excluded: what rsync would consider. The
+    fingerprint (paths, sizes, modification times) tells a resubmission of the same data from new data."""
     files = size = 0
+    digest = hashlib.blake2b(digest_size=8)
     if path.is_dir():
-        for item in path.rglob("*"):
+        for item in sorted(path.rglob("*")):
             if item.is_file() and not item.name.endswith(".tmp") and ".snowpipe-tmp-" not in item.name:
+                stat = item.stat()
                 files += 1
-                size += item.stat().st_size
-    return files, size
+                size += stat.st_size
+                digest.update(f"{item.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return files, size, digest.hexdigest()
+
+
+def submission_key(commit: str, dirty: bool, spec: str, config: PipelineConfig, data: list[str]) -> str:
+    """What makes two submissions the same run: code, job spec, every config value and the data sent."""
+    identity = {"commit": commit, "dirty": dirty, "spec": spec, "config": config.resolved(), "data": data}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def enabled_jobs(jobs: list[Job], config: PipelineConfig, spec: str) -> list[Job]:
@@ -317,11 +329,12 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
         run_dir, data_root, code_dir = f"{root}/runs/{run_id}", None, str(repo_root)
     render_dir = str(build_dir / "dry-run" / run_id) if mode == "dry_run" else run_dir
     config_json = f"{run_dir}/config.json"
-    sync = []
+    sync, fingerprints = [], []
     for name in ("extracted_data", "annotated_masks"):
         source = config.path(name)
         if mode != "local_run" and source.is_dir():
-            files, total = folder_size(source)
+            files, total, fingerprint = folder_size(source)
+            fingerprints.append(f"{name}:{fingerprint}")
             sync.append(SyncedFolder(name=name, source=f"{source}/", dest=f"{data_root}/{name}/", files=files,
                                      bytes=total))
     frozen = frozen_config(config, data_root, run_dir, scan)
@@ -367,6 +380,7 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
         commit=commit,
         dirty=dirty,
         config_hash=config.section_hash("annotation", "dataset", "training", "inference", "testing"),
+        submission_key=submission_key(commit, dirty, spec, config, fingerprints),
         config=frozen,
         sync=sync,
         jobs=planned,
