@@ -109,6 +109,28 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 1 if any(r.failed for r in reports) else 0
 
 
+def cmd_verify_data(args: argparse.Namespace) -> int:
+    """Before a batch job's stage: are the synced files it reads those that were submitted?"""
+    from pipeline.data.manifest import verify
+    from pipeline.stages.registry import STAGES
+
+    config = load_config(args.config)
+    if args.stage not in STAGES:
+        raise ConfigError(f"unknown stage {args.stage!r}; stages: {', '.join(STAGES)}")
+    stage = STAGES[args.stage]
+    # annotated_masks is an input only when this run does not write it (annotation disabled: the user's masks)
+    synced = ["extracted_data"] + ([] if config.annotation.enable else ["annotated_masks"])
+    folders = {name: config.path(name) for name in synced if stage.folders.get(name) == "r"}
+    if not folders:
+        say(f"data check: stage {args.stage} reads no synced data")
+        return 0
+    scene = (config.tile_id, args.scene) if args.scene and stage.per_scene else None
+    resubmit = (f"resubmit: ansible-playbook submit.yml -e run_id={args.run} -e job={args.job}" if args.run
+                else "submit again")
+    say(verify(Path(args.manifest), folders, scene, resubmit))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snowpipe",
@@ -156,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. paths.results=/scratch/results (repeatable)")
     p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("verify-data", help="check a run's synced data against its manifest (batch jobs run it)",
+                       description="Before a stage of a cluster job: the files it will read in the shared data "
+                                   "folder must be those submitted (size and sampled content); exit 1 naming "
+                                   "the files otherwise.")
+    p.add_argument("manifest", help="runs/RUN/data-manifest.json")
+    p.add_argument("--config", required=True, help="the run's frozen config.json")
+    p.add_argument("--stage", required=True, help="the stage about to run")
+    p.add_argument("--scene", help="an array task's scene date: check only its files")
+    p.add_argument("--run", help="run id, for the resubmit hint")
+    p.add_argument("--job", help="job name, for the resubmit hint")
+    p.set_defaults(func=cmd_verify_data)
 
     from pipeline.localcluster.commands import add_cluster_parser
     from pipeline.monitor.resubmission import add_check_parser

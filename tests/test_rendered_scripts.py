@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.contract import formats
 from pipeline.contract.plan import Plan
+from pipeline.data import manifest as data_manifest
 from pipeline.submit.plan import REPO_ROOT
 from tests.playbooks import DRY_RUNS, playbook
 
@@ -182,3 +184,43 @@ def test_no_secret_reaches_a_rendered_script_the_plan_or_the_frozen_config(demo)
         text = path.read_text()
         assert secret not in text and key_body not in text, path
     assert secret not in result.stdout
+
+
+def test_a_job_whose_synced_data_changed_fails_before_its_stage_naming_the_file(demo, tmp_path):
+    """The cluster's copy of a scene differs from what was submitted (a cut transfer, a later sync, an edit):
+    that scene's array task stops in its prepare step; another scene's task still passes its check."""
+    run_id = f"t{SESSION}-verify"
+    assert playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "dry_run=true").returncode == 0
+    plan = Plan.model_validate_json((DRY_RUNS / run_id / "plan.json").read_text())
+    assert plan.data_root is not None and plan.data_manifest is not None
+    source = demo.parent / "extracted_data"
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    subprocess.run(["rsync", "-a", f"{source}/", f"{data / 'extracted_data'}/"], check=True)  # the sync
+    run_dir.mkdir()
+    manifest = run_dir / "data-manifest.json"
+    assert data_manifest.main([str(manifest), f"extracted_data={source}"]) == 0  # what stage_data writes
+    frozen = (DRY_RUNS / run_id / "config.json").read_text()
+    (run_dir / "config.json").write_text(frozen.replace(plan.run_dir, str(run_dir)).replace(plan.data_root, str(data)))
+    first, second = plan.job("annotate").scene_dates[:2]
+    band = next(data.glob(f"extracted_data/*_{first}_*.SAFE/GRANULE/*/IMG_DATA/*_B03.jp2"))
+    content = bytearray(band.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # the cluster's copy is no longer the one submitted
+    band.write_bytes(bytes(content))
+
+    script = (DRY_RUNS / run_id / "jobs" / "annotate.sbatch").read_text()
+    script = script.replace(plan.run_dir, str(run_dir)).replace(plan.data_root, str(data))
+    env = {**os.environ, "SLURM_JOB_ID": "6", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "0",
+           "TMPDIR": str(tmp_path)}
+    ended = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path,
+                           timeout=300)
+    out = ended.stdout + ended.stderr
+    assert ended.returncode == 1, out[-3000:]
+    assert "1 of " in out and f"{band.relative_to(data).as_posix()}: content changed since submission" in out
+    assert f"resubmit: ansible-playbook submit.yml -e run_id={run_id} -e job=annotate" in out
+    assert "stage annotate --config" not in out  # the stage never started
+    assert not (data / "annotated_masks" / first).exists()
+    checked = subprocess.run([sys.executable, "-m", "pipeline", "verify-data", str(manifest), "--config",
+                              str(run_dir / "config.json"), "--stage", "annotate", "--scene", second],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0 and "input file(s) as submitted" in checked.stderr, checked.stderr

@@ -52,6 +52,7 @@ class StageCommand(Model):
     processes: int = Field(ge=1)  # > 1: one process per GPU (srun, or torchrun in a local run)
     staged: list[StagedFolder] = []
     sets: list[ConfigOverride] = []
+    verify_data: bool = False      # check the synced data it reads against the run's manifest first
 
 
 class PlannedJob(Model):
@@ -104,6 +105,7 @@ class Plan(Model):
     data_root: str | None
     code_dir: str
     config_json: str
+    data_manifest: str | None      # what was synced, checked on the node (None: a local run reads this machine's)
     config_source: str
     python: str
     venv: str | None

@@ -24,25 +24,12 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
+from pipeline.data.manifest import sample_hash
 from pipeline.data.writer import write_json
 from pipeline.progress import say
 
 RECORD_NAME = ".snowpipe-complete.json"
 SCHEMA = 2
-SAMPLE = 64 * 1024  # bytes hashed at the start, middle and end of each input file
-
-
-def _sample_hash(path: Path, size: int) -> str:
-    """Content identity without reading whole scenes: the size and three 64 KiB samples."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        if size <= 3 * SAMPLE:
-            digest.update(handle.read())
-        else:
-            for offset in (0, size // 2 - SAMPLE // 2, size - SAMPLE):
-                handle.seek(offset)
-                digest.update(handle.read(SAMPLE))
-    return digest.hexdigest()
 
 
 def relative_name(path: Path, roots: Sequence[Path]) -> str:
@@ -67,7 +54,7 @@ def fingerprint(paths: Iterable[Path | None], roots: Sequence[Path]) -> str:
             continue
         try:
             size = path.stat().st_size
-            entries.append(f"{relative_name(path, roots)}\0{size}\0{_sample_hash(path, size)}")
+            entries.append(f"{relative_name(path, roots)}\0{size}\0{sample_hash(path, size)}")
         except FileNotFoundError:  # a missing input is part of the identity; the stage names it when it reads
             entries.append(f"{relative_name(path, roots)}\0missing")
     for entry in sorted(entries):

@@ -247,7 +247,9 @@ def _stage_command(stage: str, job: Job, paths: dict[str, str], config: Pipeline
                 name=name, source=paths[name],
                 task_filters=task_filters(config, scan(stage_dates(config, stage))) if per_task else []))
             sets.append(ConfigOverride(key=f"paths.{name}", scratch=name))
-    return StageCommand(stage=stage, args=["stage", stage], processes=processes, staged=staged, sets=sets)
+    reads_synced = any(STAGES[stage].folders.get(name) == "r" for name in ("extracted_data", "annotated_masks"))
+    return StageCommand(stage=stage, args=["stage", stage], processes=processes, staged=staged, sets=sets,
+                        verify_data=reads_synced)
 
 
 def submit_display(job: Job, script: str) -> str:
@@ -374,6 +376,7 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
         data_root=data_root,
         code_dir=code_dir,
         config_json=config_json,
+        data_manifest=f"{run_dir}/data-manifest.json" if mode != "local_run" else None,
         config_source=str(config_path),
         python=python,
         venv=venv,
