@@ -1,7 +1,7 @@
 """A training job on the real local SLURM cluster, stopped the ways a cluster stops jobs: `snowpipe cancel`
-(scancel: SIGTERM to every process of the job, two data-loading workers included) and `scontrol requeue`
-(a node drained, a job moved). Checkpoints are on the run folder's shared storage while the job runs, so a
-job that starts again on any node resumes from them."""
+(scancel: SIGTERM to every process of the job, two data-loading workers included), `scontrol requeue` (a node
+drained, a job moved) and the time-limit warning (SIGUSR1 to the batch shell). Checkpoints are on the run
+folder's shared storage while the job runs, so a job that starts again on any node resumes from them."""
 
 from __future__ import annotations
 
@@ -112,12 +112,20 @@ def test_a_cancelled_training_stays_cancelled_and_a_requeued_one_resumes_from_sh
         scontrol(local_cluster, "requeue", job)
         wait_for(lambda: "PENDING" in squeue(local_cluster, "-j", job, "-o", "%T"), "the requeued job")
         scontrol(local_cluster, "update", f"jobid={job}", "StartTime=now")  # skip SLURM's requeue delay
+        moved_at = saved_epoch(last)
+        wait_for(lambda: saved_epoch(last) >= moved_at + 2, "progress after the requeue")
+
+        # The time-limit warning (what --signal=B:USR1@300 sends the batch shell): save, requeue itself, resume.
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=local_cluster.env(), check=True)
+        wait_for(lambda: "PENDING" in squeue(local_cluster, "-j", job, "-o", "%T"), "the job requeuing itself")
+        scontrol(local_cluster, "update", f"jobid={job}", "StartTime=now")
         wait_for(lambda: squeue(local_cluster, "-j", job, "-o", "%T") == "", "the end of training", timeout=600)
+        log = (run_dir / "logs" / f"train-{job}.out").read_text()
+        assert "saved before the time limit at epoch" in log and "requeue 1/3" in log, log[-3000:]
         history = json.loads((run_dir / "results" / "training" / "history.json").read_text())
         assert [record["epoch"] for record in history] == list(range(1, EPOCHS + 1))  # each epoch once
         assert saved_epoch(last) == EPOCHS
-        log = (run_dir / "logs" / f"train-{job}.out").read_text()
-        assert log.count("resum") >= 2, log[-3000:]  # the resubmission and the requeue both resumed
+        assert log.count("resum") >= 3, log[-3000:]  # the resubmission and both requeues resumed
     finally:
         subprocess.run(["scancel", "--name=train"], env=local_cluster.env(), check=False)
         (REPO_ROOT / "runs" / f"{run_id}.json").unlink(missing_ok=True)

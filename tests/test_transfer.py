@@ -20,7 +20,10 @@ STUB = """#!/bin/bash
 calls=$(( $(cat "$RSYNC_CALLS" 2>/dev/null || echo 0) + 1 )); echo "$calls" > "$RSYNC_CALLS"
 code=$(sed -n "${calls}p" "$RSYNC_SCRIPT")
 echo ">f+++++++++ file-$calls"
-if [[ -n "$code" && "$code" != 0 ]]; then echo "${RSYNC_ERROR:-rsync error: error in socket IO (code $code)}" >&2; exit "$code"; fi
+if [[ -n "$code" && "$code" != 0 ]]; then
+  echo "${RSYNC_ERROR:-rsync error: error in socket IO (code $code)}" >&2
+  exit "$code"
+fi
 """
 
 
