@@ -86,10 +86,10 @@ def test_normalisation_comes_from_the_training_scenes(scenes):
     dataset.run(config)
     manifest, images, _ = load(config, "train")
     normaliser = Normaliser.from_dict(manifest["normalisation"])
-    assert normaliser.low_percentile == 30 and normaliser.high_percentile == 70
-    # Uniform DN 1200..9000 minus the 1000 offset: reflectance 0.02..0.8, percentiles 30/70 at 0.254, 0.566
-    assert normaliser.low[1] == pytest.approx(0.254, abs=0.01)
-    assert normaliser.high[1] == pytest.approx(0.566, abs=0.01)
+    assert normaliser.low_percentile == 2 and normaliser.high_percentile == 98
+    # Uniform DN 1200..9000 minus the 1000 offset: reflectance 0.02..0.8, percentiles 2/98 at 0.036, 0.784
+    assert normaliser.low[1] == pytest.approx(0.036, abs=0.01)
+    assert normaliser.high[1] == pytest.approx(0.784, abs=0.01)
     dem = images[:, 13].astype(np.float32)
     assert abs(dem.mean()) < 0.2 and 0.7 < dem.std() < 1.3
 

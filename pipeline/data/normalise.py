@@ -45,15 +45,15 @@ class Normaliser:
     low: list[float]  # per band reflectance at the low percentile
     high: list[float]
     mean: list[float]
-    low_percentile: float = 30.0
-    high_percentile: float = 70.0
+    low_percentile: float = 2.0
+    high_percentile: float = 98.0
     dem_mean: float | None = None
     dem_scale: float | None = None
     method: str = "log_percentile"
 
     @classmethod
-    def fit(cls, bands: np.ndarray, dem: np.ndarray | None, low_percentile: float = 30.0,
-            high_percentile: float = 70.0) -> Normaliser:
+    def fit(cls, bands: np.ndarray, dem: np.ndarray | None, low_percentile: float = 2.0,
+            high_percentile: float = 98.0) -> Normaliser:
         """Fit on sampled training pixels: bands (13, n) reflectance, dem (n,) metres or None."""
         low = np.percentile(bands, low_percentile, axis=1)
         high = np.percentile(bands, high_percentile, axis=1)

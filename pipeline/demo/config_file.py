@@ -54,8 +54,8 @@ dataset:
   on_scene_error: fail
   normalisation:
     method: log_percentile
-    low_percentile: 30
-    high_percentile: 70
+    low_percentile: 2
+    high_percentile: 98
 
 training:
   enable: true
