@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError, DataError
 
 DATE_KEY = re.compile(r"^\d{8}T\d{6}$")
 DEFAULT_CONFIG = "pipeline-config.yml"
-RUNTIME_KEYS = {"enable", "workers", "on_scene_error"}
+RUNTIME_KEYS = {"enable", "workers", "on_scene_error", "tensorboard"}
 SEED_LIMIT = 2**32  # numpy's legacy seeding and many tools take 32-bit seeds
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 
@@ -177,6 +177,7 @@ class Training(Section):
     workers: Annotated[int, Field(ge=0, le=64)] = 4
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: Literal["auto", "never"] = "auto"
+    tensorboard: bool = True  # event files in results/training/tensorboard/ (losses, IoU, lr, predictions)
     seed: Seed = 42
 
 

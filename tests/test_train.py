@@ -111,5 +111,7 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     assert len(two) == 2 and np.isfinite(two[-1]["val_loss"])
     checkpoints = sorted(p.name for p in (double / "results" / "training").glob("*.pt"))
     assert checkpoints == ["best.pt", "last.pt"]  # written once, by rank 0
+    event_files = list((double / "results" / "training" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(event_files) == 1  # TensorBoard too: rank 0 only
     # Validation covers the whole set exactly once across both processes.
     assert two[-1]["val_pixels"] == one[-1]["val_pixels"] == 10 * 32 * 32

@@ -39,6 +39,8 @@ from pipeline.model.checkpoint import read_checkpoint, restore_rng, rng_state, s
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.plots import plot_training_curves
 from pipeline.progress import make_progress, say
+from pipeline.training.board import FOLDER as BOARD_FOLDER
+from pipeline.training.board import PREVIEW_PATCHES, TrainingBoard
 from pipeline.training.data import IGNORE, Augmenter, PatchDataset, class_weights
 from pipeline.training.distributed import Processes, barrier, sum_all
 from pipeline.training.signals import EXIT_REQUEUE, StopRequest, report_progress
@@ -121,6 +123,7 @@ class Trainer:
         weights = class_weights(manifest, settings.class_weights)
         self.weights = weights.to(procs.device) if weights is not None else None
         self.state = Progress()
+        self.sample: tuple[np.ndarray, np.ndarray] | None = None  # validation patches for TensorBoard
         folder = config.path("dataset")
         augment = Augmenter(settings.augmentation, max(1, manifest["patch_size"] // 2))
         self.train_set = PatchDataset(folder, "train", augment, settings.seed)
@@ -246,6 +249,7 @@ class Trainer:
         present = [self.out / name for name in SET_FILES if (self.out / name).is_file()]
         if not present:
             return None
+        events = self.out / BOARD_FOLDER
         saved = present[0].stat().st_mtime if present[0].name == "last.pt" else max(p.stat().st_mtime
                                                                                        for p in present)
         stamp = datetime.fromtimestamp(saved, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -254,6 +258,8 @@ class Trainer:
             n += 1
             folder = self.out / f"previous-{stamp}-{n}"
         folder.mkdir(parents=True, exist_ok=True)
+        if events.is_dir():  # its curves belong to the set
+            events.rename(folder / BOARD_FOLDER)
         for path in reversed(present):
             path.rename(folder / path.name)
         return folder
@@ -362,10 +368,13 @@ class Trainer:
         loader = DataLoader(self.val_set, batch_size=max(1, self.settings.batch_size // procs.world),
                             num_workers=self.settings.workers, pin_memory=self.cuda,
                             worker_init_fn=ignore_stop_signals)
+        self.sample = None
         for x, y in loader:
             x, y = self._to_device(x, y)
             with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = self.network(x)
+            if self.sample is None and procs.main:  # a few patches for TensorBoard's picture of this epoch
+                self.sample = (y[:PREVIEW_PATCHES].cpu().numpy(), logits[:PREVIEW_PATCHES].argmax(1).cpu().numpy())
             valid = y != IGNORE
             weight = self.weights[y[valid]].sum() if self.weights is not None else valid.sum()
             loss_sum += torch.stack([self._loss(logits, y, "sum").double(), weight.double()])
@@ -377,6 +386,15 @@ class Trainer:
 
     # --- the run -----------------------------------------------------------------------------------
     def fit(self) -> Progress:
+        settings, state = self.settings, self.state
+        board = TrainingBoard(self.out, state.epoch) if settings.tensorboard and self.procs.main else None
+        try:
+            return self._epochs(board)
+        finally:
+            if board is not None:
+                board.close()
+
+    def _epochs(self, board: TrainingBoard | None) -> Progress:
         settings, state = self.settings, self.state
         with StopRequest() as stop:
             while state.epoch < settings.epochs and not state.finished:
@@ -398,6 +416,8 @@ class Trainer:
                     "val_pixels": int(matrix.sum()),
                     "val_metrics": metrics, "best": best,
                 })
+                if board is not None:  # before the checkpoint: a kill between the two redoes this epoch's events
+                    board.epoch(state.history[-1], self.sample)
                 self.save(best)
                 if self.procs.main:
                     iou = ", ".join(f"{c} {v:.3f}" for c, v in metrics["iou"].items() if v is not None)
