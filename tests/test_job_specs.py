@@ -174,3 +174,18 @@ def test_snowpipe_plan_reads_the_inventory_as_ansible_templates_it(scenes, tmp_p
     assert plan["jobs"][2]["sbatch"]["account"] == "es_your_group" and plan["jobs"][2]["sbatch"]["gpus"] == "1"
     assert main(["plan", str(config), "--json"]) == 0  # the default: the local cluster's inventory
     assert json.loads(capsys.readouterr().out)["remote_root"] == str(REPO_ROOT / ".cluster" / "remote")
+
+
+def test_the_submission_key_names_the_same_work_on_the_same_cluster(scenes, tmp_path):
+    """What the preflight role compares to refuse a duplicate: equal for the same submission, and not when the
+    data, the config or the cluster differ."""
+    def key(config=scenes, cluster=None) -> str:
+        return make_plan(config, tmp_path / "c.yml", "pipeline", cluster or target(), run_id="r1").submission_key
+
+    same = key()
+    assert key() == same
+    assert key(cluster=Target.from_vars("other", {"snowpipe_remote_root": "/scratch/me/snowpipe"})) != same
+    assert key(config=apply_settings(scenes, ["training.epochs=3"])) != same
+    band = next(tmp_path.glob("*.SAFE/GRANULE/*/IMG_DATA/*_B03.jp2"))
+    band.write_bytes(band.read_bytes() + b"\0")  # re-extracted data
+    assert key() != same

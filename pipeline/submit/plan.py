@@ -114,9 +114,11 @@ def folder_size(path: Path) -> tuple[int, int, str]:
     return files, size, digest.hexdigest()
 
 
-def submission_key(commit: str, dirty: bool, spec: str, config: PipelineConfig, data: list[str]) -> str:
-    """What makes two submissions the same run: code, job spec, every config value and the data sent."""
-    identity = {"commit": commit, "dirty": dirty, "spec": spec, "config": config.resolved(), "data": data}
+def submission_key(target: Target, commit: str, dirty: bool, spec: str, config: PipelineConfig,
+                   data: list[str]) -> str:
+    """What makes two submissions the same run: the cluster, code, job spec, every config value, the data sent."""
+    identity = {"cluster": [target.host, target.remote_root], "commit": commit, "dirty": dirty, "spec": spec,
+                "config": config.resolved(), "data": data}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -383,7 +385,7 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
         commit=commit,
         dirty=dirty,
         config_hash=config.section_hash("annotation", "dataset", "training", "inference", "testing"),
-        submission_key=submission_key(commit, dirty, spec, config, fingerprints),
+        submission_key=submission_key(target, commit, dirty, spec, config, fingerprints),
         config=frozen,
         sync=sync,
         jobs=planned,
