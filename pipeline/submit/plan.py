@@ -281,8 +281,9 @@ def sbatch_lines(options: dict[str, SbatchValue]) -> list[str]:
 
 
 def frozen_config(config: PipelineConfig, data_root: str | None, run_dir: str,
-                  scan: SceneScan | None = None) -> dict[str, JsonValue]:
-    """The resolved config a job reads: data under the shared data folder, outputs in the run folder."""
+                  scan: SceneScan | None = None) -> tuple[dict[str, JsonValue], dict[str, str]]:
+    """The resolved config a job reads (data under the shared data folder, outputs in the run folder), and its
+    paths as the stage commands need them."""
     frozen: dict[str, JsonValue] = config.frozen()
     if not config.dates and config.path("extracted_data").is_dir():
         # "every scene found" is decided here, on the data being sent: the shared data folder on the cluster
@@ -296,13 +297,7 @@ def frozen_config(config: PipelineConfig, data_root: str | None, run_dir: str,
     paths["dataset"] = f"{run_dir}/results/dataset"
     paths["work"] = f"{run_dir}/work"
     frozen["paths"] = dict(paths)
-    return frozen
-
-
-def _mapping(value: JsonValue) -> dict[str, JsonValue]:
-    if not isinstance(value, dict):
-        raise TypeError(f"expected a JSON object, got {value!r}")
-    return value
+    return frozen, paths
 
 
 def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Target, mode: Mode = "cluster",
@@ -341,8 +336,7 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
             fingerprints.append(f"{name}:{fingerprint}")
             sync.append(SyncedFolder(name=name, source=f"{source}/", dest=f"{data_root}/{name}/", files=files,
                                      bytes=total))
-    frozen = frozen_config(config, data_root, run_dir, scan)
-    paths = {name: str(value) for name, value in _mapping(frozen["paths"]).items()}
+    frozen, paths = frozen_config(config, data_root, run_dir, scan)
     planned = []
     for job in jobs:
         size = sizes.get(job.name)

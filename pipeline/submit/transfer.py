@@ -14,7 +14,7 @@ import time
 
 TRANSIENT_CODES = {10, 12, 30, 35, 255}  # socket I/O, protocol stream, timeouts, the ssh connection itself
 PERMANENT_SIGNS = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED", "Permission denied",
-                   "Could not resolve hostname", "No such file or directory", "Permission denied (publickey")
+                   "Could not resolve hostname", "No such file or directory")
 ATTEMPTS = 4
 FIRST_DELAY_S = 2.0
 
