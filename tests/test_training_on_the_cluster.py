@@ -124,7 +124,10 @@ def test_a_cancelled_training_stays_cancelled_and_a_requeued_one_resumes_from_sh
         log = (run_dir / "logs" / f"train-{job}.out").read_text()
         assert re.search(r"saved before the time limit at epoch \d+ step \d+; requeue [12]/3", log), log[-3000:]
         history = json.loads((run_dir / "results" / "training" / "history.json").read_text())
-        assert [record["epoch"] for record in history] == list(range(1, EPOCHS + 1))  # each epoch once
+        accounting = subprocess.run(["sacct", "-j", job, "--duplicates", "-X", "-o", "JobID,State,ExitCode,Start,End"],
+                                    env=local_cluster.env(), capture_output=True, text=True).stdout
+        assert [record["epoch"] for record in history] == list(range(1, EPOCHS + 1)), (  # each epoch once
+            f"epochs {[record['epoch'] for record in history][-3:]} in history.json\n{accounting}\n{log[-4000:]}")
         assert saved_epoch(last) == EPOCHS
         assert log.count("resum") >= 3, log[-3000:]  # the resubmission and both requeues resumed
     finally:
