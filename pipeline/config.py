@@ -159,6 +159,12 @@ class Augmentation(Section):
     random_erasing: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
 
 
+# The training recipe's choices (pipeline/training/losses.py, selection.py; measured in docs/model.md).
+LossName = Literal["cross_entropy", "cross_entropy_dice", "focal"]
+SelectBy = Literal["mean_iou", "val_loss", "background_iou", "snow_iou", "clouds_iou", "water_iou"]
+Schedule = Literal["plateau", "cosine"]
+
+
 class Training(Section):
     enable: bool = False
     model: ModelSettings = ModelSettings()
@@ -172,6 +178,11 @@ class Training(Section):
     early_stopping_patience: Annotated[int, Field(ge=1, le=10000)] = 30
     gradient_clip: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0
     class_weights: Literal["sqrt_inverse_frequency", "inverse_frequency", "none"] = "sqrt_inverse_frequency"
+    loss: LossName = "cross_entropy"  # or cross_entropy_dice, focal (pipeline/training/losses.py)
+    focal_gamma: Annotated[float, Field(ge=0.0, le=10.0)] = 2.0
+    select_by: SelectBy = "mean_iou"  # best.pt and early stopping: mean_iou, val_loss or <class>_iou
+    schedule: Schedule = "plateau"  # plateau (ReduceLROnPlateau on the validation loss) or cosine
+    warmup_epochs: Annotated[int, Field(ge=0, le=1000)] = 0  # cosine only: linear warm-up epochs
     mixed_precision: bool = True
     augmentation: Augmentation = Augmentation()
     workers: Annotated[int, Field(ge=0, le=64)] = 4

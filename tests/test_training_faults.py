@@ -25,6 +25,7 @@ from pipeline.errors import DataError
 from pipeline.model.checkpoint import FORMAT, load_model, read_checkpoint
 from pipeline.stages import train
 from pipeline.training.loop import SET_FILES, Trainer, TrainingInterrupted
+from pipeline.training.selection import selection_score
 from tests.builders import make_config, write_dataset
 
 TINY = {"model": {"base_channels": 4, "depth": 1}, "batch_size": 4, "workers": 0, "learning_rate": 0.01,
@@ -71,8 +72,8 @@ def assert_the_set_agrees(root: Path) -> dict:
     last = read_checkpoint(folder / "last.pt")
     assert history(root) == last["history"]
     best_epochs = [r["epoch"] for r in last["history"] if r["best"]]
-    lowest = min(last["history"], key=lambda r: r["val_loss"])
-    assert lowest["val_loss"] == next(r["val_loss"] for r in last["history"] if r["epoch"] == best_epochs[-1])
+    scores = {r["epoch"]: selection_score("mean_iou", r["val_loss"], r["val_metrics"]) for r in last["history"]}
+    assert scores[best_epochs[-1]] == max(scores.values())  # the default training.select_by
     best = read_checkpoint(folder / "best.pt")
     assert best["epoch"] == best_epochs[-1] and best["run"] == last["run"]
     for curve in ("loss.png", "iou.png"):
@@ -213,7 +214,8 @@ def test_a_checkpoint_of_the_previous_format_still_loads_and_resumes(tmp_path):
     state = read_checkpoint(folder / "last.pt")
     state.pop("run")
     state["rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    state["progress"] = {k: state["progress"][k] for k in ("best_loss", "bad_epochs", "finished")}
+    state["progress"] = {"best_loss": state["history"][0]["val_loss"],  # then: the lowest validation loss
+                         **{k: state["progress"][k] for k in ("bad_epochs", "finished")}}
     for name in ("last.pt", "best.pt"):
         torch.save(state, folder / name)
     assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(folder / "last.pt")

@@ -1,6 +1,6 @@
 """Stage 4, train: the U-Net on the dataset's patches, resumable, on one or several GPUs (or the CPU).
 
-Writes {results}/training/last.pt (every epoch), best.pt (lowest validation loss), history.json
+Writes {results}/training/last.pt (every epoch), best.pt (best training.select_by score), history.json
 (one record per finished epoch) and loss / IoU curves, as one set that resuming repairs from last.pt (see
 training/loop.py); a set of another config or dataset is moved aside to previous-<time>/, never overwritten
 (--force replaces it). Started under torchrun or srun with several
@@ -23,11 +23,11 @@ from pipeline.stages.base import SceneOutcome, StageReport
 from pipeline.stages.registry import STAGES
 from pipeline.training import distributed
 from pipeline.training.data import read_manifest
-from pipeline.training.loop import Trainer
+from pipeline.training.loop import Trainer, best_epoch
 
 INFO = STAGES["train"]
 # Keys that may change between a run and its resumption (continue for more epochs, other hardware).
-RESUMABLE_KEYS = {"enable", "epochs", "resume", "workers", "device", "early_stopping_patience"}
+RESUMABLE_KEYS = {"enable", "epochs", "resume", "workers", "device", "early_stopping_patience", "tensorboard"}
 
 
 def training_hash(config: PipelineConfig, manifest: dict, inputs_key: str = "inputs") -> str:
@@ -84,8 +84,10 @@ def _train(config: PipelineConfig, manifest: dict, procs: distributed.Processes,
             f"depth {trainer.spec.depth}")
     state = trainer.fit()
     report.outcomes.append(SceneOutcome("model", "done", time.perf_counter() - start))
-    best = min(state.history, key=lambda r: r["val_loss"])
+    chosen = best_epoch(state.history) or state.history[-1]["epoch"]
+    best = next(r for r in state.history if r["epoch"] == chosen)
     iou = ", ".join(f"{c} {v:.3f}" for c, v in best["val_metrics"]["iou"].items() if v is not None)
-    report.note = f"{state.epoch} epochs; best val loss {best['val_loss']:.4f} at epoch {best['epoch']} (IoU {iou})"
+    report.note = (f"{state.epoch} epochs; best by {config.training.select_by} at epoch {best['epoch']}: "
+                   f"val loss {best['val_loss']:.4f}, IoU {iou}")
     report.seconds = time.perf_counter() - start
     return report

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -43,6 +42,8 @@ from pipeline.training.board import FOLDER as BOARD_FOLDER
 from pipeline.training.board import PREVIEW_PATCHES, TrainingBoard
 from pipeline.training.data import IGNORE, Augmenter, PatchDataset, class_weights
 from pipeline.training.distributed import Processes, barrier, sum_all
+from pipeline.training.losses import segmentation_loss
+from pipeline.training.selection import describe_score, load_scheduler, make_scheduler, selection_score, step_scheduler
 from pipeline.training.signals import EXIT_REQUEUE, StopRequest, report_progress
 from pipeline.workers import ignore_stop_signals
 
@@ -67,7 +68,7 @@ class Progress:
     """What resuming needs besides the model and optimiser."""
 
     epoch: int = 0  # finished epochs
-    best_loss: float = math.inf
+    best_score: float = -math.inf  # the best epoch's training.select_by score, higher is better
     bad_epochs: int = 0
     finished: bool = False  # stopped early: more epochs would not help
     history: list[dict] = field(default_factory=list)
@@ -76,7 +77,7 @@ class Progress:
 
 
 def best_epoch(history: list[dict]) -> int | None:
-    """The epoch with the lowest validation loss: the last record flagged best (best.pt holds it)."""
+    """The epoch with the best selection score: the last record flagged best (best.pt holds it)."""
     return max((r["epoch"] for r in history if r.get("best")), default=None)
 
 
@@ -116,8 +117,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay, eps=1e-6, amsgrad=True)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=settings.lr_factor, patience=settings.lr_patience)
+        self.scheduler = make_scheduler(self.optimizer, settings.schedule, settings.epochs, settings.warmup_epochs,
+                                        settings.lr_factor, settings.lr_patience)
         self.amp = settings.mixed_precision and self.cuda
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         weights = class_weights(manifest, settings.class_weights)
@@ -150,7 +151,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            "progress": {"best_loss": self.state.best_loss, "bad_epochs": self.state.bad_epochs,
+            "progress": {"best_score": self.state.best_score, "bad_epochs": self.state.bad_epochs,
                          "finished": self.state.finished, "step": self.state.step, "partial": self.state.partial},
             "history": self.state.history,
             "metrics": self.state.history[-1] if self.state.history else None,
@@ -191,11 +192,13 @@ class Trainer:
     def _load(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
+        load_scheduler(self.scheduler, saved["scheduler"], self.optimizer)
         self.scaler.load_state_dict(saved["scaler"])
         restore_rng(saved["rng"])
         progress = saved["progress"]
-        self.state = Progress(saved["epoch"], progress["best_loss"], progress["bad_epochs"], progress["finished"],
+        # a last.pt from before training.select_by kept the best validation loss as `best_loss`
+        best_score = progress["best_score"] if "best_score" in progress else -progress["best_loss"]
+        self.state = Progress(saved["epoch"], best_score, progress["bad_epochs"], progress["finished"],
                               list(saved["history"]), progress.get("step", 0), progress.get("partial"))
         self.run_id = saved.get("run")  # None for a checkpoint of the previous format: its best.pt has none either
         self.legacy = saved.get("config_hash") != self.config_hash
@@ -287,7 +290,8 @@ class Trainer:
 
     # --- one epoch ---------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target, weight=self.weights, ignore_index=IGNORE, reduction=reduction)
+        return segmentation_loss(self.settings.loss, logits, target, self.weights, IGNORE, self.settings.focal_gamma,
+                                 reduction)
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.procs.device, non_blocking=True)
@@ -402,13 +406,14 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 train_loss, steps = self.train_epoch(stop)
                 val_loss, matrix = self.validate()
-                self.scheduler.step(val_loss)
+                step_scheduler(self.scheduler, val_loss)
                 state.epoch += 1
-                best = val_loss < state.best_loss
-                state.best_loss, state.bad_epochs = (val_loss, 0) if best else (state.best_loss, state.bad_epochs + 1)
+                metrics = epoch_metrics(matrix)
+                score = selection_score(settings.select_by, val_loss, metrics)
+                best = score > state.best_score
+                state.best_score, state.bad_epochs = (score, 0) if best else (state.best_score, state.bad_epochs + 1)
                 stopped_early = state.bad_epochs > settings.early_stopping_patience
                 state.finished = stopped_early
-                metrics = epoch_metrics(matrix)
                 state.history.append({
                     "epoch": state.epoch, "train_loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                     "lr": lr, "steps": steps, "seconds": round(time.perf_counter() - start, 2),
@@ -424,7 +429,8 @@ class Trainer:
                     say(f"  epoch {state.epoch}/{settings.epochs}: train loss {train_loss:.4f}, val loss "
                         f"{val_loss:.4f}{' (best)' if best else ''}, IoU {iou} ({time.perf_counter() - start:.1f} s)")
                 if stopped_early and self.procs.main:
-                    say(f"  early stopping: no better validation loss for {state.bad_epochs} epochs")
+                    say(f"  early stopping: no better {describe_score(settings.select_by, state.best_score)} "
+                        f"for {state.bad_epochs} epochs")
                 if stop.requested:
                     raise TrainingInterrupted(self._interrupted_message(stop))
         return state
