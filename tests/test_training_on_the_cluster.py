@@ -42,6 +42,15 @@ def wait_for(condition, what: str, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
+def start_requeued_job_now(cluster, job: str, what: str) -> None:
+    """Wait for the requeued job to be pending, then skip SLURM's requeue delay (the job credential's lifetime,
+    120 s). Not at once: slurmd refuses to launch a job whose credential was revoked in the same second
+    ("Job credential revoked"; the job then fails), so the relaunch waits past the second of the kill."""
+    wait_for(lambda: "PENDING" in squeue(cluster, "-j", job, "-o", "%T"), what)
+    time.sleep(2)
+    scontrol(cluster, "update", f"jobid={job}", "StartTime=now")
+
+
 def saved_epoch(last: Path) -> int:
     try:
         return int(read_checkpoint(last)["epoch"])
@@ -111,15 +120,13 @@ def test_a_cancelled_training_stays_cancelled_and_a_requeued_one_resumes_from_sh
 
         # The job is moved (scontrol requeue, as when its node is drained): it resumes from the shared last.pt.
         scontrol(local_cluster, "requeue", job)
-        wait_for(lambda: "PENDING" in squeue(local_cluster, "-j", job, "-o", "%T"), "the requeued job")
-        scontrol(local_cluster, "update", f"jobid={job}", "StartTime=now")  # skip SLURM's requeue delay
+        start_requeued_job_now(local_cluster, job, "the requeued job")
         moved_at = saved_epoch(last)
         wait_for(lambda: saved_epoch(last) >= moved_at + 2, "progress after the requeue")
 
         # The time-limit warning (what --signal=B:USR1@300 sends the batch shell): save, requeue itself, resume.
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=local_cluster.env(), check=True)
-        wait_for(lambda: "PENDING" in squeue(local_cluster, "-j", job, "-o", "%T"), "the job requeuing itself")
-        scontrol(local_cluster, "update", f"jobid={job}", "StartTime=now")
+        start_requeued_job_now(local_cluster, job, "the job requeuing itself")
         wait_for(lambda: squeue(local_cluster, "-j", job, "-o", "%T") == "", "the end of training", timeout=600)
         log = (run_dir / "logs" / f"train-{job}.out").read_text()
         assert re.search(r"saved before the time limit at epoch \d+ step \d+; requeue [12]/3", log), log[-3000:]
