@@ -24,6 +24,7 @@ import yaml
 from pipeline.errors import DataError
 from pipeline.model.checkpoint import FORMAT, load_model, read_checkpoint
 from pipeline.stages import train
+from pipeline.training.data import PatchDataset
 from pipeline.training.loop import SET_FILES, Trainer, TrainingInterrupted
 from pipeline.training.selection import selection_score
 from tests.builders import make_config, write_dataset
@@ -278,3 +279,31 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_saves_and_exits_
     resumed = snowpipe_train(config)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert recorded_epochs(tmp_path) == list(range(1, 13))  # each epoch once, none lost or repeated
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_a_loading_worker_dying_while_scancel_stops_the_job_still_saves_the_steps_taken(tmp_path, monkeypatch, split):
+    """scancel signals every process of the job; a data-loading worker still starting dies of it before it can
+    ignore the signal. The trainer, asked to stop, saves what it has instead of failing with an internal error."""
+    write_dataset(tmp_path / "dataset", train=16, validation=8)
+    loaded = {"train": 0, "validation": 0}
+    original = PatchDataset.__getitem__
+
+    def dies_after_scancel(self, index):
+        split_name = "train" if self.augment is not None else "validation"
+        loaded[split_name] += 1
+        if split_name == split and loaded[split_name] == 5:  # epoch 1: during step 2 (batch 4) or validation
+            os.kill(os.getpid(), signal.SIGTERM)  # the stop request, as scancel sends it
+            raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+        return original(self, index)
+
+    monkeypatch.setattr(PatchDataset, "__getitem__", dies_after_scancel)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM during epoch 1"):
+        train.run(config_for(tmp_path, epochs=3, batch_size=4))
+    saved = read_checkpoint(training(tmp_path) / "last.pt")
+    assert saved["epoch"] == 0
+    assert saved["progress"]["step"] == (1 if split == "train" else 4)  # steps taken; validation: all 4, not yet validated
+    monkeypatch.setattr(PatchDataset, "__getitem__", original)
+    assert train.run(config_for(tmp_path, epochs=3, batch_size=4)).count("done") == 1
+    assert [r["epoch"] for r in history(tmp_path)] == [1, 2, 3]
+    assert history(tmp_path)[0]["steps"] == 4

@@ -321,9 +321,15 @@ class Trainer:
         with make_progress(transient=True) as bar_view:
             bar = bar_view.add_task(f"train: epoch {state.epoch + 1}", total=steps, completed=done,
                                     visible=procs.main)
-            for step, (x, y) in enumerate(loader, start=done):
-                if step >= steps:
+            batches = iter(loader)
+            for step in range(done, steps):
+                try:
+                    x, y = next(batches)
+                except StopIteration:
                     break
+                except RuntimeError as exc:
+                    self._stop_if_loader_died(stop, exc, step, steps, total)
+                    raise
                 x, y = self._to_device(x, y)
                 with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
                     loss = self._loss(self.network(x), y)
@@ -344,8 +350,18 @@ class Trainer:
                     state.step, state.partial = step + 1, total.tolist()
                     raise TrainingInterrupted(self._interrupted_message(stop, steps))
         sum_all(total, procs)
-        state.step, state.partial = 0, None
+        state.step, state.partial = steps, total.tolist()  # every step taken, not validated yet (see _epochs)
         return (total[0] / total[1].clamp(min=1)).item(), steps
+
+    def _stop_if_loader_died(self, stop: StopRequest, exc: RuntimeError, steps_done: int, steps: int,
+                             total: torch.Tensor) -> None:
+        """A data-loading worker that dies while a stop is handled must not lose the job: scancel signals every
+        process of the job, and one still starting (before worker_init_fn ignores the signal) dies of it
+        ("DataLoader worker exited unexpectedly"). The steps taken are saved as after any stop signal. One
+        process only: under DDP the other ranks wait in a collective, and srun's --kill-on-bad-exit ends them."""
+        if stop.requested and not self.procs.distributed:
+            self.state.step, self.state.partial = steps_done, total.tolist()
+            raise TrainingInterrupted(self._interrupted_message(stop, steps)) from exc
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
         """Whether any process was asked to stop. One process asks no device: a device value read on
@@ -364,7 +380,7 @@ class Trainer:
                 f"{state.epoch} finished epoch(s){partial}; run the train stage again (or requeue) to resume")
 
     @torch.inference_mode()
-    def validate(self) -> tuple[float, np.ndarray]:
+    def validate(self, stop: StopRequest | None = None) -> tuple[float, np.ndarray]:
         procs = self.procs
         self.network.eval()
         matrix = torch.zeros(N_CLASSES * N_CLASSES, dtype=torch.int64, device=procs.device)
@@ -373,7 +389,17 @@ class Trainer:
                             num_workers=self.settings.workers, pin_memory=self.cuda,
                             worker_init_fn=ignore_stop_signals)
         self.sample = None
-        for x, y in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError as exc:
+                if stop is not None and self.state.partial is not None:
+                    self._stop_if_loader_died(stop, exc, self.state.step, self.state.step,
+                                              torch.tensor(self.state.partial))
+                raise
             x, y = self._to_device(x, y)
             with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = self.network(x)
@@ -405,7 +431,8 @@ class Trainer:
                 start = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]
                 train_loss, steps = self.train_epoch(stop)
-                val_loss, matrix = self.validate()
+                val_loss, matrix = self.validate(stop)
+                state.step, state.partial = 0, None
                 step_scheduler(self.scheduler, val_loss)
                 state.epoch += 1
                 metrics = epoch_metrics(matrix)
