@@ -4,6 +4,9 @@ the best selection score, the cosine schedule warms up and decays, and a recipe 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from typing import get_args
 
 import pytest
@@ -18,7 +21,7 @@ from pipeline.training.loop import best_epoch
 from pipeline.training.losses import LOSSES, segmentation_loss
 from pipeline.training.selection import make_scheduler, selection_score
 from tests.builders import write_dataset
-from tests.test_train import config_for, history
+from tests.test_train import config_for, history, write_config_file
 
 
 def rare_class_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,3 +130,20 @@ def test_a_cosine_training_with_dice_and_iou_selection_resumes_on_its_schedule(t
     train.run(config_for(other, epochs=2, **recipe))
     assert train.run(config_for(other, epochs=4, **recipe)).count("done") == 1  # resumed for two more epochs
     assert [r["lr"] for r in history(other)] == pytest.approx(straight)
+
+
+def test_the_same_seed_and_thread_count_give_the_same_model_whatever_the_loading_workers(tmp_path):
+    """Reproducible for a seed and a thread count: the data order and augmentation are seeded per sample, so
+    the number of data-loading processes changes nothing. (Another thread count changes the order of float
+    sums inside torch's kernels: docs/model.md says by how much.)"""
+    models = []
+    for workers in (0, 2):
+        root = tmp_path / f"workers{workers}"
+        write_dataset(root / "dataset")
+        config = write_config_file(root, epochs=2, workers=workers)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-m", "pipeline", "stage", "train", config], env=env, check=True,
+                       capture_output=True, timeout=300)
+        models.append(read_checkpoint(root / "results" / "training" / "last.pt")["model"])
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][name], models[1][name]) for name in models[0])
