@@ -5,9 +5,10 @@ usage: python bench/model_quality.py [--quick] [--seeds 5,11,23] [--threads 1,2]
 
 For each demo seed (fixed below): `snowpipe demo-data` makes 6 scenes of 480 px; the first 4 are the training
 side (3 training scenes, the 4th the validation scene that picks best.pt), the last 2 are test scenes that
-nothing is chosen on. annotate -> dataset run once per seed (once per recipe when it sets dataset.*); train -> infer run per thread count (OMP_NUM_THREADS,
-as a SLURM job's --cpus-per-task gives) with the demo config's recipe, changed by any --set (e.g.
---set training.loss=focal). The test scenes' predictions are scored against the demo's truth.
+nothing is chosen on. annotate -> dataset run once per seed (once per recipe when it sets dataset.*);
+train -> infer run per thread count (OMP_NUM_THREADS, as a SLURM job's --cpus-per-task gives) with the demo
+config's recipe, changed by any --set (e.g. --set training.loss=focal). The test scenes' predictions are
+scored against the demo's truth. docs/model.md holds the results.
 
 Prints one row per seed and thread count (IoU per class on the test scenes, training minutes, epochs), then
 the minimum per class and, last, `water_iou_min <value>`. --quick: the first seed at 2 threads only.

@@ -180,7 +180,7 @@ class Training(Section):
     class_weights: Literal["sqrt_inverse_frequency", "inverse_frequency", "none"] = "sqrt_inverse_frequency"
     loss: LossName = "cross_entropy"  # or cross_entropy_dice, focal (pipeline/training/losses.py)
     focal_gamma: Annotated[float, Field(ge=0.0, le=10.0)] = 2.0
-    select_by: SelectBy = "mean_iou"  # best.pt and early stopping: mean_iou, val_loss or <class>_iou
+    select_by: SelectBy = "val_loss"  # best.pt and early stopping: val_loss, mean_iou or <class>_iou
     schedule: Schedule = "plateau"  # plateau (ReduceLROnPlateau on the validation loss) or cosine
     warmup_epochs: Annotated[int, Field(ge=0, le=1000)] = 0  # cosine only: linear warm-up epochs
     mixed_precision: bool = True

@@ -73,7 +73,7 @@ def assert_the_set_agrees(root: Path) -> dict:
     last = read_checkpoint(folder / "last.pt")
     assert history(root) == last["history"]
     best_epochs = [r["epoch"] for r in last["history"] if r["best"]]
-    scores = {r["epoch"]: selection_score("mean_iou", r["val_loss"], r["val_metrics"]) for r in last["history"]}
+    scores = {r["epoch"]: selection_score("val_loss", r["val_loss"], r["val_metrics"]) for r in last["history"]}
     assert scores[best_epochs[-1]] == max(scores.values())  # the default training.select_by
     best = read_checkpoint(folder / "best.pt")
     assert best["epoch"] == best_epochs[-1] and best["run"] == last["run"]
@@ -302,7 +302,8 @@ def test_a_loading_worker_dying_while_scancel_stops_the_job_still_saves_the_step
         train.run(config_for(tmp_path, epochs=3, batch_size=4))
     saved = read_checkpoint(training(tmp_path) / "last.pt")
     assert saved["epoch"] == 0
-    assert saved["progress"]["step"] == (1 if split == "train" else 4)  # steps taken; validation: all 4, not yet validated
+    # the steps taken; in validation all 4, not yet validated
+    assert saved["progress"]["step"] == (1 if split == "train" else 4)
     monkeypatch.setattr(PatchDataset, "__getitem__", original)
     assert train.run(config_for(tmp_path, epochs=3, batch_size=4)).count("done") == 1
     assert [r["epoch"] for r in history(tmp_path)] == [1, 2, 3]
