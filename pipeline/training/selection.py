@@ -2,7 +2,7 @@
 
 best.pt is the epoch with the best `training.select_by` score on the validation scenes: the lowest
 validation loss by default (as the thesis), the mean IoU over the classes present (better water, shorter
-trainings, worse clouds on one seed of three: docs/model.md), or one class's IoU. Early stopping counts epochs without a
+trainings, lower clouds on one seed of three: docs/model.md), or one class's IoU. Early stopping counts epochs without a
 better score. The schedule is ReduceLROnPlateau on the validation loss (the thesis) or a linear warm-up
 followed by a cosine decay over `training.epochs`. docs/model.md holds the measurements.
 """
