@@ -2,8 +2,8 @@
 
 best.pt is the epoch with the best `training.select_by` score on the validation scenes: the lowest
 validation loss by default (as the thesis), the mean IoU over the classes present (better water, shorter
-trainings, lower clouds on one seed of three: docs/model.md), or one class's IoU. Early stopping counts epochs without a
-better score. The schedule is ReduceLROnPlateau on the validation loss (the thesis) or a linear warm-up
+trainings, lower clouds on one seed of three: docs/model.md), or one class's IoU. Early stopping counts
+epochs without a better score. The schedule is ReduceLROnPlateau on the validation loss (the thesis) or a linear warm-up
 followed by a cosine decay over `training.epochs`. docs/model.md holds the measurements.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from pipeline.config import Schedule, SelectBy
 
+Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
 COSINE_FLOOR = 0.01  # the cosine schedule ends at 1 % of the learning rate, not at 0 (the last epochs still learn)
 
 
@@ -40,8 +41,7 @@ def describe_score(select_by: SelectBy, score: float) -> str:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule, epochs: int, warmup_epochs: int,
-                   factor: float, patience: int) -> torch.optim.lr_scheduler.LRScheduler | \
-        torch.optim.lr_scheduler.ReduceLROnPlateau:
+                   factor: float, patience: int) -> Scheduler:
     """Stepped once per epoch (`step_scheduler`)."""
     if schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience)
@@ -56,17 +56,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule, epochs:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
-def step_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
-                   val_loss: float) -> None:
+def step_scheduler(scheduler: Scheduler, val_loss: float) -> None:
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(val_loss)
     else:
         scheduler.step()
 
 
-
-def load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
-                   saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+def load_scheduler(scheduler: Scheduler, saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
     """Restore a saved schedule. The cosine's learning rate is recomputed for the epoch it is at: resuming with
     more `training.epochs` stretches the rest of the decay instead of keeping the old schedule's last rate."""
     scheduler.load_state_dict(saved)
