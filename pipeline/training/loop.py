@@ -18,7 +18,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,6 +74,15 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     step: int = 0  # optimisation steps done in the unfinished epoch (a stop signal arrived during it)
     partial: list[float] | None = None  # that epoch's summed training loss and step count so far
+
+
+def close_loader(batches: Iterator[Any]) -> None:
+    """Stop a DataLoader iterator's workers now, not when it is garbage-collected. An exception (a stop signal)
+    keeps the iterator alive until exit, where multiprocessing's atexit sends SIGTERM to the workers, which
+    ignore it (pipeline/workers.py), and then waits for them forever."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def best_epoch(history: list[dict]) -> int | None:
@@ -322,33 +331,36 @@ class Trainer:
             bar = bar_view.add_task(f"train: epoch {state.epoch + 1}", total=steps, completed=done,
                                     visible=procs.main)
             batches = iter(loader)
-            for step in range(done, steps):
-                try:
-                    x, y = next(batches)
-                except StopIteration:
-                    break
-                except RuntimeError as exc:
-                    self._stop_if_loader_died(stop, exc, step, steps, total)
-                    raise
-                x, y = self._to_device(x, y)
-                with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
-                    loss = self._loss(self.network(x), y)
-                if not torch.isfinite(loss):
-                    raise TrainingFailed(f"the training loss became {loss.item()} at epoch {state.epoch + 1}, "
-                                         f"step {step + 1}: lower training.learning_rate or check the dataset")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if settings.gradient_clip:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.gradient_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                total += torch.stack([loss.detach(), torch.ones((), device=procs.device)])
-                bar_view.advance(bar)
-                if self._stop_agreed(stop):
-                    sum_all(total, procs)
-                    state.step, state.partial = step + 1, total.tolist()
-                    raise TrainingInterrupted(self._interrupted_message(stop, steps))
+            try:
+                for step in range(done, steps):
+                    try:
+                        x, y = next(batches)
+                    except StopIteration:
+                        break
+                    except RuntimeError as exc:
+                        self._stop_if_loader_died(stop, exc, step, steps, total)
+                        raise
+                    x, y = self._to_device(x, y)
+                    with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
+                        loss = self._loss(self.network(x), y)
+                    if not torch.isfinite(loss):
+                        raise TrainingFailed(f"the training loss became {loss.item()} at epoch {state.epoch + 1}, "
+                                             f"step {step + 1}: lower training.learning_rate or check the dataset")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss).backward()
+                    if settings.gradient_clip:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.gradient_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    total += torch.stack([loss.detach(), torch.ones((), device=procs.device)])
+                    bar_view.advance(bar)
+                    if self._stop_agreed(stop):
+                        sum_all(total, procs)
+                        state.step, state.partial = step + 1, total.tolist()
+                        raise TrainingInterrupted(self._interrupted_message(stop, steps))
+            finally:
+                close_loader(batches)
         sum_all(total, procs)
         state.step, state.partial = steps, total.tolist()  # every step taken, not validated yet (see _epochs)
         return (total[0] / total[1].clamp(min=1)).item(), steps
@@ -390,26 +402,29 @@ class Trainer:
                             worker_init_fn=ignore_stop_signals)
         self.sample = None
         batches = iter(loader)
-        while True:
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                break
-            except RuntimeError as exc:
-                if stop is not None and self.state.partial is not None:
-                    self._stop_if_loader_died(stop, exc, self.state.step, self.state.step,
-                                              torch.tensor(self.state.partial))
-                raise
-            x, y = self._to_device(x, y)
-            with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
-                logits = self.network(x)
-            if self.sample is None and procs.main:  # a few patches for TensorBoard's picture of this epoch
-                self.sample = (y[:PREVIEW_PATCHES].cpu().numpy(), logits[:PREVIEW_PATCHES].argmax(1).cpu().numpy())
-            valid = y != IGNORE
-            weight = self.weights[y[valid]].sum() if self.weights is not None else valid.sum()
-            loss_sum += torch.stack([self._loss(logits, y, "sum").double(), weight.double()])
-            index = y[valid] * N_CLASSES + logits.argmax(1)[valid]
-            matrix += torch.bincount(index, minlength=N_CLASSES * N_CLASSES)
+        try:
+            while True:
+                try:
+                    x, y = next(batches)
+                except StopIteration:
+                    break
+                except RuntimeError as exc:
+                    if stop is not None and self.state.partial is not None:
+                        self._stop_if_loader_died(stop, exc, self.state.step, self.state.step,
+                                                  torch.tensor(self.state.partial))
+                    raise
+                x, y = self._to_device(x, y)
+                with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
+                    logits = self.network(x)
+                if self.sample is None and procs.main:  # a few patches for TensorBoard's picture of this epoch
+                    self.sample = (y[:PREVIEW_PATCHES].cpu().numpy(), logits[:PREVIEW_PATCHES].argmax(1).cpu().numpy())
+                valid = y != IGNORE
+                weight = self.weights[y[valid]].sum() if self.weights is not None else valid.sum()
+                loss_sum += torch.stack([self._loss(logits, y, "sum").double(), weight.double()])
+                index = y[valid] * N_CLASSES + logits.argmax(1)[valid]
+                matrix += torch.bincount(index, minlength=N_CLASSES * N_CLASSES)
+        finally:
+            close_loader(batches)
         sum_all(matrix, procs)
         sum_all(loss_sum, procs)
         return (loss_sum[0] / loss_sum[1].clamp(min=1)).item(), matrix.view(N_CLASSES, N_CLASSES).cpu().numpy()
