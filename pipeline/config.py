@@ -50,6 +50,8 @@ class Paths(Section):
     dataset: str = "dataset"
     results: str = "results"
     work: str = "work"
+    # The decode stage's rasters, one folder per product; on a cluster: data/decoded beside extracted_data.
+    decoded: str = "decoded"
 
 
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -95,6 +97,16 @@ class Download(Section):
             raise ValueError(f"enable is true but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                              f"empty: set the data server (host) and its data folder (remote_path)")
         return self
+
+
+class Decode(Section):
+    """Stage 1b (pipeline/stages/decode.py): JPEG 2000 bands into fast GeoTIFFs at native resolution."""
+
+    enable: bool = True
+    workers: Annotated[int, Field(ge=0, le=256)] = 0  # decoding threads; 0 = every CPU the process may use
+    # always: keep the decoded rasters for later runs; until_used: delete a scene's once every enabled stage
+    # that reads them (annotate, dataset, infer) has finished it in this config's outputs.
+    keep: Literal["always", "until_used"] = "always"
 
 
 class CloudDetection(Section):
@@ -229,6 +241,7 @@ class PipelineConfig(Section):
     dates: list[str] = []
     paths: Paths = Paths()
     download: Download = Download()
+    decode: Decode = Decode()
     annotation: Annotation = Annotation()
     dataset: Dataset = Dataset()
     training: Training = Training()

@@ -30,7 +30,7 @@ def write(tmp_path: Path, text: str) -> Path:
      "annotation.cloud_detection.treshold: unknown key; valid keys in annotation.cloud_detection: "
      "threshold, average_over, dilation_size, resolution, window"),
     ("tile_id: 32TNS\nstages: [annotate]\n",
-     "stages: unknown key; valid keys in the top level: tile_id, dates, paths, download, annotation, "
+     "stages: unknown key; valid keys in the top level: tile_id, dates, paths, download, decode, annotation, "
      "dataset, training, inference, testing"),
     ("tile_id: 32TNS\ndataset:\n  split: random\n", "dataset.split: expected one of 'scene' or 'patch', got 'random'"),
     ("tile_id: 32TNS\ndataset:\n  patch_size: 25.5\n", "dataset.patch_size: expected a whole number, got 25.5"),

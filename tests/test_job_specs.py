@@ -32,11 +32,23 @@ def scenes(tmp_path: Path):
     return make_config(tmp_path, **ALL_STAGES)
 
 
-def test_the_shipped_pipeline_chains_five_jobs_with_arrays_over_scenes(scenes, tmp_path):
+def test_the_shipped_pipeline_decodes_on_cpus_first_and_annotates_each_scene_once_it_is_decoded(scenes, tmp_path):
     plan = make_plan(scenes, tmp_path / "pipeline-config.yml", "pipeline", target(), run_id="r1")
 
-    assert [job.name for job in plan.jobs] == ["annotate", "dataset", "train", "infer", "test"]
-    assert [job.after for job in plan.jobs] == [[], ["annotate"], ["dataset"], ["train"], ["infer"]]
+    assert [job.name for job in plan.jobs] == ["decode", "annotate", "dataset", "train", "infer", "test"]
+    assert [job.after for job in plan.jobs] == [[], ["decode"], ["annotate"], ["dataset"], ["train", "decode"],
+                                                ["infer"]]
+    assert plan.job("annotate").after_each == ["decode"]   # task i after decode task i (aftercorr)
+    assert plan.job("annotate").scene_dates == plan.job("decode").scene_dates == DATES
+    decode = plan.job("decode")
+    assert decode.array == "0-1" and "gres" not in decode.sbatch and "gpus" not in decode.sbatch
+    assert decode.sbatch["array"] == "0-1%16"
+    assert plan.job("annotate").submit_display == (
+        "annotate=$(sbatch --parsable --dependency=aftercorr:$decode --kill-on-invalid-dep=yes "
+        "/scratch/me/snowpipe/runs/r1/jobs/annotate.sbatch)")
+    assert "--dependency=afterok:$train:$decode " in plan.job("infer").submit_display
+    assert plan.config["paths"]["decoded"] == "/scratch/me/snowpipe/data/decoded"  # type: ignore[index]
+    plan.jobs.pop(0)
     assert plan.jobs[0].array == "0-1" and plan.jobs[3].array == "0-1"
     assert plan.jobs[0].sbatch["array"] == "0-1%8"
     assert plan.run_dir == "/scratch/me/snowpipe/runs/r1"
@@ -85,8 +97,9 @@ def test_a_disabled_stage_drops_its_job_and_rewires_the_chain(tmp_path):
     (tmp_path / "masks").mkdir()
     config = make_config(tmp_path, annotation={"enable": False}, **ALL_STAGES)
     plan = make_plan(config, tmp_path / "c.yml", "pipeline", target(), run_id="r1")
-    assert [job.name for job in plan.jobs] == ["dataset", "train", "infer", "test"]
-    assert plan.jobs[0].after == []
+    assert [job.name for job in plan.jobs] == ["decode", "dataset", "train", "infer", "test"]
+    # annotate's task-by-task wait on decode becomes the dataset's wait for the whole decode array
+    assert plan.job("dataset").after == ["decode"] and plan.job("dataset").after_each == []
 
 
 def test_mistakes_in_a_job_spec_name_the_key_and_the_fix(tmp_path):
@@ -141,18 +154,18 @@ def test_snowpipe_plan_prints_the_jobs_and_their_json(scenes, tmp_path, capsys):
     variables = json.dumps({"snowpipe_remote_root": "/scratch/x"})
     assert main(["plan", str(config), "--target-vars", variables, "--run-id", "r9", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["run_id"] == "r9" and len(plan["jobs"]) == 5
+    assert plan["run_id"] == "r9" and len(plan["jobs"]) == 6
     # the versions a reader checks: the plan's own, and the frozen config's (config.json)
     assert plan["schema"] == 1 and plan["config"]["schema"] == 1
     assert plan["formats"]["requeue_exit_code"] == 75
-    assert plan["formats"]["dependency_prefix"] == "--dependency=afterok:"
+    assert plan["formats"]["dependency_all"] == "afterok:" and plan["formats"]["dependency_each"] == "aftercorr:"
     assert main(["plan", str(config), "--target-vars", variables, "--job", "nope"]) == 2
     assert "job spec" in capsys.readouterr().err
 
 
 def test_the_run_record_lists_jobs_with_ids_and_dependencies(scenes, tmp_path):
     plan = make_plan(scenes, tmp_path / "c.yml", "pipeline", target(), run_id="r1")
-    ids = {"annotate": "11", "dataset": "14", "train": "15", "infer": "16", "test": "19"}
+    ids = {"decode": "10", "annotate": "11", "dataset": "14", "train": "15", "infer": "16", "test": "19"}
     record = record_of_submission(plan, ids, Connection(host="local", address="127.0.0.1", port=2222, user="me"))
     path = save_record(tmp_path / "runs", record)
     saved = json.loads(path.read_text())
@@ -160,8 +173,8 @@ def test_the_run_record_lists_jobs_with_ids_and_dependencies(scenes, tmp_path):
     assert saved["schema"] == 1 and saved["port"] == 2222
     # it names the cluster, the user and the key's path: readable by its owner only
     assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
-    assert saved["jobs"][1] == {**saved["jobs"][1], "name": "dataset", "id": "14", "after": ["11"], "array": None}
-    assert saved["jobs"][0]["array"] == "0-1"
+    assert saved["jobs"][2] == {**saved["jobs"][2], "name": "dataset", "id": "14", "after": ["11"], "array": None}
+    assert saved["jobs"][1] == {**saved["jobs"][1], "name": "annotate", "after": ["10"], "array": "0-1"}
 
 
 def test_snowpipe_plan_reads_the_inventory_as_ansible_templates_it(scenes, tmp_path, capsys):
@@ -171,7 +184,7 @@ def test_snowpipe_plan_reads_the_inventory_as_ansible_templates_it(scenes, tmp_p
     assert main(["plan", str(config), "-i", str(REPO_ROOT / "inventory" / "euler.yml"), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["host"] == "euler" and plan["remote_root"] == "/cluster/scratch/your_eth_username/snowpipe"
-    assert plan["jobs"][2]["sbatch"]["account"] == "es_your_group" and plan["jobs"][2]["sbatch"]["gpus"] == "1"
+    assert plan["jobs"][3]["sbatch"]["account"] == "es_your_group" and plan["jobs"][3]["sbatch"]["gpus"] == "1"
     assert main(["plan", str(config), "--json"]) == 0  # the default: the local cluster's inventory
     assert json.loads(capsys.readouterr().out)["remote_root"] == str(REPO_ROOT / ".cluster" / "remote")
 

@@ -29,7 +29,7 @@ def test_validating_and_planning_import_no_torch():
 
 
 def test_the_readme_stage_table_is_the_registry():
-    rows = re.findall(r"^\| (\d) \| (\w+) \| .* \| (yes|no) \| (yes|no) \|$", README.read_text(), re.MULTILINE)
+    rows = re.findall(r"^\| (\d\w?) \| (\w+) \| .* \| (yes|no) \| (yes|no) \|$", README.read_text(), re.MULTILINE)
     assert [(name, per_scene == "yes", gpu == "yes") for _, name, per_scene, gpu in rows] == \
         [(stage.name, stage.per_scene, stage.needs_gpu) for stage in STAGES.values()]
 
@@ -52,7 +52,7 @@ def test_the_test_stage_needs_extracted_data_like_every_stage_that_reads_it(tmp_
 
 def test_a_job_spec_runs_only_registered_stages_and_arrays_only_per_scene_ones(tmp_path):
     (tmp_path / "bad.yml").write_text("jobs:\n  - name: x\n    stages: [annotate, upload]\n")
-    with pytest.raises(ConfigError, match="'upload'; stages a job can run: annotate, dataset, train, infer, test"):
+    with pytest.raises(ConfigError, match="'upload'; stages a job can run: decode, annotate, dataset, train, infer, test"):
         load_jobs(tmp_path, "bad")
     (tmp_path / "array.yml").write_text("jobs:\n  - name: x\n    stages: [annotate, dataset]\n    array: true\n")
     with pytest.raises(ConfigError, match=f"per-scene stages \\({', '.join(PER_SCENE)}\\)"):

@@ -114,16 +114,25 @@ PROGRESS_FILE_ENV = "SNOWPIPE_PROGRESS_FILE"
 
 
 # ---- job dependencies ----------------------------------------------------------------------------------------------
-DEPENDENCY_PREFIX = "--dependency=afterok:"
+DEPENDENCY_FLAG = "--dependency="
+DEPENDENCY_ALL = "afterok:"  # the whole job (every array task) ended well
+DEPENDENCY_EACH = "aftercorr:"  # array task i starts once task i of that array ended well
 DEPENDENCY_SEPARATOR = ":"
+DEPENDENCY_JOIN = ","  # both conditions must hold
 DEPENDENCY_EXTRA = ("--kill-on-invalid-dep=yes",)  # a failed dependency cancels the job instead of leaving it pending
 
 
-def dependency_args(job_ids: list[str]) -> list[str]:
-    """sbatch arguments that start a job only after all of `job_ids` ended well; a failed one cancels it."""
-    if not job_ids:
+def dependency_args(job_ids: list[str], each_ids: list[str] | None = None) -> list[str]:
+    """sbatch arguments that start a job only after all of `job_ids` ended well, and each of its array tasks
+    after the same task of every array in `each_ids`; a failed one cancels it (or the task)."""
+    conditions = []
+    if job_ids:
+        conditions.append(DEPENDENCY_ALL + DEPENDENCY_SEPARATOR.join(job_ids))
+    if each_ids:
+        conditions.append(DEPENDENCY_EACH + DEPENDENCY_SEPARATOR.join(each_ids))
+    if not conditions:
         return []
-    return [DEPENDENCY_PREFIX + DEPENDENCY_SEPARATOR.join(job_ids), *DEPENDENCY_EXTRA]
+    return [DEPENDENCY_FLAG + DEPENDENCY_JOIN.join(conditions), *DEPENDENCY_EXTRA]
 
 
 # ---- files that belong to one machine's processes ------------------------------------------------------------------

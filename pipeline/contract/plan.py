@@ -59,7 +59,8 @@ class PlannedJob(Model):
     name: str
     description: str = ""
     stages: list[str]
-    after: list[str] = []          # names of jobs this one waits for (afterok)
+    after: list[str] = []          # names of jobs this one waits for (afterok, or aftercorr for after_each)
+    after_each: list[str] = []     # those of `after` whose array task i it waits for task by task (aftercorr)
     array: str | None = None       # "0-N" for a job array
     array_size: int = 0
     script: str                    # where the batch script lies on the cluster
@@ -86,8 +87,11 @@ class BatchFormats(Model):
     exit_marker_printf: str = formats.EXIT_MARKER_PRINTF
     exit_marker_suffix: str = formats.EXIT_MARKER_SUFFIX
     log_folder: str = formats.LOG_FOLDER
-    dependency_prefix: str = formats.DEPENDENCY_PREFIX
+    dependency_flag: str = formats.DEPENDENCY_FLAG
+    dependency_all: str = formats.DEPENDENCY_ALL
+    dependency_each: str = formats.DEPENDENCY_EACH
     dependency_separator: str = formats.DEPENDENCY_SEPARATOR
+    dependency_join: str = formats.DEPENDENCY_JOIN
     dependency_extra: list[str] = list(formats.DEPENDENCY_EXTRA)
     transient_files: list[str] = list(formats.TEMPORARY_FILES)
     progress_file_env: str = formats.PROGRESS_FILE_ENV

@@ -32,6 +32,9 @@ class Scene:
     bands: dict[str, Path] = field(default_factory=dict)
     missing_bands: tuple[str, ...] = ()
     exolabs: Path | None = None
+    # Band files the decode stage wrote at native resolution (pipeline/stages/decode.py), when a complete
+    # record vouches for them: read instead of the JPEG 2000 files, which stay the scene's identity.
+    decoded: dict[str, Path] = field(default_factory=dict)
 
     @property
     def day(self) -> str:
@@ -51,6 +54,10 @@ class Scene:
                 f"(re-extract the product zip)",
             )
         return self.bands[band]
+
+    def read_path(self, band: str) -> Path:
+        """The file to read a band from: its decoded GeoTIFF when there is one, else the product's file."""
+        return self.decoded.get(band) or self.band_path(band)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class SceneReader:
         try:
             self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=BLOCK_CACHE_BYTES))
             for band in BANDS:
-                self._sources[band] = self._open(scene.band_path(band))
+                self._sources[band] = self._open(scene.read_path(band))
         except BaseException:
             self._stack.close()
             raise

@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.bands import CLOUDS, EXO_NO_DATA, EXO_SNOW, NODATA, SNOW, WATER
 from pipeline.config import Annotation, PipelineConfig
 from pipeline.data.grid import Tile, iter_tiles
-from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
+from pipeline.data.layout import Auxiliary, Scene, find_auxiliary
 from pipeline.data.preview import write_mask_preview
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster
@@ -38,6 +38,7 @@ from pipeline.stages.base import (
 )
 from pipeline.stages.clouds import CloudDetector
 from pipeline.stages.publish import building, reclaim_partials
+from pipeline.stages.decode import discover_readable, release_if_used
 from pipeline.stages.registry import STAGES, stage_dates
 from pipeline.workers import die_with_parent
 
@@ -100,11 +101,14 @@ def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, th
     with output_lock(out_dir, f"annotate {scene.date}"):
         reclaim_partials(out_dir)
         if not force and records.is_complete(out_dir, key, required=("mask.tif", "coverage.tif")):
-            return SceneOutcome(scene.date, "skipped")
-        with building(out_dir, owned=OUTPUTS) as partial:
-            details = _write_masks(scene, config, auxiliary, partial, threads, on_window)
-            records.write_record(partial, key, OUTPUTS, **details)
-    return SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+            outcome = SceneOutcome(scene.date, "skipped")
+        else:
+            with building(out_dir, owned=OUTPUTS) as partial:
+                details = _write_masks(scene, config, auxiliary, partial, threads, on_window)
+                records.write_record(partial, key, OUTPUTS, **details)
+            outcome = SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+    release_if_used(config, scene)
+    return outcome
 
 
 def _write_masks(scene: Scene, config: PipelineConfig, auxiliary: Auxiliary, out_dir: Path, threads: int,
@@ -159,7 +163,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     """Annotate the selected scenes (all of the config's by default), several in parallel."""
     start = time.perf_counter()
     settings = config.annotation
-    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, INFO.name, dates))
+    scenes = discover_readable(config, stage_dates(config, INFO.name, dates))
     workers = min(workers or settings.workers, len(scenes))
     threads = worker_threads(workers)
     report = StageReport(INFO.name, output=str(config.path("annotated_masks")))

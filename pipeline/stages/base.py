@@ -87,6 +87,8 @@ def describe(outcome: SceneOutcome) -> str:
         return f"  {outcome.date}: FAILED: {outcome.message}"
     if outcome.status == "skipped":
         return f"  {outcome.date}: already complete (use --force to redo)"
+    if "class_fraction" not in outcome.details:
+        return f"  {outcome.date}: {outcome.details.get('summary', 'done')} ({outcome.seconds:.1f} s)"
     fractions = outcome.details["class_fraction"]
     return (f"  {outcome.date}: coverage {outcome.details['coverage']:.0%}, background {fractions[0]:.1%}, "
             f"snow {fractions[1]:.1%}, clouds {fractions[2]:.1%}, water {fractions[3]:.1%} "

@@ -21,7 +21,7 @@ from rasterio.windows import Window
 
 from pipeline.bands import BANDS, CLASS_NAMES
 from pipeline.config import Dataset, PipelineConfig
-from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
+from pipeline.data.layout import Auxiliary, Scene, find_auxiliary
 from pipeline.data.masks import MaskFiles, find_mask
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
@@ -32,6 +32,7 @@ from pipeline.progress import make_progress, say
 from pipeline.stages import annotate, records, sampling
 from pipeline.stages.base import SceneOutcome, StageReport, enforce_policy, failure_message
 from pipeline.stages.publish import building, reclaim_partials
+from pipeline.stages.decode import discover_readable, release_if_used
 from pipeline.stages.registry import STAGES, stage_dates
 
 INFO = STAGES["dataset"]
@@ -204,7 +205,7 @@ def _find_scenes(config: PipelineConfig, dates: list[str] | None, report: StageR
     plans: list[ScenePlan] = []
     masks_root = config.path("annotated_masks")
     auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
-    for scene in discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, INFO.name, dates)):
+    for scene in discover_readable(config, stage_dates(config, INFO.name, dates)):
         files = find_mask(masks_root, scene.date)
         problem = _mask_problem(config, scene, auxiliary, files)
         if problem:
@@ -292,7 +293,11 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
         raise DataError(f"the dataset's DEM channel needs {config.tile_id}_30m_DEM_AW3D30.tif in {folder} "
                         f"(or set dataset.include_dem: false)")
     with output_lock(out, "dataset"):
-        return _build(config, dates, force, report, auxiliary, start)
+        report = _build(config, dates, force, report, auxiliary, start)
+    if config.decode.keep == "until_used":
+        for scene in discover_readable(config, stage_dates(config, INFO.name, dates)):
+            release_if_used(config, scene)
+    return report
 
 
 def _build(config: PipelineConfig, dates: list[str] | None, force: bool, report: StageReport,

@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.bands import CLASS_NAMES, NODATA
 from pipeline.config import PipelineConfig
 from pipeline.data.decoded import DecodedScene
-from pipeline.data.layout import Auxiliary, Scene, discover_scenes, find_auxiliary
+from pipeline.data.layout import Auxiliary, Scene, find_auxiliary
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster
@@ -45,6 +45,7 @@ from pipeline.stages.base import (
     usable_cpus,
 )
 from pipeline.stages.publish import building, reclaim_partials
+from pipeline.stages.decode import discover_readable, release_if_used
 from pipeline.stages.registry import STAGES, stage_dates
 
 __all__ = ["checkpoint_path", "data_channels", "infer_scene", "load_predictor", "run"]
@@ -94,12 +95,15 @@ def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force
     with output_lock(out_dir, f"infer {scene.date}"):
         reclaim_partials(out_dir)
         if not force and records.is_complete(out_dir, key, required=OUTPUTS_REQUIRED):
-            return SceneOutcome(scene.date, "skipped")
-        with building(out_dir, owned=("*.tif", "*.png")) as partial:
-            details = _predict(scene, config, loaded, auxiliary, partial, on_window)
-            outputs = [p.name for p in partial.iterdir() if p.is_file() and not p.name.startswith(".")]
-            records.write_record(partial, key, outputs, **details)
-    return SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+            outcome = SceneOutcome(scene.date, "skipped")
+        else:
+            with building(out_dir, owned=("*.tif", "*.png")) as partial:
+                details = _predict(scene, config, loaded, auxiliary, partial, on_window)
+                outputs = [p.name for p in partial.iterdir() if p.is_file() and not p.name.startswith(".")]
+                records.write_record(partial, key, outputs, **details)
+            outcome = SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+    release_if_used(config, scene)
+    return outcome
 
 
 def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliary: Auxiliary, out_dir: Path,
@@ -108,7 +112,9 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
     settings = config.inference
     classes = len(CLASS_NAMES)
     counts = np.zeros(256, np.int64)
-    decoding = DecodedScene(scene, config.tile_id) if settings.decode_once else nullcontext()
+    # Decoded rasters (the decode stage) are fast to read window by window; without them, decode_once decodes
+    # the JPEG 2000 bands once into scratch instead of once per window (the fallback).
+    decoding = DecodedScene(scene, config.tile_id) if settings.decode_once and not scene.decoded else nullcontext()
     with decoding as decoded, SceneReader(scene, config.tile_id, auxiliary) as reader:
         grid = reader.grid
         windows = predict_windows(
@@ -150,7 +156,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     """Predict the selected scenes: `dates`, else inference.dates, else the config's dates (all by default)."""
     start = time.perf_counter()
     wanted = stage_dates(config, INFO.name, dates)
-    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, wanted)
+    scenes = discover_readable(config, wanted)
     loaded = load_predictor(config)  # a missing or mismatched checkpoint stops the stage before any scene
     report = StageReport(INFO.name, output=str(config.path("results") / "predictions"),
                          note=f"{loaded.path.name} on {loaded.predictor.device}")

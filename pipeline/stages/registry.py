@@ -31,6 +31,18 @@ def inference_dates(config: PipelineConfig) -> list[str]:
     return list(config.inference.dates or config.dates)
 
 
+def decode_dates(config: PipelineConfig) -> list[str]:
+    """Every scene a band-reading stage covers: the top-level dates, then inference's others ([] = all found).
+
+    The top-level dates come first, in their order, so that decode's array task i is annotate's task i and
+    annotate can start task by task (aftercorr); scenes only inferred are decoded after them.
+    """
+    if not config.dates:
+        return []
+    extra = sorted(set(config.inference.dates) - set(config.dates)) if config.inference.enable else []
+    return [*config.dates, *extra]
+
+
 def testing_dates(config: PipelineConfig) -> list[str]:
     """`testing.dates`, else the scenes inference covers."""
     return list(config.testing.dates or inference_dates(config))
@@ -64,6 +76,9 @@ class StageInfo:
 STAGES: dict[str, StageInfo] = {stage.name: stage for stage in (
     StageInfo("download", "download", "raw data from a data server (rsync over SSH)", per_scene=False,
               needs_gpu=False, module="pipeline.stages.download", runs_on_cluster=False),
+    StageInfo("decode", "decode", "JPEG 2000 bands into fast GeoTIFFs at native resolution, shared by runs",
+              per_scene=True, needs_gpu=False, module="pipeline.stages.decode",
+              folders={"extracted_data": "r", "decoded": "w"}, dates=decode_dates),
     StageInfo("annotate", "annotation", "automatic masks: water, glacier, ExoLabs snow, s2cloudless clouds",
               per_scene=True, needs_gpu=False, module="pipeline.stages.annotate",
               folders={"extracted_data": "r", "annotated_masks": "w"}),

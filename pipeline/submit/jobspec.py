@@ -71,6 +71,7 @@ class JobEntry(Resources):
     use: str | None = None                # take jobs/<use>.yml's job, then apply this entry's fields
     stages: list[str] | None = None       # stages of the registry that run on a cluster, in any order
     after: list[str] = []                 # job names this one waits for (afterok)
+    after_each: list[str] = []            # array jobs whose task i this array's task i waits for (aftercorr)
     array: bool | None = None             # one array task per scene (per-scene stages only)
     description: str | None = None
 
@@ -87,8 +88,9 @@ class Job(BaseModel):
 
     name: str
     stages: list[str]
-    after: list[str]
+    after: list[str]  # every job it waits for, after_each included
     array: bool
+    after_each: list[str] = []
     resources: Resources
     description: str = ""
 
@@ -131,7 +133,8 @@ def _layer(base: Resources, top: Resources) -> Resources:
 
 
 def _entry_fields(entry: JobEntry) -> dict[str, Any]:
-    return {k: v for k, v in entry.model_dump(exclude={"use"}).items() if v is not None and (k != "after" or v)}
+    return {k: v for k, v in entry.model_dump(exclude={"use"}).items()
+            if v is not None and (k not in ("after", "after_each") or v)}
 
 
 def load_jobs(jobs_dir: Path, spec: str, defaults: Resources | None = None,
@@ -162,6 +165,11 @@ def load_jobs(jobs_dir: Path, spec: str, defaults: Resources | None = None,
             if not any(job.name == before for job in jobs):
                 raise ConfigError(f"{path}: job {name} runs after {before!r}, which is not a job listed before it")
         array = bool(fields.get("array", False))
+        for before in fields.get("after_each", []):
+            earlier = next((job for job in jobs if job.name == before), None)
+            if earlier is None or not earlier.array or not array:
+                raise ConfigError(f"{path}: job {name} has `after_each: [{before}]`, which needs both jobs to be "
+                                  f"arrays over scenes and {before!r} listed before it; use `after` otherwise")
         unknown = [stage for stage in fields["stages"] if stage not in CLUSTER_STAGES]
         if unknown:
             raise ConfigError(f"{path}: job {name} runs {', '.join(map(repr, unknown))}; stages a job can run: "
@@ -174,6 +182,8 @@ def load_jobs(jobs_dir: Path, spec: str, defaults: Resources | None = None,
         for key in ("*", name):
             if key in overrides:
                 resources = _layer(resources, overrides[key])
-        jobs.append(Job(name=name, stages=fields["stages"], after=fields.get("after", []), array=array,
+        after_each = list(fields.get("after_each", []))
+        after = [*fields.get("after", []), *(name for name in after_each if name not in fields.get("after", []))]
+        jobs.append(Job(name=name, stages=fields["stages"], after=after, after_each=after_each, array=array,
                         resources=resources, description=fields.get("description", "")))
     return jobs

@@ -136,7 +136,8 @@ def enabled_jobs(jobs: list[Job], config: PipelineConfig, spec: str) -> list[Job
                     after.append(before)
         stages = [stage for stage in job.stages if stage in wanted]
         if stages:
-            kept.append(job.model_copy(update={"stages": stages, "after": after}))
+            each = [name for name in job.after_each if name not in waits]  # a dropped one's waits: afterok
+            kept.append(job.model_copy(update={"stages": stages, "after": after, "after_each": each}))
         else:
             waits[job.name] = after
     if not kept:
@@ -158,6 +159,13 @@ def scene_scanner(config: PipelineConfig) -> SceneScan:
         return found[tuple(dates)]
 
     return scan
+
+
+def scene_order(scan: SceneScan, dates: list[str]) -> list[str]:
+    """The dates of an array's tasks: the stage's own order where it lists dates (decode lists annotate's
+    first, so that task i of both is one scene and annotate may wait task by task), else by date."""
+    found = [scene.date for scene in scan(dates)]
+    return [date for date in dates if date in found] if dates else found
 
 
 def _array_sizes(config: PipelineConfig, jobs: list[Job], scan: SceneScan) -> dict[str, int]:
@@ -244,6 +252,8 @@ def _stage_command(stage: str, job: Job, paths: dict[str, str], config: Pipeline
         for name, access in STAGES[stage].folders.items():
             if access == "w":  # outputs are published in place on shared storage, as they finish
                 continue
+            if name == "extracted_data" and stage != "decode" and config.decode.enable:
+                continue  # the bands come from the decoded rasters, read in place; JPEG 2000 is not copied
             per_task = job.array and name == "extracted_data"
             staged.append(StagedFolder(
                 name=name, source=paths[name],
@@ -254,13 +264,13 @@ def _stage_command(stage: str, job: Job, paths: dict[str, str], config: Pipeline
                         verify_data=reads_synced)
 
 
-def submit_display(job: Job, script: str) -> str:
+def submit_display(job: Job, script: str, after_each: list[str]) -> str:
     """The sbatch call as a line of shell, job ids in variables: `train=$(sbatch ... afterok:$dataset ...)`."""
     def variable(name: str) -> str:
         return name.replace("-", "_")
 
-    after = [f"${variable(name)}" for name in job.after]
-    flags = " ".join(formats.dependency_args(after))
+    after = [f"${variable(name)}" for name in job.after if name not in after_each]
+    flags = " ".join(formats.dependency_args(after, [f"${variable(name)}" for name in after_each]))
     return f"{variable(job.name)}=$(sbatch --parsable {flags + ' ' if flags else ''}{shlex.quote(script)})"
 
 
@@ -293,6 +303,7 @@ def frozen_config(config: PipelineConfig, data_root: str | None, run_dir: str,
     if data_root:
         paths["extracted_data"] = f"{data_root}/extracted_data"
         paths["annotated_masks"] = f"{data_root}/annotated_masks"
+        paths["decoded"] = f"{data_root}/decoded"  # made on the cluster, beside the data it comes from
     paths["results"] = f"{run_dir}/results"
     paths["dataset"] = f"{run_dir}/results/dataset"
     paths["work"] = f"{run_dir}/work"
@@ -337,15 +348,19 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
             sync.append(SyncedFolder(name=name, source=f"{source}/", dest=f"{data_root}/{name}/", files=files,
                                      bytes=total))
     frozen, paths = frozen_config(config, data_root, run_dir, scan)
-    planned = []
+    planned: list[PlannedJob] = []
     for job in jobs:
         size = sizes.get(job.name)
         options = sbatch_options(job, run_id, run_dir, size, target.gpu_request)
+        dates = scene_order(scan, stage_dates(config, job.stages[0])) if size else []
+        each = [name for name in job.after_each
+                if next(p for p in planned if p.name == name).scene_dates[:len(dates)] == dates]
         planned.append(PlannedJob(
             name=job.name,
             description=job.description,
             stages=job.stages,
             after=job.after,
+            after_each=each,
             array=f"0-{size - 1}" if size else None,
             array_size=size or 0,
             script=f"{run_dir}/jobs/{job.name}.sbatch",
@@ -356,9 +371,9 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
             setup=job.resources.setup or [],
             stage_inputs=bool(job.resources.stage_inputs),
             # Array task i processes scene_dates[i] (passed as --scene), whatever else the cluster holds.
-            scene_dates=[scene.date for scene in scan(stage_dates(config, job.stages[0]))] if size else [],
+            scene_dates=dates,
             requeue_limit=job.resources.requeue_limit or 0,
-            submit_display=submit_display(job, f"{run_dir}/jobs/{job.name}.sbatch"),
+            submit_display=submit_display(job, f"{run_dir}/jobs/{job.name}.sbatch", each),
             commands=[_stage_command(stage, job, paths, config, scan) for stage in job.stages],
         ))
     return Plan(

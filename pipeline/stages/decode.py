@@ -1,0 +1,271 @@
+"""Stage 1b, decode: each scene's 13 JPEG 2000 band files into tiled GeoTIFFs at their native resolution.
+
+Why: JPEG 2000 decodes at ~8 Mpx/s per core; a tiled GeoTIFF with ZSTD level 1 and horizontal differencing
+reads some 30x faster (docs/benchmarks.md, "Decode"). Annotate, dataset and infer all read the same bands, so
+decoding once, in a CPU job that starts at once, spares every later stage (and the GPU job) that cost.
+
+Layout: `{paths.decoded}/{product}.SAFE/{band}.tif` (one file per band, the product's CRS, transform, size
+and no-data, uint16, 512 px tiles) plus a completion record naming the JPEG 2000 files by relative name,
+size and sampled content (pipeline/stages/records.py). Nothing is resampled: the 20 m and 60 m bands stay at
+20 m and 60 m, so the later stages resample exactly as they did from JPEG 2000 and get the same numbers.
+
+Parallelism: the work units are strips one JPEG 2000 tile row high, across all bands (heaviest first), on a
+pool of threads with their own file handles (GDAL releases the GIL); the main thread writes each strip into
+its band's GeoTIFF. Memory: about two strips per thread, whatever the scene size.
+
+Reading: `with_decoded(config, scenes)` gives every band-reading stage scenes whose bands read from here
+when a complete record vouches for them, and from JPEG 2000 otherwise (pipeline/data/layout.py,
+Scene.read_path). See docs/architecture.md ("Decoded rasters").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from pipeline.bands import BAND_RESOLUTION, BANDS
+from pipeline.config import PipelineConfig
+from pipeline.data.layout import Scene, discover_scenes
+from pipeline.data.reader import SceneReader
+from pipeline.data.writer import atomic_raster
+from pipeline.errors import SceneError
+from pipeline.faults import reached
+from pipeline.locks import output_lock
+from pipeline.progress import say
+from pipeline.stages import records
+from pipeline.stages.base import ProgressCallback, SceneOutcome, StageFailed, StageReport, run_scenes, usable_cpus
+from pipeline.stages.publish import building, reclaim_partials
+from pipeline.stages.registry import STAGES, inference_dates, stage_dates
+
+INFO = STAGES["decode"]
+# The decoded format; changing how bands are written changes this, and every record with the old one is redone.
+FORMAT = "gtiff-u16-zstd1-pred2-tile512-v1"
+BLOCK = 512
+STRIP_ROWS = 1024  # a strip when the band file is not internally tiled (striped GeoTIFFs, tests)
+
+
+def band_file(band: str) -> str:
+    return f"{band}.tif"
+
+
+OUTPUTS = tuple(band_file(band) for band in BANDS)
+
+
+def decoded_folder(config: PipelineConfig, scene: Scene) -> Path:
+    """Keyed by product (the SAFE folder's name), so runs with other dates or tiles share it."""
+    return config.path("decoded") / scene.safe_dir.name
+
+
+def record_key(config: PipelineConfig, scene: Scene) -> records.RecordKey:
+    """The JPEG 2000 files (relative name, size, sampled content) and the format: nothing in the config
+    changes what this stage writes."""
+    sources = [scene.band_path(band) for band in BANDS]
+    return records.RecordKey(INFO.name, records.fingerprint(sources, [config.path("extracted_data")]), FORMAT)
+
+
+def with_decoded(config: PipelineConfig, scenes: list[Scene]) -> list[Scene]:
+    """The scenes, each reading its bands from its decoded GeoTIFFs where a complete record of the same JPEG
+    2000 files vouches for them; JPEG 2000 otherwise (never decoded, a band file changed, a partial folder)."""
+    found = []
+    for scene in scenes:
+        folder = decoded_folder(config, scene)
+        if scene.missing_bands or not (folder / records.RECORD_NAME).is_file() \
+                or not records.is_complete(folder, record_key(config, scene), required=OUTPUTS):
+            found.append(scene)
+        else:
+            found.append(dataclasses.replace(scene, decoded={band: folder / band_file(band) for band in BANDS}))
+    return found
+
+
+def discover_readable(config: PipelineConfig, dates: list[str]) -> list[Scene]:
+    """discover_scenes for a stage that reads bands: decoded rasters where valid (one scene source)."""
+    return with_decoded(config, discover_scenes(config.path("extracted_data"), config.tile_id, dates))
+
+
+# ---- decoding one scene ------------------------------------------------------------------------------------------
+
+Strip = tuple[str, int, int]  # band, first row, rows
+
+
+def _strips(band: str, height: int, block_rows: int) -> Iterator[Strip]:
+    rows = block_rows if 1 < block_rows < height else STRIP_ROWS
+    for row in range(0, height, rows):
+        yield band, row, min(rows, height - row)
+
+
+def _profile(source: rasterio.DatasetReader) -> dict:
+    block = BLOCK if min(source.width, source.height) >= BLOCK else 256
+    return {
+        "driver": "GTiff", "dtype": "uint16", "count": 1, "width": source.width, "height": source.height,
+        "crs": source.crs, "transform": source.transform, "nodata": source.nodata,
+        "tiled": True, "blockxsize": block, "blockysize": block,
+        "compress": "zstd", "zstd_level": 1, "predictor": 2,
+        "sparse_ok": False,
+    }
+
+
+class _Handles(threading.local):
+    """Each decoding thread's own open band files (rasterio datasets must not be shared between threads)."""
+
+    def __init__(self) -> None:
+        self.stack = ExitStack()
+        self.open: dict[str, rasterio.DatasetReader] = {}
+
+
+def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCallback | None = None) -> dict:
+    """Write the scene's 13 bands as `{band}.tif` into `out_dir`; return the record's summary."""
+    with rasterio.Env(), ExitStack() as outputs:
+        strips: list[Strip] = []
+        writers = {}
+        pixels = 0
+        for band in BANDS:
+            path = scene.band_path(band)
+            try:
+                with rasterio.open(path) as source:
+                    profile = _profile(source)
+                    block_rows = int(source.block_shapes[0][0])
+            except RasterioError as exc:
+                raise SceneError(scene.date, f"cannot read {path}: {exc} (re-extract the product zip)") from None
+            pixels += profile["width"] * profile["height"]
+            strips.extend(_strips(band, profile["height"], block_rows))
+            writers[band] = (outputs.enter_context(atomic_raster(out_dir / band_file(band), profile)),
+                             profile["width"])
+        # Heaviest strips first (10 m bands), so the pool ends together: longest-processing-time order.
+        strips.sort(key=lambda strip: (BAND_RESOLUTION[strip[0]], strip[1]))
+        handles = _Handles()
+        stop = threading.Event()
+
+        def read(strip: Strip) -> tuple[Strip, np.ndarray]:
+            band, row, rows = strip
+            if stop.is_set():
+                raise InterruptedError
+            path = scene.band_path(band)
+            try:
+                if band not in handles.open:
+                    # One GDAL thread per pool thread: the pool is the parallelism (no oversubscription).
+                    handles.stack.enter_context(rasterio.Env(GDAL_NUM_THREADS="1"))
+                    handles.open[band] = handles.stack.enter_context(rasterio.open(path))
+                source = handles.open[band]
+                return strip, source.read(1, window=Window(0, row, source.width, rows))
+            except RasterioError as exc:
+                raise SceneError(scene.date, f"cannot decode {path} (rows {row}-{row + rows - 1}): {exc} "
+                                             f"(the file is damaged: re-extract the product zip)") from None
+
+        done = 0
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix=f"decode-{scene.date}") as pool:
+            pending: set[Future] = set()
+            queue = iter(strips)
+            try:
+                while True:
+                    while len(pending) < 2 * max(1, threads):
+                        strip = next(queue, None)
+                        if strip is None:
+                            break
+                        pending.add(pool.submit(read, strip))
+                    if not pending:
+                        break
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        (band, row, rows), dn = future.result()
+                        dataset, width = writers[band]
+                        dataset.write(dn, 1, window=Window(0, row, width, rows))
+                        done += 1
+                        reached("decoded strip")
+                        if on_strip:
+                            on_strip(done, len(strips))
+            finally:
+                stop.set()
+                for future in pending:
+                    future.cancel()
+    return {"bands": len(BANDS), "pixels": pixels, "format": FORMAT, "threads": threads}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.glob("*.tif"))
+
+
+def decode_scene(scene: Scene, config: PipelineConfig, force: bool = False, threads: int | None = None,
+                 on_strip: ProgressCallback | None = None) -> SceneOutcome:
+    """Decode one scene into its folder under paths.decoded, built privately and published in one swap,
+    under the folder's lock (two runs on one product: the second waits, then finds it complete)."""
+    start = time.perf_counter()
+    folder = decoded_folder(config, scene)
+    with SceneReader(scene, config.tile_id):  # missing bands, wrong CRS or grid: one line naming the file
+        pass
+    key = record_key(config, scene)
+    with output_lock(folder, f"decode {scene.date}"):
+        reclaim_partials(folder)
+        if not force and records.is_complete(folder, key, required=OUTPUTS):
+            return SceneOutcome(scene.date, "skipped")
+        with building(folder, owned=("*.tif",)) as partial:
+            details = decode_bands(scene, partial, threads or usable_cpus(), on_strip)
+            records.write_record(partial, key, OUTPUTS, **details)
+    seconds = time.perf_counter() - start
+    details["summary"] = (f"13 bands decoded, {folder_bytes(folder) / 1e6:.0f} MB "
+                          f"({details['pixels'] / seconds / 1e6:.1f} Mpx/s on {details['threads']} thread(s))")
+    return SceneOutcome(scene.date, "done", seconds, details=details)
+
+
+# ---- the space policy ----------------------------------------------------------------------------------------------
+
+def _finished(folder: Path, stage: str) -> bool:
+    record = records.read_record(folder)
+    return record is not None and record.get("stage") == stage and records.vouches(folder)
+
+
+def _finished_by_every_reader(config: PipelineConfig, scene: Scene) -> bool:
+    """Whether annotate, dataset and infer, where enabled and covering the scene, have published it."""
+    covered_by_dates = not config.dates or scene.date in config.dates
+    if config.annotation.enable and covered_by_dates and \
+            not _finished(config.path("annotated_masks") / scene.date, "annotate"):
+        return False
+    if config.dataset.enable and covered_by_dates and not (config.path("dataset") / "manifest.json").is_file():
+        return False
+    infer_dates = inference_dates(config)
+    if config.inference.enable and (not infer_dates or scene.date in infer_dates) and \
+            not _finished(config.path("results") / "predictions" / scene.date, "infer"):
+        return False
+    return True
+
+
+def release_if_used(config: PipelineConfig, scene: Scene) -> None:
+    """With decode.keep: until_used, delete a scene's decoded rasters once every enabled stage that reads them
+    has a complete output for the scene. Called by those stages after each scene; cheap when keep: always."""
+    if config.decode.keep != "until_used" or not scene.decoded:
+        return
+    if not _finished_by_every_reader(config, scene):
+        return
+    folder = decoded_folder(config, scene)
+    with output_lock(folder, f"release decoded {scene.date}"):
+        if not folder.is_dir():
+            return
+        freed = folder_bytes(folder)
+        records.clear(folder)  # first: a reader never trusts a half-deleted folder
+        shutil.rmtree(folder, ignore_errors=True)
+    say(f"  {scene.date}: freed {freed / 1e6:.0f} MB of decoded rasters (decode.keep: until_used)")
+
+
+def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
+    """Decode the selected scenes: `dates`, else every scene a band-reading stage of the config covers."""
+    start = time.perf_counter()
+    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, INFO.name, dates))
+    threads = config.decode.workers or usable_cpus()
+    report = StageReport(INFO.name, output=str(config.path("decoded")), note=f"{threads} thread(s)")
+    run_scenes(report, scenes, lambda scene, on_strip: decode_scene(scene, config, force, threads, on_strip))
+    report.seconds = time.perf_counter() - start
+    if report.failed:
+        lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
+        raise StageFailed(f"decode failed for {len(report.failed)} scene(s):\n  {lines}\n"
+                          f"(the other scenes finished; rerun to retry only the missing ones)")
+    return report
