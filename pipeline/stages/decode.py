@@ -21,6 +21,7 @@ Scene.read_path). See docs/architecture.md ("Decoded rasters").
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import threading
 import time
@@ -115,6 +116,32 @@ def _profile(source: rasterio.DatasetReader) -> dict:
     }
 
 
+class _StripWarnings(logging.Handler):
+    """GDAL's warnings in the thread reading a strip. OpenJPEG decodes a damaged or truncated code stream
+    with only a warning ("Stream does not end with EOC") and garbage pixels; decoding once for every later
+    stage must not publish those, so any warning fails the scene, naming the file."""
+
+    LOGGERS = ("rasterio._err", "rasterio._env", "rasterio._io")
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sink = getattr(self.local, "sink", None)
+        if sink is not None:
+            sink.append(record.getMessage())
+
+    def __enter__(self) -> _StripWarnings:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+
 class _Handles(threading.local):
     """Each decoding thread's own open band files (rasterio datasets must not be shared between threads)."""
 
@@ -125,7 +152,7 @@ class _Handles(threading.local):
 
 def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCallback | None = None) -> dict:
     """Write the scene's 13 bands as `{band}.tif` into `out_dir`; return the record's summary."""
-    with rasterio.Env(), ExitStack() as outputs:
+    with rasterio.Env(), ExitStack() as outputs, _StripWarnings() as warnings:
         strips: list[Strip] = []
         writers = {}
         pixels = 0
@@ -157,10 +184,16 @@ def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCa
                     handles.stack.enter_context(rasterio.Env(GDAL_NUM_THREADS="1"))
                     handles.open[band] = handles.stack.enter_context(rasterio.open(path))
                 source = handles.open[band]
-                return strip, source.read(1, window=Window(0, row, source.width, rows))
+                warnings.local.sink = problems = []
+                dn = source.read(1, window=Window(0, row, source.width, rows))
+                if problems:
+                    raise RasterioError(problems[0])
+                return strip, dn
             except RasterioError as exc:
                 raise SceneError(scene.date, f"cannot decode {path} (rows {row}-{row + rows - 1}): {exc} "
                                              f"(the file is damaged: re-extract the product zip)") from None
+            finally:
+                warnings.local.sink = None
 
         done = 0
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix=f"decode-{scene.date}") as pool:
