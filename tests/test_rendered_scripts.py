@@ -23,7 +23,7 @@ from tests.playbooks import DRY_RUNS, playbook
 
 GOLDEN = Path(__file__).parent / "golden"
 SESSION = time.strftime("%H%M%S")
-JOB_NAMES = ["annotate", "dataset", "infer", "test", "train"]
+JOB_NAMES = ["annotate", "dataset", "decode", "infer", "test", "train"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,9 @@ def test_dry_run_contacts_no_host_and_prints_the_plan(demo):
     out = result.stdout
     assert re.search(r"would sync \d+ data files", out)
     plan = Plan.model_validate_json((DRY_RUNS / run_id / "plan.json").read_text())
-    assert f"annotate=$(sbatch --parsable {plan.run_dir}/jobs/annotate.sbatch)" in out
+    assert f"decode=$(sbatch --parsable {plan.run_dir}/jobs/decode.sbatch)" in out
+    assert "annotate=$(sbatch --parsable --dependency=aftercorr:$decode --kill-on-invalid-dep=yes" in out
+    assert re.search(r"decoding needs up to [\d.]+ \w+ in \S+/data/decoded", out)
     assert "dataset=$(sbatch --parsable --dependency=afterok:$annotate --kill-on-invalid-dep=yes" in out
     assert sorted(p.stem for p in (DRY_RUNS / run_id / "jobs").iterdir()) == JOB_NAMES
     assert not Path(plan.run_dir).exists()
@@ -72,7 +74,7 @@ def test_rendered_scripts_pass_bash_and_shellcheck(demo):
     run_id = f"t{SESSION}-lint"
     assert playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "dry_run=true").returncode == 0
     scripts = sorted((DRY_RUNS / run_id / "jobs").glob("*.sbatch"))
-    assert len(scripts) == 5
+    assert len(scripts) == 6
     for script in scripts:
         subprocess.run(["bash", "-n", str(script)], check=True)
         checked = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)

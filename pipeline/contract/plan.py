@@ -119,6 +119,8 @@ class Plan(Model):
     submission_key: str            # code + job spec + config + data: the same key while queued = a duplicate
     config: dict[str, JsonValue]   # the frozen config (config.json), versioned by its own `schema` key
     sync: list[SyncedFolder]
+    decoded_dir: str | None = None  # where the decode stage writes (shared by runs), when a job decodes
+    decoded_bytes: int = 0          # the most its rasters take: uint16 at native resolution, before ZSTD
     formats: BatchFormats = BatchFormats()
     jobs: list[PlannedJob]
 

@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import rasterio
 from pydantic import JsonValue
+from rasterio.errors import RasterioError
 
+from pipeline.bands import BANDS
 from pipeline.config import PipelineConfig, check_data_folders
 from pipeline.contract import formats
 from pipeline.contract.plan import (
@@ -35,7 +38,7 @@ from pipeline.contract.plan import (
     SyncedFolder,
 )
 from pipeline.data.layout import EXOLABS_FOLDER, Scene, discover_scenes, find_auxiliary
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, SceneError
 from pipeline.stages.registry import STAGES, enabled, stage_dates
 from pipeline.submit.jobspec import Job, Resources, load_jobs, parse_resources
 
@@ -159,6 +162,22 @@ def scene_scanner(config: PipelineConfig) -> SceneScan:
         return found[tuple(dates)]
 
     return scan
+
+
+def decoded_space(scenes: list[Scene]) -> int:
+    """Bytes the decoded rasters of these scenes take at most: every band as uint16 at its native resolution
+    (ZSTD saves about a third). The band sizes come from the first scene's headers: a tile's scenes share them."""
+    if not scenes:
+        return 0
+    per_scene = 0
+    with rasterio.Env():
+        for band in BANDS:
+            try:
+                with rasterio.open(scenes[0].band_path(band)) as source:
+                    per_scene += 2 * source.width * source.height
+            except (RasterioError, SceneError):
+                return 0  # the decode job names the file; the plan only estimates
+    return per_scene * len(scenes)
 
 
 def scene_order(scan: SceneScan, dates: list[str]) -> list[str]:
@@ -348,6 +367,7 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
             sync.append(SyncedFolder(name=name, source=f"{source}/", dest=f"{data_root}/{name}/", files=files,
                                      bytes=total))
     frozen, paths = frozen_config(config, data_root, run_dir, scan)
+    decoding = any("decode" in job.stages for job in jobs)
     planned: list[PlannedJob] = []
     for job in jobs:
         size = sizes.get(job.name)
@@ -397,5 +417,7 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
         submission_key=submission_key(target, commit, dirty, spec, config, fingerprints),
         config=frozen,
         sync=sync,
+        decoded_dir=paths["decoded"] if decoding else None,
+        decoded_bytes=decoded_space(scan(stage_dates(config, "decode"))) if decoding else 0,
         jobs=planned,
     )

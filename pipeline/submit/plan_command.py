@@ -76,6 +76,10 @@ def print_plan(plan: Plan) -> None:
     console.print(table)
     for item in plan.sync:
         console.print(f"sync {item.source} -> {plan.host}:{item.dest} ({item.files} files, {_human_size(item.bytes)})")
+    if plan.decoded_dir:
+        console.print(f"decode: up to {_human_size(plan.decoded_bytes)} of decoded rasters in {plan.host}:"
+                      f"{plan.decoded_dir} (uint16 at native resolution, before ZSTD saves about a third; "
+                      f"shared by runs, kept unless decode.keep: until_used)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
