@@ -1,53 +1,60 @@
-"""How close whole-scene inference comes to the bare network's speed, and how much faster the
-large-window scheme is than the thesis' 256 px patches at stride 128.
+"""How close the infer stage comes to the bare network's speed when it reads decoded rasters.
 
-usage: python bench/infer_efficiency.py [--quick] [--size PX] [--device auto|cpu|cuda] [--workdir build/bench-infer]
+usage: python bench/infer_efficiency.py [--quick] [--size PX] [--scenes N] [--device auto|cpu|cuda]
+                                        [--workdir build/bench-infer]
 
-1. Reference: the model's pure forward throughput (pixels/s) on random input of `batch` x `window` x
-   `window` px, already on the device (no reading, no normalisation, no softmax, no writing).
-2. End to end: the infer stage's per-scene function (`infer_scene`) on one demo scene: decoding the JPEG
-   2000 bands (once per scene, overlapped with the forward passes), reading the DEM, normalising,
-   padding, forward passes, writing mask.tif; scene pixels / seconds. The halo is part of the cost: its
-   context pixels are computed but not output. Also timed with inference.decode_once: false.
-3. The ratio of the two is printed last as `infer_efficiency <ratio>` (goal >= 0.8), with its ceilings:
-   the halo's share, and decoding the 13 bands alone compared with the forward pass.
-4. The thesis scheme (predict_patch_blend, 256/128, the same number of pixels per forward pass) against
-   the large windows (predict_windows), both producing the scene's class map from the normalised input
-   in memory, so that only the schemes' costs differ.
+F: the model's forward throughput on the device (random input already there, the padded window shape of the
+   scene's inner windows, the configured batch): computed pixels per second.
+E: scene pixels per second of the infer stage (`infer_scene`: reading the decoded bands and the DEM,
+   resampling, normalising, padding, forward passes, writing mask.tif) over several scenes read from the
+   decode stage's rasters with their page cache dropped (posix_fadvise DONTNEED); the first scene is a
+   warm-up and not counted.
+E and F are measured alternately, three times, and the median of E/F is reported, so that load from other
+processes on the machine hits both alike.
+h: the halo bound, scene pixels per computed pixel (the halo's context is computed but not written): E/F <= h.
 
---quick: a 512 px scene and a tiny U-Net (runs on a CPU in well under a minute). Default: the thesis'
-64-channel U-Net, window 1024, halo 64, batch 4, a 2560 px scene, on CUDA when available.
+Printed: h, E/F, E/F / h, the reading's core-seconds and bytes per scene, the host-to-device and
+device-to-host copy and the write time per scene (measured separately), and peak host and device memory.
+Last line `infer_efficiency <E/F>` (goal >= 0.8).
+
+--quick (CPU): the demo's default model (16 base channels, 4 levels), 3 scenes of 1024 px, window 512 +
+halo 16 (halo bound 0.94), batch 2. Default: the thesis' 64-channel U-Net, window 1024 + halo 64, batch 4,
+3 scenes of 2560 px.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rasterio.windows import Window
 
 from pipeline.bands import BANDS, CLASS_NAMES
-from pipeline.config import parse_config
-from pipeline.data.decoded import DecodedScene
-from pipeline.data.layout import discover_scenes, find_auxiliary
+from pipeline.config import PipelineConfig, parse_config
+from pipeline.data.layout import Scene, find_auxiliary
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
 from pipeline.demo import generate_demo
 from pipeline.inference.predictor import Predictor, pad_to_multiple, pick_device
 from pipeline.inference.readahead import read_ahead
-from pipeline.inference.source import array_input, scene_input
-from pipeline.inference.tiling import predict_patch_blend, predict_windows, window_tiles
+from pipeline.inference.source import scene_input
+from pipeline.inference.tiling import window_tiles
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.unet import ModelSpec, UNet
-from pipeline.stages import infer
+from pipeline.stages import decode, infer
 
 TILE = "32TNS"
-QUICK = {"size": 512, "base_channels": 8, "depth": 3, "window": 256, "halo": 32, "batch_size": 2}
-FULL = {"size": 2560, "base_channels": 64, "depth": 4, "window": 1024, "halo": 64, "batch_size": 4}
+QUICK = {"size": 1024, "scenes": 3, "base_channels": 16, "depth": 4, "window": 512, "halo": 16, "batch_size": 2}
+FULL = {"size": 2560, "scenes": 3, "base_channels": 64, "depth": 4, "window": 1024, "halo": 64, "batch_size": 4}
 
 
 def synchronise(device: torch.device) -> None:
@@ -55,17 +62,51 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def prepare_scene(workdir: Path, size: int) -> Path:
-    out = workdir / f"scene-{size}"
-    if not (out / "extracted_data").is_dir():
-        generate_demo(out, scenes=1, size=size, seed=5)
-    return out
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {len(os.sched_getaffinity(0))} usable core(s)"
 
 
-def fit_normaliser(extracted: Path) -> Normaliser:
+def drop_cache(paths: list[Path]) -> None:
+    """Ask the kernel to forget the files' cached pages, so that reading them costs what a cold read costs."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def scene_files(scene: Scene, config: PipelineConfig) -> list[Path]:
+    auxiliary = find_auxiliary(config.path("extracted_data"), TILE)
+    return [scene.read_path(band) for band in BANDS] + [p for p in auxiliary.layers.values() if p is not None]
+
+
+def prepare(workdir: Path, size: int, scenes: int) -> PipelineConfig:
+    """Demo scenes (JPEG 2000), decoded once by the decode stage: what a cluster's infer job finds."""
+    root = workdir / f"scenes-{scenes}x{size}"
+    if not (root / "extracted_data").is_dir():
+        generate_demo(root, scenes=scenes, size=size, seed=5)
+    config = parse_config({"tile_id": TILE, "paths": {"extracted_data": str(root / "extracted_data"),
+                                                      "decoded": str(root / "decoded"),
+                                                      "results": str(root / "results")}}, root)
+    decode.run(config)
+    return config
+
+
+def fit_normaliser(scene: Scene, config: PipelineConfig) -> Normaliser:
     """Constants from a decimated read: their values do not change the speed."""
-    scene = discover_scenes(extracted, TILE)[0]
-    with SceneReader(scene, TILE, find_auxiliary(extracted, TILE)) as reader:
+    with SceneReader(scene, TILE, find_auxiliary(config.path("extracted_data"), TILE)) as reader:
         coarse = reader.grid.scaled(8)
         window = Window(0, 0, coarse.width, coarse.height)
         bands, valid = reader.read_bands(window, factor=8)
@@ -73,9 +114,9 @@ def fit_normaliser(extracted: Path) -> Normaliser:
     return Normaliser.fit(bands[:, valid], dem[valid])
 
 
-def forward_throughput(predictor: Predictor, batch: int, height: int, width: int, seconds: float = 3.0) -> float:
-    """Pixels/s of the bare network on random device input of the given shape (after warm-up)."""
-    x = pad_to_multiple(torch.randn(batch, predictor.in_channels, height, width, device=predictor.device),
+def forward_throughput(predictor: Predictor, batch: int, side: int, seconds: float = 3.0) -> float:
+    """Computed pixels/s of the bare network on random device input of `batch` x `side`^2 (after warm-up)."""
+    x = pad_to_multiple(torch.randn(batch, predictor.in_channels, side, side, device=predictor.device),
                         predictor.multiple)
     if predictor.cuda:
         x = x.half().contiguous(memory_format=torch.channels_last)
@@ -86,109 +127,109 @@ def forward_throughput(predictor: Predictor, batch: int, height: int, width: int
         predictor.forward_only(x)
         runs += 1
         synchronise(predictor.device)
-    return runs * batch * height * width / (time.perf_counter() - start)
+    return runs * batch * x.shape[-2] * x.shape[-1] / (time.perf_counter() - start)
 
 
-def peak_memory_gib() -> float:
+def peak_host_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def timed(action) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small scene and tiny model (CPU, < 1 minute)")
+    parser.add_argument("--quick", action="store_true", help="CPU-sized: the demo's model, 3 scenes of 1024 px")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--workdir", type=Path, default=Path("build/bench-infer"))
-    parser.add_argument("--size", type=int, help="scene size in px (default: 512 with --quick, else 2560)")
+    parser.add_argument("--size", type=int, help="scene size in px")
+    parser.add_argument("--scenes", type=int, help="scenes (the first is a warm-up)")
     args = parser.parse_args()
     p = dict(QUICK if args.quick else FULL)
-    if args.size:
-        p["size"] = args.size
-    device = pick_device(args.device)
-    root = prepare_scene(args.workdir.resolve(), p["size"])
-    extracted = root / "extracted_data"
-    normaliser = fit_normaliser(extracted)
+    p.update({k: v for k, v in (("size", args.size), ("scenes", args.scenes)) if v})
+    size, window, halo, batch = p["size"], p["window"], p["halo"], p["batch_size"]
+    print(f"machine: {machine()}; {datetime.date.today()}")
+    base = prepare(args.workdir.resolve(), size, max(2, p["scenes"]))
+    scenes = decode.discover_readable(base, [])
+    assert all(scene.decoded for scene in scenes), "the decode stage did not vouch for every scene"
+    normaliser = fit_normaliser(scenes[0], base)
     torch.manual_seed(0)
     spec = ModelSpec(len(BANDS) + 1, len(CLASS_NAMES), p["base_channels"], p["depth"])
-    model = UNet(spec).eval()
-    checkpoint = root.parent / f"model-{p['base_channels']}x{p['depth']}.pt"
-    save_checkpoint(checkpoint, {"spec": spec.to_dict(), "model": model.state_dict(),
+    checkpoint = args.workdir.resolve() / f"model-{p['base_channels']}x{p['depth']}.pt"
+    save_checkpoint(checkpoint, {"spec": spec.to_dict(), "model": UNet(spec).eval().state_dict(),
                                  "channels": [*BANDS, "DEM"], "classes": list(CLASS_NAMES),
                                  "normalisation": normaliser.to_dict(), "epoch": 0})
-    config = parse_config({
-        "tile_id": TILE, "paths": {"extracted_data": str(extracted), "results": str(root / "results")},
-        "dataset": {"include_dem": True},
-        "inference": {"enable": True, "checkpoint": str(checkpoint), "window": p["window"], "halo": p["halo"],
-                      "batch_size": p["batch_size"], "device": args.device, "quicklooks": False},
-    }, root)
+    config = parse_config({**base.model_dump(mode="json"), "dataset": {"include_dem": True},
+                           "inference": {"enable": True, "checkpoint": str(checkpoint), "window": window,
+                                         "halo": halo, "batch_size": batch, "device": args.device,
+                                         "quicklooks": False}}, Path(base.base_dir))
     loaded = infer.load_predictor(config)
     predictor = loaded.predictor
-    scene = discover_scenes(extracted, TILE)[0]
-    size, window, halo, batch = p["size"], p["window"], p["halo"], p["batch_size"]
-    print(f"device {device}; U-Net {p['base_channels']} channels x {p['depth']} levels; scene {size} px; "
-          f"window {window} + halo {halo}; batch {batch}; {loaded.readers} reader thread(s); "
-          f"torch threads {torch.get_num_threads()}")
-
-    reference = forward_throughput(predictor, batch, window, window)
-    print(f"forward only ({batch} x {window}^2 random input): {reference / 1e6:.3f} Mpx/s")
-
-    infer.infer_scene(scene, config, loaded, force=True)  # warm-up: file cache, cuDNN algorithm choice
-    seconds = min(timed(lambda: infer.infer_scene(scene, config, loaded, force=True)) for _ in range(2))
-    end_to_end = size * size / seconds
-    print(f"end to end (infer_scene, reading and writing included): {end_to_end / 1e6:.3f} Mpx/s "
-          f"({seconds:.2f} s per scene)")
-    print(f"  peak resident memory so far (the infer stage's own): {peak_memory_gib():.2f} GiB")
-    per_window = parse_config({**config.model_dump(mode="json"),
-                               "inference": {**config.inference.model_dump(mode="json"), "decode_once": False}},
-                              root)
-    t_per_window = timed(lambda: infer.infer_scene(scene, per_window, loaded, force=True))
-    print(f"  the same with inference.decode_once: false (JPEG 2000 decoded again for every window): "
-          f"{size * size / t_per_window / 1e6:.3f} Mpx/s ({t_per_window:.2f} s per scene)")
-
+    device = pick_device(args.device)
     tiles = window_tiles(size, size, window, halo)
     computed = sum(int(t.padded.height) * int(t.padded.width) for t in tiles)
-    print(f"halo overhead: {computed / size**2:.3f} px computed per px written "
-          f"(bound on the ratio: {size**2 / computed:.3f})")
+    h = size * size / computed
+    inner = max(int(t.padded.height) for t in tiles)
+    print(f"device {device}; U-Net {p['base_channels']} channels x {p['depth']} levels; {len(scenes)} scenes of "
+          f"{size} px read from decoded rasters; window {window} + halo {halo} ({len(tiles)} windows, "
+          f"{len({(int(t.padded.height), int(t.padded.width)) for t in tiles})} shapes); batch {batch}; "
+          f"{loaded.readers} reader thread(s); torch threads {torch.get_num_threads()}")
 
-    def decode() -> None:
-        with DecodedScene(scene, TILE) as decoded:
-            decoded.read_dn(Window(0, size - 1, size, 1))  # waits for the last strip of every band
+    infer.infer_scene(scenes[0], config, loaded, force=True)  # warm-up: file cache, cuDNN algorithm choice
 
-    t_decode = timed(decode)
-    print(f"decoding the 13 bands once (JPEG 2000 + resampling to 10 m): {size**2 / t_decode / 1e6:.3f} Mpx/s "
-          f"= {size**2 / t_decode / reference:.3f} x the forward pass (a ceiling for the ratio)")
+    def end_to_end() -> float:
+        seconds = 0.0
+        for scene in scenes[1:]:
+            drop_cache(scene_files(scene, config))
+            start = time.perf_counter()
+            infer.infer_scene(scene, config, loaded, force=True)
+            seconds += time.perf_counter() - start
+        return (len(scenes) - 1) * size * size / seconds
 
-    auxiliary = find_auxiliary(extracted, TILE)
-    with DecodedScene(scene, TILE) as decoded:
-        decoded.read_dn(Window(0, size - 1, size, 1))
-        source = scene_input(scene, TILE, auxiliary, normaliser, decoded)
-        t_read = timed(lambda: [None for _ in read_ahead(source, [t.padded for t in tiles], loaded.readers,
-                                                         2 * batch)])
-        print(f"reading and normalising the decoded windows only: {size**2 / t_read / 1e6:.3f} Mpx/s "
-              f"(forward only on the same windows: {reference * size**2 / computed / 1e6:.3f} Mpx/s)")
-        with source() as read:
-            inputs, valid = read(Window(0, 0, size, size))
-    in_memory = array_input(inputs, valid)
+    ratios, forwards, ends = [], [], []
+    for _ in range(3):
+        forwards.append(forward_throughput(predictor, batch, inner))
+        ends.append(end_to_end())
+        ratios.append(ends[-1] / forwards[-1])
+    f, e, ratio = statistics.median(forwards), statistics.median(ends), statistics.median(ratios)
+    print(f"F forward only ({batch} x {inner}^2 on the device): {f / 1e6:.3f} Mpx/s computed")
+    print(f"E infer stage, scenes 2-{len(scenes)}, page cache dropped: {e / 1e6:.3f} Mpx/s of scene "
+          f"({size * size / e:.2f} s per scene)")
+    print(f"h halo bound: {h:.3f} scene px per computed px")
+    print(f"E/F {ratio:.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)}); E/F / h {ratio / h:.3f}")
 
-    def large_windows() -> None:
-        for _ in predict_windows(in_memory, size, size, predictor, window, halo, batch, loaded.readers):
-            pass
+    # Where the rest goes, per scene (each measured alone).
+    scene = scenes[-1]
+    auxiliary = find_auxiliary(config.path("extracted_data"), TILE)
+    source = scene_input(scene, TILE, auxiliary, loaded.normaliser)
+    drop_cache(scene_files(scene, config))
+    cpu, wall = time.process_time(), time.perf_counter()
+    items = [(x, valid) for _, x, valid in read_ahead(source, [t.padded for t in tiles], 1, 2)]
+    read_cpu, read_wall = time.process_time() - cpu, time.perf_counter() - wall
+    read_bytes = sum(path.stat().st_size for path in scene_files(scene, config))
+    print(f"reading + resampling + normalising one scene on one thread: {read_cpu:.2f} core-s "
+          f"({read_wall:.2f} s wall), {read_bytes / 1e6:.1f} MB of files")
+    start = time.perf_counter()
+    on_device = [predictor.to_device(torch.as_tensor(x[None])) for x, _ in items]
+    synchronise(device)
+    h2d = time.perf_counter() - start
+    start = time.perf_counter()
+    masks = [t.argmax(dim=1).to(torch.uint8).cpu().numpy() for t in on_device]
+    d2h = time.perf_counter() - start
+    from pipeline.data.writer import atomic_raster
 
-    patches_per_batch = batch * max(1, (window // 256) ** 2)
-    large_windows()  # warm-up for this input's shapes
-    t_windows = timed(large_windows)
-    t_blend = timed(lambda: predict_patch_blend(in_memory, size, size, predictor, 256, 128, patches_per_batch,
-                                                loaded.readers))
-    print(f"class map of the scene from memory (scheme cost only): large windows {t_windows:.2f} s, thesis "
-          f"256/128 patch blend {t_blend:.2f} s ({patches_per_batch} patches per pass): "
-          f"speed-up {t_blend / t_windows:.2f}x")
-    print(f"peak resident memory {peak_memory_gib():.2f} GiB (with the scene's input in memory for the comparison)")
-    print(f"infer_efficiency {end_to_end / reference:.3f}")
+    with SceneReader(scene, TILE) as reader:
+        grid = reader.grid
+    start = time.perf_counter()
+    target = args.workdir.resolve() / "write-check.tif"
+    with atomic_raster(target, grid.geotiff_profile("uint8", 255)) as out:
+        for tile, mask in zip(tiles, masks):
+            rows, cols = tile.inner
+            out.write(np.ascontiguousarray(mask[0][rows, cols]), 1, window=tile.core)
+    write = time.perf_counter() - start
+    target.unlink(missing_ok=True)
+    print(f"per scene: host->device {h2d:.3f} s, device->host (a uint8 mask) {d2h:.3f} s, "
+          f"writing mask.tif {write:.3f} s")
+    device_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    print(f"peak memory: host {peak_host_gib():.2f} GiB (resident), device {device_peak:.2f} GiB")
+    print(f"infer_efficiency {ratio:.3f}")
     return 0
 
 

@@ -125,7 +125,7 @@ def test_a_corrupt_band_file_is_named_in_one_line_and_nothing_is_published(proje
 def test_a_decode_killed_between_two_strips_leaves_nothing_that_looks_complete(project):
     config = config_of(project)
     date = discover_scenes(config.path("extracted_data"), TILE)[0].date
-    env = {**os.environ, "SNOWPIPE_KILL_AT": "decoded strip:5"}
+    env = {**os.environ, "SNOWPIPE_KILL_AT": "decode strip written:5"}
     result = subprocess.run([sys.executable, "-m", "pipeline", "stage", "decode", str(project / "pipeline-config.yml"),
                              "--scene", date], env=env, capture_output=True, text=True)
     assert result.returncode == -9

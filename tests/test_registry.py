@@ -52,7 +52,7 @@ def test_the_test_stage_needs_extracted_data_like_every_stage_that_reads_it(tmp_
 
 def test_a_job_spec_runs_only_registered_stages_and_arrays_only_per_scene_ones(tmp_path):
     (tmp_path / "bad.yml").write_text("jobs:\n  - name: x\n    stages: [annotate, upload]\n")
-    with pytest.raises(ConfigError, match="'upload'; stages a job can run: decode, annotate, dataset, train, infer, test"):
+    with pytest.raises(ConfigError, match="'upload'; stages a job can run: decode, annotate, dataset, train, infer"):
         load_jobs(tmp_path, "bad")
     (tmp_path / "array.yml").write_text("jobs:\n  - name: x\n    stages: [annotate, dataset]\n    array: true\n")
     with pytest.raises(ConfigError, match=f"per-scene stages \\({', '.join(PER_SCENE)}\\)"):

@@ -37,8 +37,8 @@ from pipeline.stages.base import (
     worker_threads,
 )
 from pipeline.stages.clouds import CloudDetector
-from pipeline.stages.publish import building, reclaim_partials
 from pipeline.stages.decode import discover_readable, release_if_used
+from pipeline.stages.publish import building, reclaim_partials
 from pipeline.stages.registry import STAGES, stage_dates
 from pipeline.workers import die_with_parent
 

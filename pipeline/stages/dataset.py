@@ -31,8 +31,8 @@ from pipeline.locks import output_lock
 from pipeline.progress import make_progress, say
 from pipeline.stages import annotate, records, sampling
 from pipeline.stages.base import SceneOutcome, StageReport, enforce_policy, failure_message
-from pipeline.stages.publish import building, reclaim_partials
 from pipeline.stages.decode import discover_readable, release_if_used
+from pipeline.stages.publish import building, reclaim_partials
 from pipeline.stages.registry import STAGES, stage_dates
 
 INFO = STAGES["dataset"]

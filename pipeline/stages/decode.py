@@ -184,7 +184,8 @@ def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCa
                     handles.stack.enter_context(rasterio.Env(GDAL_NUM_THREADS="1"))
                     handles.open[band] = handles.stack.enter_context(rasterio.open(path))
                 source = handles.open[band]
-                warnings.local.sink = problems = []
+                problems: list[str] = []
+                warnings.local.sink = problems
                 dn = source.read(1, window=Window(0, row, source.width, rows))
                 if problems:
                     raise RasterioError(problems[0])
@@ -214,7 +215,7 @@ def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCa
                         dataset, width = writers[band]
                         dataset.write(dn, 1, window=Window(0, row, width, rows))
                         done += 1
-                        reached("decoded strip")
+                        reached("decode strip written")
                         if on_strip:
                             on_strip(done, len(strips))
             finally:

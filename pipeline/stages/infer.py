@@ -44,8 +44,8 @@ from pipeline.stages.base import (
     run_scenes,
     usable_cpus,
 )
-from pipeline.stages.publish import building, reclaim_partials
 from pipeline.stages.decode import discover_readable, release_if_used
+from pipeline.stages.publish import building, reclaim_partials
 from pipeline.stages.registry import STAGES, stage_dates
 
 __all__ = ["checkpoint_path", "data_channels", "infer_scene", "load_predictor", "run"]
