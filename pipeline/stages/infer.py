@@ -32,7 +32,8 @@ from pipeline.inference.identity import (
 from pipeline.inference.outputs import write_quicklooks
 from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
-from pipeline.inference.tiling import predict_windows
+from pipeline.inference.native import DeviceInput, native_input
+from pipeline.inference.tiling import Prepare, as_is, predict_windows
 from pipeline.locks import output_lock
 from pipeline.model.checkpoint import check_compatible, load_model
 from pipeline.stages import records
@@ -115,12 +116,17 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
     # Decoded rasters (the decode stage) are fast to read window by window; without them, decode_once decodes
     # the JPEG 2000 bands once into scratch instead of once per window (the fallback).
     decoding = DecodedScene(scene, config.tile_id) if settings.decode_once and not scene.decoded else nullcontext()
+    predictor = loaded.predictor
     with decoding as decoded, SceneReader(scene, config.tile_id, auxiliary) as reader:
         grid = reader.grid
+        if scene.decoded:  # native bands read on the host; resampled and normalised on the device
+            source = native_input(scene, config.tile_id, auxiliary, loaded.normaliser, pin=predictor.cuda)
+            prepare: Prepare = DeviceInput(loaded.normaliser, scene.dn_offset, predictor.device)
+        else:
+            source, prepare = scene_input(scene, config.tile_id, auxiliary, loaded.normaliser, decoded), as_is
         windows = predict_windows(
-            scene_input(scene, config.tile_id, auxiliary, loaded.normaliser, decoded), grid.height, grid.width,
-            loaded.predictor, settings.window, settings.halo, settings.batch_size, loaded.readers,
-            probabilities=settings.save_probabilities, on_window=on_window,
+            source, grid.height, grid.width, predictor, settings.window, settings.halo, settings.batch_size,
+            loaded.readers, probabilities=settings.save_probabilities, on_window=on_window, prepare=prepare,
         )
         with atomic_raster(out_dir / "mask.tif", grid.geotiff_profile("uint8", NODATA)) as mask_out:
             if settings.save_probabilities:
