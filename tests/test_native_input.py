@@ -11,12 +11,12 @@ import torch
 from rasterio.windows import Window
 
 from pipeline.bands import BAND_RESOLUTION, BANDS
+from pipeline.config import load_config
 from pipeline.data.layout import discover_scenes, find_auxiliary
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
 from pipeline.demo import generate_demo
 from pipeline.demo.config_file import write_demo_config
-from pipeline.config import load_config
 from pipeline.inference.native import DeviceInput, native_input, upsample
 from pipeline.inference.source import scene_input
 from pipeline.stages import decode

@@ -36,6 +36,19 @@ def job_state(cluster, job_id: str) -> str:
     return ",".join(sorted(set(states))) or "gone"
 
 
+def task_times(cluster, job_id: str) -> dict[str, tuple[str, str]]:
+    """Array task id -> (StartTime, EndTime) as scontrol shows them (ISO, sortable as text)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=cluster.env(), capture_output=True,
+                         text=True).stdout
+    times = {}
+    for block in out.split("JobId=")[1:]:
+        task = re.search(r"ArrayTaskId=(\d+)", block)
+        start, end = re.search(r"StartTime=(\S+)", block), re.search(r"EndTime=(\S+)", block)
+        if task and start and end:
+            times[task[1]] = (start[1], end[1])
+    return times
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
@@ -58,11 +71,15 @@ def test_a_demo_submission_runs_every_job_to_completed(local_cluster, submitted,
     run_id, result = submitted
     assert result.returncode == 0, result.stdout[-3000:]
     record = json.loads((REPO_ROOT / "runs" / f"{run_id}.json").read_text())
-    assert [job["name"] for job in record["jobs"]] == ["annotate", "dataset", "train", "infer", "test"]
+    assert [job["name"] for job in record["jobs"]] == ["decode", "annotate", "dataset", "train", "infer", "test"]
     ids = [job["id"] for job in record["jobs"]]
     assert all(i.isdigit() for i in ids)
-    assert [job["after"] for job in record["jobs"]] == [[], [ids[0]], [ids[1]], [ids[2]], [ids[3]]]
-    assert record["jobs"][0]["array"] == "0-2" and record["jobs"][3]["array"] == "0-2"
+    assert [job["after"] for job in record["jobs"]] == [[], [ids[0]], [ids[1]], [ids[2]], [ids[3], ids[0]], [ids[4]]]
+    assert record["jobs"][0]["array"] == "0-2" and record["jobs"][1]["array"] == "0-2"
+    # annotate task i started once decode task i had ended (aftercorr), not after the whole decode array
+    decoded, annotated = task_times(local_cluster, ids[0]), task_times(local_cluster, ids[1])
+    assert sorted(decoded) == sorted(annotated) == ["0", "1", "2"]
+    assert all(annotated[task][0] >= decoded[task][1] for task in decoded), (decoded, annotated)
     assert record["host"] == "local" and record["remote_dir"].endswith(f"/runs/{run_id}")
     for job_id in ids:
         assert job_state(local_cluster, job_id) == "COMPLETED"
@@ -71,7 +88,9 @@ def test_a_demo_submission_runs_every_job_to_completed(local_cluster, submitted,
     assert len(masks) == 3
     assert (run_dir / "results/testing/metrics.json").is_file()
     markers = [json.loads(p.read_text()) for p in (run_dir / "logs").glob("*.exit")]
-    assert len(markers) == 3 + 1 + 1 + 3 + 1 and all(m["exit_code"] == 0 for m in markers)
+    assert len(markers) == 3 + 3 + 1 + 1 + 3 + 1 and all(m["exit_code"] == 0 for m in markers)
+    # decoded once on the cluster, beside the synced data, for every run to share
+    assert len(list((run_dir.parent.parent / "data" / "decoded").glob("*.SAFE/B02.tif"))) >= 3
     train_log = next((run_dir / "logs").glob("train-*.out")).read_text()
     assert "srun --ntasks=2" in train_log and "2 process(es)" in train_log
     assert json.loads((run_dir / "config.json").read_text())["paths"]["results"] == f"{run_dir}/results"
@@ -87,7 +106,7 @@ def test_a_second_submission_with_unchanged_data_sends_no_data_file(local_cluste
     assert not [line for line in itemised if line.startswith(">f")], itemised
     assert "extracted_data: 0 file(s) sent" in result.stdout
     record = json.loads((REPO_ROOT / "runs" / f"{run_id}.json").read_text())
-    assert [job["name"] for job in record["jobs"]][-1] == "test" and len(record["jobs"]) == 6
+    assert [job["name"] for job in record["jobs"]][-1] == "test" and len(record["jobs"]) == 7
 
 
 def test_rendered_scripts_are_accepted_by_sbatch_test_only(local_cluster, demo):
@@ -95,7 +114,7 @@ def test_rendered_scripts_are_accepted_by_sbatch_test_only(local_cluster, demo):
     run_id = f"t{SESSION}-lint"
     assert playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "dry_run=true").returncode == 0
     scripts = sorted((DRY_RUNS / run_id / "jobs").glob("*.sbatch"))
-    assert len(scripts) == 5
+    assert len(scripts) == 6
     for script in scripts:
         test_only = subprocess.run(["sbatch", "--test-only", str(script)], env=local_cluster.env(),
                                    capture_output=True, text=True)

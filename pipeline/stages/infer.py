@@ -29,10 +29,10 @@ from pipeline.inference.identity import (
     prediction_folder,
     record_key,
 )
+from pipeline.inference.native import DeviceInput, native_input
 from pipeline.inference.outputs import write_quicklooks
 from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
-from pipeline.inference.native import DeviceInput, native_input
 from pipeline.inference.tiling import Prepare, as_is, predict_windows
 from pipeline.locks import output_lock
 from pipeline.model.checkpoint import check_compatible, load_model
