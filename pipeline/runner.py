@@ -31,12 +31,15 @@ def select_stages(config: PipelineConfig, requested: list[str] | None = None) ->
 
 
 def scene_for_task(config: PipelineConfig, scene: str | None, name: str) -> list[str] | None:
-    """--scene DATE, or the SLURM array task's scene (index into the stage's sorted scenes), or all."""
+    """--scene DATE[,DATE...] (an array task's scenes), or the SLURM array task's scene (index into the
+    stage's sorted scenes), or all."""
     if scene is not None:  # "" must not mean "every scene"
-        if not DATE_KEY.fullmatch(scene):
+        dates = scene.split(",")
+        if not all(DATE_KEY.fullmatch(date) for date in dates):
             raise ConfigError(f"--scene {scene!r}: expected a scene date key YYYYMMDDTHHMMSS such as "
-                              f"20210111T102309; leave --scene out to process every scene")
-        return [scene]
+                              f"20210111T102309 (or several, comma-separated); leave --scene out to process "
+                              f"every scene")
+        return dates
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     if task is None:
         return None

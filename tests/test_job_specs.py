@@ -202,3 +202,32 @@ def test_the_submission_key_names_the_same_work_on_the_same_cluster(scenes, tmp_
     band = next(tmp_path.glob("*.SAFE/GRANULE/*/IMG_DATA/*_B03.jp2"))
     band.write_bytes(band.read_bytes() + b"\0")  # re-extracted data
     assert key() != same
+
+
+def test_scenes_per_task_gives_each_array_task_several_scenes_and_their_files(tmp_path):
+    dates = [*DATES, "20220321T102309"]
+    for date in dates:
+        write_scene(tmp_path, date=date, size=60)
+    config = make_config(tmp_path, decode={"enable": False}, **ALL_STAGES)
+    plan = make_plan(config, tmp_path / "c.yml", "pipeline", target(snowpipe_job_overrides={
+        "infer": {"scenes_per_task": 2}}), run_id="r1")
+    assert plan.job("infer").array == "0-1"
+    assert plan.job("infer").scene_dates == [f"{dates[0]},{dates[1]}", dates[2]]
+    assert plan.job("annotate").scene_dates == dates           # one scene per task where not asked
+    staged = plan.job("infer").commands[0].staged[0]
+    assert len(staged.task_filters) == 2
+    first = staged.task_filters[0].split()
+    assert sum(rule.startswith("--include=/S2") for rule in first) == 2 and first[-1] == "--exclude=*"
+    assert first.count("--exclude=*") == 1
+
+
+def test_an_array_task_runs_every_scene_of_its_comma_separated_list(tmp_path):
+    for date in DATES:
+        write_scene(tmp_path, date=date, size=60)
+    config = tmp_path / "pipeline-config.yml"
+    config.write_text(f"tile_id: 32TNS\npaths:\n  extracted_data: {tmp_path}\n  decoded: {tmp_path / 'dec'}\n"
+                      "annotation: {enable: false}\n")
+    assert main(["stage", "decode", str(config), "--scene", ",".join(DATES)]) == 0
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == sorted(
+        p.name for p in tmp_path.glob("S2*.SAFE"))
+    assert main(["stage", "decode", str(config), "--scene", f"{DATES[0]},nope"]) == 2

@@ -70,7 +70,7 @@ class PlannedJob(Model):
     modules: list[str] = []
     setup: list[str] = []
     stage_inputs: bool = False
-    scene_dates: list[str] = []    # array task i processes scene_dates[i]
+    scene_dates: list[str] = []    # array task i processes scene_dates[i] (comma-separated with scenes_per_task)
     requeue_limit: int = 0
     submit_display: str
     commands: list[StageCommand]

@@ -108,9 +108,11 @@ def verify(manifest_path: Path, folders: dict[str, Path], scene: tuple[str, str]
         raise DataError(f"{manifest_path} is damaged; {resubmit}") from None
     entries = [entry for entry in manifest.get("files", {}) if entry.partition("/")[0] in folders]
     if scene is not None and "extracted_data" in folders:
-        tile, date = scene
+        tile, dates = scene  # one date, or an array task's comma-separated dates
         others = [entry for entry in entries if not entry.startswith("extracted_data/")]
-        entries = needed_by_scene(entries, folders["extracted_data"], tile, date) + others
+        needed = {entry for date in dates.split(",")
+                  for entry in needed_by_scene(entries, folders["extracted_data"], tile, date)}
+        entries = sorted(needed) + others
     problems = check(manifest, folders, entries)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")

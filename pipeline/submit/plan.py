@@ -180,6 +180,11 @@ def decoded_space(scenes: list[Scene]) -> int:
     return per_scene * len(scenes)
 
 
+def task_scenes(dates: list[str], per_task: int) -> list[str]:
+    """Array task i's scenes, comma-separated (what `--scene` takes): `per_task` consecutive dates each."""
+    return [",".join(dates[i:i + per_task]) for i in range(0, len(dates), per_task)]
+
+
 def scene_order(scan: SceneScan, dates: list[str]) -> list[str]:
     """The dates of an array's tasks: the stage's own order where it lists dates (decode lists annotate's
     first, so that task i of both is one scene and annotate may wait task by task), else by date."""
@@ -195,9 +200,10 @@ def _array_sizes(config: PipelineConfig, jobs: list[Job], scan: SceneScan) -> di
             if len(counts) != 1:
                 raise ConfigError(f"job {job.name}: its stages cover different numbers of scenes ({sorted(counts)}); "
                                   f"split it into one job per stage")
-            sizes[job.name] = counts.pop()
-            if sizes[job.name] == 0:
+            scenes = counts.pop()
+            if scenes == 0:
                 raise DataError(f"job {job.name}: no scene to process in {config.path('extracted_data')}")
+            sizes[job.name] = -(-scenes // (job.resources.scenes_per_task or 1))
     return sizes
 
 
@@ -261,6 +267,15 @@ def task_filters(config: PipelineConfig, scenes: list[Scene]) -> list[str]:
     return filters
 
 
+def merge_filters(filters: list[str]) -> str:
+    """One array task's rsync filters for several scenes: every scene's includes, then one exclude."""
+    rules: list[str] = []
+    for rule in " ".join(filters).split():
+        if rule != "--exclude=*" and rule not in rules:
+            rules.append(rule)
+    return " ".join([*rules, "--exclude=*"])
+
+
 def _stage_command(stage: str, job: Job, paths: dict[str, str], config: PipelineConfig,
                    scan: SceneScan) -> StageCommand:
     """One stage of a job: its arguments, processes, and the input folders copied to node-local scratch."""
@@ -274,9 +289,10 @@ def _stage_command(stage: str, job: Job, paths: dict[str, str], config: Pipeline
             if name == "extracted_data" and stage != "decode" and config.decode.enable:
                 continue  # the bands come from the decoded rasters, read in place; JPEG 2000 is not copied
             per_task = job.array and name == "extracted_data"
-            staged.append(StagedFolder(
-                name=name, source=paths[name],
-                task_filters=task_filters(config, scan(stage_dates(config, stage))) if per_task else []))
+            filters = task_filters(config, scan(stage_dates(config, stage))) if per_task else []
+            step = job.resources.scenes_per_task or 1
+            staged.append(StagedFolder(name=name, source=paths[name], task_filters=[
+                merge_filters(filters[i:i + step]) for i in range(0, len(filters), step)]))
             sets.append(ConfigOverride(key=f"paths.{name}", scratch=name))
     reads_synced = any(STAGES[stage].folders.get(name) == "r" for name in ("extracted_data", "annotated_masks"))
     return StageCommand(stage=stage, args=["stage", stage], processes=processes, staged=staged, sets=sets,
@@ -372,7 +388,8 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
     for job in jobs:
         size = sizes.get(job.name)
         options = sbatch_options(job, run_id, run_dir, size, target.gpu_request)
-        dates = scene_order(scan, stage_dates(config, job.stages[0])) if size else []
+        dates = task_scenes(scene_order(scan, stage_dates(config, job.stages[0])),
+                            job.resources.scenes_per_task or 1) if size else []
         each = [name for name in job.after_each
                 if next(p for p in planned if p.name == name).scene_dates[:len(dates)] == dates]
         planned.append(PlannedJob(
