@@ -208,9 +208,10 @@ class Inference(Section):
     enable: bool = False
     dates: list[str] = []  # [] = the top-level dates
     checkpoint: str = "best"  # best | last | a path (relative to the config file)
-    window: Annotated[int, Field(ge=32, le=8192)] = 1024
+    # 0 = a quarter of the scene's longer side, at least 1024 px (pipeline/inference/tiling.py, window_for)
+    window: Annotated[int, Field(ge=0, le=8192)] = 0
     halo: Annotated[int, Field(ge=0, le=1024)] = 64  # at most window / 2
-    batch_size: Annotated[int, Field(ge=1, le=256)] = 4
+    batch_size: Annotated[int, Field(ge=0, le=256)] = 0  # 0 = as many windows as fit the device (CPU: 1)
     tta: bool = False
     save_probabilities: bool = False
     quicklooks: bool = True
@@ -222,7 +223,9 @@ class Inference(Section):
     @model_validator(mode="after")
     def _halo_fits_window(self) -> Inference:
         """Each window reads (window + 2 halo)^2 pixels to keep window^2: a large halo multiplies the work."""
-        if 2 * self.halo > self.window:
+        if 0 < self.window < 32:
+            raise ValueError(f"window ({self.window}) must be at least 32 px, or 0 for a quarter of the scene")
+        if self.window and 2 * self.halo > self.window:
             cost = (self.window + 2 * self.halo) ** 2 / self.window**2
             raise ValueError(f"halo ({self.halo}) must be at most half of window ({self.window}): every window "
                              f"would read {cost:.0f}x the pixels it predicts; lower inference.halo (64 is "

@@ -29,7 +29,7 @@ from pipeline.demo import generate_demo
 from pipeline.errors import DataError
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.source import array_input
-from pipeline.inference.tiling import predict_windows
+from pipeline.inference.tiling import predict_windows, window_tiles
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.stages import infer
@@ -263,3 +263,16 @@ def test_a_failing_read_surfaces_as_the_error_it_is(demo):
     with pytest.raises(SceneError, match="truncated file"):
         list(read_ahead(broken, [Window(0, 0, 8, 8)] * 5, readers=2))
     assert not [t for t in threading.enumerate() if t.name.startswith("infer-reader")]
+
+
+def test_by_default_a_full_tile_is_predicted_in_16_windows_of_at_most_4_shapes():
+    from pipeline.inference.tiling import window_for
+
+    window = window_for(0, 10980, 10980, 64)
+    tiles = window_tiles(10980, 10980, window, 64)
+    shapes = {(int(t.padded.height), int(t.padded.width)) for t in tiles}
+    computed = sum(int(t.padded.height) * int(t.padded.width) for t in tiles)
+    assert window == 2745 and len(tiles) == 16 and len(shapes) == 4
+    assert 10980**2 / computed > 0.92          # 1024 px windows with the same halo: 0.80
+    assert window_for(0, 480, 480, 64) == 1024  # a small scene: one window
+    assert window_for(512, 10980, 10980, 64) == 512

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from pipeline.inference.native import DeviceInput, native_input
 from pipeline.inference.outputs import write_quicklooks
 from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
-from pipeline.inference.tiling import Prepare, as_is, predict_windows
+from pipeline.inference.tiling import Prepare, as_is, fit_batch, predict_windows, window_for
 from pipeline.locks import output_lock
 from pipeline.model.checkpoint import check_compatible, load_model
 from pipeline.stages import records
@@ -71,6 +71,17 @@ class LoadedModel:
     normaliser: Normaliser
     path: Path
     readers: int = 1
+    batches: dict[int, int] = field(default_factory=dict)  # window side -> fitted batch (batch_size: 0)
+
+    def batch_for(self, window: int, halo: int, height: int, width: int) -> int:
+        """Windows per forward pass for inner windows of this size, measured once per run."""
+        if window not in self.batches:
+            side = min(window + 2 * halo, max(height, width))
+            padded = -(-side // self.predictor.multiple) * self.predictor.multiple
+            windows = (-(-height // window)) * (-(-width // window))
+            self.batches[window] = fit_batch(self.predictor, self.predictor.in_channels, padded, padded,
+                                             limit=max(1, windows))
+        return self.batches[window]
 
 
 def load_predictor(config: PipelineConfig) -> LoadedModel:
@@ -124,8 +135,10 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
             prepare: Prepare = DeviceInput(loaded.normaliser, scene.dn_offset, predictor.device)
         else:
             source, prepare = scene_input(scene, config.tile_id, auxiliary, loaded.normaliser, decoded), as_is
+        window = window_for(settings.window, grid.height, grid.width, settings.halo)
         windows = predict_windows(
-            source, grid.height, grid.width, predictor, settings.window, settings.halo, settings.batch_size,
+            source, grid.height, grid.width, predictor, window, settings.halo,
+            settings.batch_size or loaded.batch_for(window, settings.halo, grid.height, grid.width),
             loaded.readers, probabilities=settings.save_probabilities, on_window=on_window, prepare=prepare,
         )
         with atomic_raster(out_dir / "mask.tif", grid.geotiff_profile("uint8", NODATA)) as mask_out:
