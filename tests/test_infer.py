@@ -276,3 +276,26 @@ def test_by_default_a_full_tile_is_predicted_in_16_windows_of_at_most_4_shapes()
     assert 10980**2 / computed > 0.92          # 1024 px windows with the same halo: 0.80
     assert window_for(0, 480, 480, 64) == 1024  # a small scene: one window
     assert window_for(512, 10980, 10980, 64) == 512
+
+
+def test_predictions_are_written_behind_in_order_and_a_write_error_reaches_the_caller():
+    from pipeline.inference.write_behind import write_behind
+
+    written: list[int] = []
+    write_behind(iter(range(50)), written.append, depth=3)
+    assert written == list(range(50))
+
+    produced: list[int] = []
+
+    def windows():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    def full_disk(i: int) -> None:
+        if i == 5:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_behind(windows(), full_disk, depth=2)
+    assert len(produced) < 20  # the predictions stop soon after the failed write

@@ -33,7 +33,8 @@ from pipeline.inference.native import DeviceInput, native_input
 from pipeline.inference.outputs import write_quicklooks
 from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
-from pipeline.inference.tiling import Prepare, as_is, fit_batch, predict_windows, window_for
+from pipeline.inference.tiling import Prepare, WindowPrediction, as_is, fit_batch, predict_windows, window_for
+from pipeline.inference.write_behind import write_behind
 from pipeline.locks import output_lock
 from pipeline.model.checkpoint import check_compatible, load_model
 from pipeline.stages import records
@@ -145,14 +146,22 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
             if settings.save_probabilities:
                 with atomic_raster(out_dir / "probabilities.tif",
                                    grid.geotiff_profile("uint8", None, count=classes)) as prob_out:
-                    for result in windows:
+
+                    def write_both(result: WindowPrediction) -> None:
+                        nonlocal counts
                         counts += _write_window(mask_out, result)
                         assert result.probabilities is not None
                         result.probabilities[:, ~result.valid] = 0
                         prob_out.write(result.probabilities, window=result.core)
+
+                    write_behind(windows, write_both)
             else:
-                for result in windows:
+
+                def write_mask(result: WindowPrediction) -> None:
+                    nonlocal counts
                     counts += _write_window(mask_out, result)
+
+                write_behind(windows, write_mask)
         if settings.quicklooks:
             write_quicklooks(out_dir, reader, out_dir / "mask.tif")
     valid = counts[:classes].sum()
