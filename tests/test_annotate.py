@@ -56,7 +56,7 @@ def read_outputs(config):
         return m.read(1), c.read(1)
 
 
-@pytest.mark.parametrize(("resolution", "average_over", "dilation_size"), [(10, 4, 2), (60, 1, 0)])
+@pytest.mark.parametrize(("resolution", "average_over", "dilation_size"), [(10, 4, 2), (60, 6, 0)])
 def test_later_layers_win_water_glacier_exolabs_snow_clouds(overlay_scene, resolution, average_over,
                                                              dilation_size):
     config = make_config(overlay_scene, annotation={"cloud_detection": {
