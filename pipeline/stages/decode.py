@@ -1,7 +1,8 @@
 """Stage 1b, decode: each scene's 13 JPEG 2000 band files into tiled GeoTIFFs at their native resolution.
 
 Why: JPEG 2000 decodes at ~8 Mpx/s per core; a tiled GeoTIFF with ZSTD level 1 reads some 45x faster
-(docs/benchmarks.md, "Decode"). Annotate, dataset and infer all read the same bands, so decoding once, in a CPU job that starts at once, spares every later stage (and the GPU job) that cost.
+(docs/benchmarks.md, "Decode"). Annotate, dataset and infer all read the same bands, so decoding once, in
+a CPU job that starts at once, spares every later stage (and the GPU job) that cost.
 
 Layout: `{paths.decoded}/{product}.SAFE/{band}.tif` (one file per band, the product's CRS, transform, size
 and no-data, uint16, 512 px tiles, ZSTD level 1) plus a completion record naming the JPEG 2000 files by relative name,
