@@ -97,7 +97,7 @@ def test_unknown_stages_and_dates_are_plain_errors(demo):
     out, _ = demo
     config = str(out / "pipeline-config.yml")
     result = snowpipe("run", config, "--stages", "annotate,upload")
-    assert result.returncode == 2 and "unknown stage 'upload'; stages: download, annotate" in result.stderr
+    assert result.returncode == 2 and "unknown stage 'upload'; stages: download, decode, annotate" in result.stderr
     result = snowpipe("stage", "annotate", config, "--scene", "20990101T000000")
     assert result.returncode == 1 and "20990101T000000 in the config match no scene" in result.stderr
 
