@@ -56,7 +56,7 @@ def test_native_blocks_resampled_on_the_device_match_the_cpu_reader(decoded):
             scene_input(jp2, TILE, auxiliary, normaliser)() as read_reference, SceneReader(jp2, TILE) as reader:
         edges = 0
         for window in WINDOWS:
-            inputs, valid = to_device(*read_native(window))
+            inputs, valid = to_device(read_native(window))
             expected, expected_valid = read_reference(window)
             assert np.array_equal(valid.numpy(), expected_valid), window
             edges += int((~expected_valid).sum())
@@ -68,7 +68,7 @@ def test_native_blocks_resampled_on_the_device_match_the_cpu_reader(decoded):
                     assert (got[i] != expected[i]).mean() < 0.05, (band, window)
             assert np.allclose(got[len(BANDS)], expected[len(BANDS)])  # the DEM, read on the host as before
             # the 60 m bands within 1 DN of GDAL's warp
-            native, _ = read_native(window)
+            native = read_native(window)
             block = next(b for b in native.blocks if b.factor == 6)
             h, w = int(window.height), int(window.width)
             up = upsample(block.dn.float(), 6)[:, block.row_skip:block.row_skip + h, block.col_skip:block.col_skip + w]
@@ -84,7 +84,7 @@ def test_a_window_reads_only_its_native_pixels_and_a_margin(decoded):
     auxiliary = find_auxiliary(config.path("extracted_data"), TILE)
     normaliser = normaliser_for(scene, auxiliary)
     with native_input(scene, TILE, auxiliary, normaliser)() as read:
-        native, _ = read(Window(120, 60, 60, 60))
+        native = read(Window(120, 60, 60, 60))
     shapes = {block.factor: tuple(block.dn.shape[1:]) for block in native.blocks}
     assert shapes[1] == (60, 60) and shapes[2] == (32, 32) and shapes[6] == (12, 12)
     assert all(block.dn.dtype == torch.uint16 for block in native.blocks)  # what crosses to the device

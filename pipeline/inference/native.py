@@ -17,8 +17,8 @@ within 1 DN of it for the 60 m bands on about 1 % of pixels (tests/test_native_i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,15 +70,15 @@ def source_span(start: int, length: int, factor: int, size: int) -> tuple[int, i
 
 
 def native_input(scene: Scene, tile: str, auxiliary: Auxiliary | None, normaliser: Normaliser,
-                 pin: bool = False) -> OpenInput:
+                 pin: bool = False) -> Callable[[], AbstractContextManager[Callable[[Window], NativeWindow]]]:
     """An opener of `NativeWindow`s for a scene whose bands are decoded rasters (Scene.decoded)."""
 
     @contextmanager
-    def open_input() -> Iterator:
+    def open_input() -> Iterator[Callable[[Window], NativeWindow]]:
         with SceneReader(scene, tile, auxiliary) as reader, ExitStack() as stack:
             sources = [stack.enter_context(rasterio.open(scene.read_path(band))) for band in BANDS]
 
-            def read(window: Window) -> tuple[NativeWindow, None]:
+            def read(window: Window) -> NativeWindow:
                 row0, col0 = int(window.row_off), int(window.col_off)
                 height, width = int(window.height), int(window.width)
                 blocks = []
@@ -100,7 +100,7 @@ def native_input(scene: Scene, tile: str, auxiliary: Auxiliary | None, normalise
                     assert normaliser.dem_scale is not None
                     raw = reader.read_layer("dem", window).astype(np.float32)
                     dem = torch.from_numpy((raw - normaliser.dem_mean) / normaliser.dem_scale)
-                return NativeWindow(height, width, blocks, dem), None
+                return NativeWindow(height, width, blocks, dem)
 
             yield read
 
@@ -115,7 +115,7 @@ class DeviceInput:
         self.tables = torch.from_numpy(normaliser.dn_tables(dn_offset)).to(device)  # (13, 65536)
         self.channels = len(normaliser.channels)
 
-    def __call__(self, native: NativeWindow, _: object = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, native: NativeWindow) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = native.height, native.width
         dn = torch.empty((len(BANDS), h, w), dtype=torch.float32, device=self.device)
         for block in native.blocks:
@@ -132,6 +132,22 @@ class DeviceInput:
         if native.dem is not None:
             out[len(BANDS)] = native.dem.to(self.device, non_blocking=True)
         return out, valid
+
+
+def device_input(scene: Scene, tile: str, auxiliary: Auxiliary | None, normaliser: Normaliser,
+                 device: torch.device) -> OpenInput:
+    """An opener of the model's input on the device: each reading thread reads a window's native blocks and
+    hands them to the device itself, so on a CPU the resampling overlaps the forward pass instead of
+    following it, and on a GPU the copies and kernels are queued while the previous batch computes."""
+    native = native_input(scene, tile, auxiliary, normaliser, pin=device.type == "cuda")
+    to_device = DeviceInput(normaliser, scene.dn_offset, device)
+
+    @contextmanager
+    def open_input() -> Iterator:
+        with native() as read:
+            yield lambda window: to_device(read(window))
+
+    return open_input
 
 
 def upsample(values: torch.Tensor, factor: int) -> torch.Tensor:

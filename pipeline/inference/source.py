@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import numpy as np
 from rasterio.windows import Window
@@ -13,8 +14,9 @@ from pipeline.data.layout import Auxiliary, Scene
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
 
-# read(window) -> (inputs (C, h, w) float32, valid (h, w) bool)
-ReadWindow = Callable[[Window], tuple[np.ndarray, np.ndarray]]
+# read(window) -> (inputs (C, h, w) float32, valid (h, w) bool): numpy arrays, or tensors already on the
+# model's device (pipeline/inference/native.py)
+ReadWindow = Callable[[Window], tuple[Any, Any]]
 # Each reading thread opens its own: rasterio datasets must not be shared between threads.
 OpenInput = Callable[[], AbstractContextManager[ReadWindow]]
 

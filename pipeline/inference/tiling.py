@@ -70,20 +70,12 @@ def _to_uint8(probabilities: torch.Tensor) -> np.ndarray:
     return (probabilities * 255).round_().to(torch.uint8).cpu().numpy()
 
 
-# What a reading thread produced for a window -> (inputs (C, h, w), valid (h, w)), as tensors (on the device
-# for native inputs, pipeline/inference/native.py) or arrays.
-Prepare = Callable[[Any, Any], tuple[Any, Any]]
-
-
-def as_is(x: Any, valid: Any) -> tuple[Any, Any]:
-    return x, valid
-
-
 def _predict_batch(items: list[tuple[Tile, Any, Any]], predictor: Predictor,
                    with_probabilities: bool) -> Iterator[WindowPrediction]:
     inputs = [x for _, x, _ in items]
     probs = predictor.probabilities(torch.stack(inputs) if isinstance(inputs[0], torch.Tensor) else np.stack(inputs))
-    classes = probs.argmax(dim=1).to(torch.uint8).cpu().numpy()  # only uint8 comes back from the device
+    # max().indices: argmax's first-maximum rule, ~10x faster than argmax over dim 1 on a CPU
+    classes = probs.max(dim=1).indices.to(torch.uint8).cpu().numpy()  # only uint8 comes back from the device
     scaled = _to_uint8(probs) if with_probabilities else None
     for i, (tile, _, valid) in enumerate(items):
         rows, cols = tile.inner
@@ -94,8 +86,7 @@ def _predict_batch(items: list[tuple[Tile, Any, Any]], predictor: Predictor,
 
 def predict_windows(open_input: OpenInput, height: int, width: int, predictor: Predictor, window: int = 1024,
                     halo: int = 64, batch_size: int = 4, readers: int = 1, probabilities: bool = False,
-                    on_window: Callable[[int, int], None] | None = None,
-                    prepare: Prepare = as_is) -> Iterator[WindowPrediction]:
+                    on_window: Callable[[int, int], None] | None = None) -> Iterator[WindowPrediction]:
     """Predictions of every core window of a height x width scene, `batch_size` windows per forward pass.
 
     Windows of one padded shape are batched together. A shape whose windows are all read is flushed, and
@@ -115,8 +106,7 @@ def predict_windows(open_input: OpenInput, height: int, width: int, predictor: P
             if on_window:
                 on_window(done, len(tiles))
 
-    for index, raw, raw_valid in read_ahead(open_input, [t.padded for t in tiles], readers, depth=2 * batch_size):
-        x, valid = prepare(raw, raw_valid)
+    for index, x, valid in read_ahead(open_input, [t.padded for t in tiles], readers, depth=2 * batch_size):
         shape = (int(x.shape[-2]), int(x.shape[-1]))
         pending.setdefault(shape, []).append((tiles[index], x, valid))
         remaining[shape] -= 1

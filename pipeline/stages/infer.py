@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.bands import CLASS_NAMES, NODATA
 from pipeline.config import PipelineConfig
@@ -29,11 +30,11 @@ from pipeline.inference.identity import (
     prediction_folder,
     record_key,
 )
-from pipeline.inference.native import DeviceInput, native_input
+from pipeline.inference.native import device_input
 from pipeline.inference.outputs import write_quicklooks
 from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
-from pipeline.inference.tiling import Prepare, WindowPrediction, as_is, fit_batch, predict_windows, window_for
+from pipeline.inference.tiling import WindowPrediction, fit_batch, predict_windows, window_for
 from pipeline.inference.write_behind import write_behind
 from pipeline.locks import output_lock
 from pipeline.model.checkpoint import check_compatible, load_model
@@ -55,12 +56,16 @@ __all__ = ["checkpoint_path", "data_channels", "infer_scene", "load_predictor", 
 INFO = STAGES["infer"]
 
 
-def reader_threads() -> int:
-    """Decoding JPEG 2000 is often slower than the forward pass (always on a GPU), so read in parallel.
+def reader_threads(device: torch.device) -> int:
+    """Reading is often slower than the forward pass on a GPU (JPEG 2000 always), so read in parallel there.
 
     GDAL and numpy release the GIL; when the model is the slower side, idle readers wait on the bounded queue.
+    On a CPU the model's own threads use every core: one reader per 4 cores leaves them be (two readers on
+    2 cores slowed the forward pass more than they read).
     """
     cpus = usable_cpus()
+    if device.type == "cpu":
+        return max(1, cpus // 4)
     return max(1, min(8, cpus - 1 if cpus > 2 else cpus))
 
 
@@ -94,7 +99,7 @@ def load_predictor(config: PipelineConfig) -> LoadedModel:
     check_compatible(state, data_channels(config), list(CLASS_NAMES), path)
     normaliser = Normaliser.from_dict(state["normalisation"])
     predictor = Predictor(model, device, tta=settings.tta)
-    return LoadedModel(predictor, normaliser, path, reader_threads())
+    return LoadedModel(predictor, normaliser, path, reader_threads(device))
 
 
 def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force: bool = False,
@@ -132,15 +137,14 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
     with decoding as decoded, SceneReader(scene, config.tile_id, auxiliary) as reader:
         grid = reader.grid
         if scene.decoded:  # native bands read on the host; resampled and normalised on the device
-            source = native_input(scene, config.tile_id, auxiliary, loaded.normaliser, pin=predictor.cuda)
-            prepare: Prepare = DeviceInput(loaded.normaliser, scene.dn_offset, predictor.device)
+            source = device_input(scene, config.tile_id, auxiliary, loaded.normaliser, predictor.device)
         else:
-            source, prepare = scene_input(scene, config.tile_id, auxiliary, loaded.normaliser, decoded), as_is
+            source = scene_input(scene, config.tile_id, auxiliary, loaded.normaliser, decoded)
         window = window_for(settings.window, grid.height, grid.width, settings.halo)
         windows = predict_windows(
             source, grid.height, grid.width, predictor, window, settings.halo,
             settings.batch_size or loaded.batch_for(window, settings.halo, grid.height, grid.width),
-            loaded.readers, probabilities=settings.save_probabilities, on_window=on_window, prepare=prepare,
+            loaded.readers, probabilities=settings.save_probabilities, on_window=on_window,
         )
         with atomic_raster(out_dir / "mask.tif", grid.geotiff_profile("uint8", NODATA)) as mask_out:
             if settings.save_probabilities:
