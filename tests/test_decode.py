@@ -165,3 +165,45 @@ def test_until_used_deletes_a_scenes_decoded_bands_once_every_reader_has_finishe
     decode.run(kept)
     annotate.run(kept, dates=[scenes[0].date], force=True)
     assert decode.decoded_folder(kept, scenes[0]).is_dir()
+
+
+def test_scancel_during_a_decode_exits_130_and_leaves_no_partial_folder(project):
+    config = config_of(project)
+    date = discover_scenes(config.path("extracted_data"), TILE)[0].date
+    env = {**os.environ, "SNOWPIPE_KILL_AT": "decode strip written:3", "SNOWPIPE_KILL_SIGNAL": "TERM"}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "stage", "decode", str(project / "pipeline-config.yml"),
+                             "--scene", date], env=env, capture_output=True, text=True)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    decoded = config.path("decoded")
+    assert not decoded.exists() or not [p for p in decoded.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_two_decodes_of_the_same_products_at_once_decode_each_scene_once(project):
+    command = [sys.executable, "-m", "pipeline", "stage", "decode", str(project / "pipeline-config.yml")]
+    runs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    text = "".join(outputs)
+    assert text.count("13 bands decoded") == 2 and text.count("already complete (use --force") == 2
+    config = config_of(project)
+    assert all(s.decoded for s in decode.with_decoded(config, discover_scenes(config.path("extracted_data"), TILE)))
+
+
+def test_a_full_disk_while_decoding_is_one_line_and_later_stages_read_jpeg_2000(project, tmp_path):
+    from pipeline.errors import OutputError
+    from tests.test_full_disk import mount_tmpfs, unmount
+
+    disk = tmp_path / "small"
+    mount_tmpfs(disk, "256k")
+    try:
+        config = config_of(project).model_copy(update={"paths": config_of(project).paths.model_copy(
+            update={"decoded": str(disk)})})
+        scene = discover_scenes(config.path("extracted_data"), TILE)[0]
+        with pytest.raises(OutputError) as caught:
+            decode.decode_scene(scene, config)
+        assert "\n" not in str(caught.value) and str(disk) in str(caught.value)
+        assert not decode.with_decoded(config, [scene])[0].decoded
+        assert not [p for p in disk.rglob("*.tif")]  # nothing that looks complete, no partial left
+    finally:
+        unmount(disk)
