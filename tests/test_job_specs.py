@@ -48,6 +48,9 @@ def test_the_shipped_pipeline_decodes_on_cpus_first_and_annotates_each_scene_onc
         "/scratch/me/snowpipe/runs/r1/jobs/annotate.sbatch)")
     assert "--dependency=afterok:$train:$decode " in plan.job("infer").submit_display
     assert plan.config["paths"]["decoded"] == "/scratch/me/snowpipe/data/decoded"  # type: ignore[index]
+    # the space the decoded rasters need, announced by `snowpipe plan` and the dry run: 13 bands of 60 px scenes
+    per_scene = 2 * (4 * 60**2 + 6 * 30**2 + 3 * 10**2)
+    assert plan.decoded_dir == "/scratch/me/snowpipe/data/decoded" and plan.decoded_bytes == 2 * per_scene
     plan.jobs.pop(0)
     assert plan.jobs[0].array == "0-1" and plan.jobs[3].array == "0-1"
     assert plan.jobs[0].sbatch["array"] == "0-1%8"
