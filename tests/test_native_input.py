@@ -88,3 +88,15 @@ def test_a_window_reads_only_its_native_pixels_and_a_margin(decoded):
     shapes = {block.factor: tuple(block.dn.shape[1:]) for block in native.blocks}
     assert shapes[1] == (60, 60) and shapes[2] == (32, 32) and shapes[6] == (12, 12)
     assert all(block.dn.dtype == torch.uint16 for block in native.blocks)  # what crosses to the device
+
+
+def test_digital_numbers_above_32767_survive_the_trip_to_the_device():
+    from pipeline.inference.native import GROUPS, BandBlock, NativeWindow
+
+    normaliser = Normaliser([0.01] * 13, [0.9] * 13, [0.2] * 13)
+    to_device = DeviceInput(normaliser, 0, torch.device("cpu"))
+    blocks = [BandBlock(factor, indices, torch.full((len(indices), 8, 8), 40000, dtype=torch.uint16), 0, 0)
+              for factor, indices in GROUPS.items()]
+    inputs, valid = to_device(NativeWindow(6, 6, blocks, None))
+    expected = normaliser.dn_tables(0)[:, 40000]
+    assert valid.all() and np.allclose(inputs.numpy()[:, 0, 0], expected)

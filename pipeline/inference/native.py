@@ -119,7 +119,8 @@ class DeviceInput:
         h, w = native.height, native.width
         dn = torch.empty((len(BANDS), h, w), dtype=torch.float32, device=self.device)
         for block in native.blocks:
-            values = block.dn.to(self.device, non_blocking=True).float()
+            # uint16 crosses as int16 (torch's CUDA kernels cover int16 fully, uint16 only partly)
+            values = block.dn.view(torch.int16).to(self.device, non_blocking=True).int().bitwise_and_(0xFFFF).float()
             if block.factor == 1:
                 dn[block.bands] = values[:, block.row_skip:block.row_skip + h, block.col_skip:block.col_skip + w]
                 continue
