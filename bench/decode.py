@@ -25,10 +25,7 @@ and reused.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -39,6 +36,7 @@ from pathlib import Path
 
 import rasterio
 import rasterio.env
+from bench_common import drop_cache, machine, usable_threads
 from rasterio.windows import Window
 
 from pipeline.bands import BAND_RESOLUTION, BANDS
@@ -56,38 +54,6 @@ MEMORY_GOAL = 4e9
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
-
-def usable_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"machine: {model}, {os.cpu_count()} CPUs ({usable_threads()} usable), load average {load}; "
-            f"{datetime.datetime.now().isoformat(timespec='seconds')}")
-
-
-def drop_cache(paths: list[Path]) -> bool:
-    """Ask the kernel to forget the files' cached pages (written pages are flushed first). Best effort."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
-
 
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)

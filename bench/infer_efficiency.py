@@ -25,9 +25,6 @@ halo 16 (halo bound 0.94), batch 2. Default: the thesis' 64-channel U-Net, windo
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -36,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import drop_cache, machine
 from rasterio.windows import Window
 
 from pipeline.bands import BANDS, CLASS_NAMES
@@ -59,31 +57,6 @@ FULL = {"size": 2560, "scenes": 3, "base_channels": 64, "depth": 4, "window": 10
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {len(os.sched_getaffinity(0))} usable core(s)"
-
-
-def drop_cache(paths: list[Path]) -> None:
-    """Ask the kernel to forget the files' cached pages, so that reading them costs what a cold read costs."""
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def scene_files(scene: Scene, config: PipelineConfig) -> list[Path]:
@@ -144,7 +117,7 @@ def main() -> int:
     p = dict(QUICK if args.quick else FULL)
     p.update({k: v for k, v in (("size", args.size), ("scenes", args.scenes)) if v})
     size, window, halo, batch = p["size"], p["window"], p["halo"], p["batch_size"]
-    print(f"machine: {machine()}; {datetime.date.today()}")
+    print(machine())
     base = prepare(args.workdir.resolve(), size, max(2, p["scenes"]))
     scenes = decode.discover_readable(base, [])
     assert all(scene.decoded for scene in scenes), "the decode stage did not vouch for every scene"

@@ -139,13 +139,14 @@ def test_an_array_task_beyond_the_scenes_is_named(tmp_path, capsys, monkeypatch)
     assert one_error_line(err).startswith("error: SLURM_ARRAY_TASK_ID=3 but only 1 scene(s) exist")
 
 
-@pytest.mark.parametrize("scene", ["", "2022-03-01", "20220301"])
+@pytest.mark.parametrize("scene", ["", "2022-03-01", "20220301", "20220301T102309,", ",20220301T102309"])
 def test_an_empty_or_malformed_scene_never_means_every_scene(tmp_path, capsys, scene):
     path = config_file(tmp_path, "tile_id: 32TNS\n")
     code, err = snowpipe(capsys, "stage", "annotate", str(path), "--scene", scene)
     assert code == 2
     assert one_error_line(err) == (f"error: --scene {scene!r}: expected a scene date key YYYYMMDDTHHMMSS such as "
-                                   f"20210111T102309; leave --scene out to process every scene")
+                                   f"20210111T102309 (or several, comma-separated); leave --scene out to process "
+                                   f"every scene")
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

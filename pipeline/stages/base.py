@@ -63,6 +63,14 @@ def enforce_policy(report: StageReport, on_scene_error: str, section: str) -> No
         )
 
 
+def raise_if_failed(report: StageReport) -> None:
+    """For stages without an error policy (decode, infer): every scene was tried; name the failed ones."""
+    if report.failed:
+        lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
+        raise StageFailed(f"{report.stage} failed for {len(report.failed)} scene(s):\n  {lines}\n"
+                          f"(the other scenes finished; rerun to retry only the missing ones)")
+
+
 def failure_message(exc: SnowpipeError) -> str:
     """The error without the "scene DATE:" prefix, since outcomes are listed by date anyway."""
     return exc.detail if isinstance(exc, SceneError) else str(exc)

@@ -45,7 +45,7 @@ from pipeline.faults import reached
 from pipeline.locks import output_lock
 from pipeline.progress import say
 from pipeline.stages import records
-from pipeline.stages.base import ProgressCallback, SceneOutcome, StageFailed, StageReport, run_scenes, usable_cpus
+from pipeline.stages.base import ProgressCallback, SceneOutcome, StageReport, raise_if_failed, run_scenes, usable_cpus
 from pipeline.stages.publish import building, reclaim_partials
 from pipeline.stages.registry import STAGES, inference_dates, stage_dates
 
@@ -303,8 +303,5 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     report = StageReport(INFO.name, output=str(config.path("decoded")), note=f"{threads} thread(s)")
     run_scenes(report, scenes, lambda scene, on_strip: decode_scene(scene, config, force, threads, on_strip))
     report.seconds = time.perf_counter() - start
-    if report.failed:
-        lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
-        raise StageFailed(f"decode failed for {len(report.failed)} scene(s):\n  {lines}\n"
-                          f"(the other scenes finished; rerun to retry only the missing ones)")
+    raise_if_failed(report)
     return report

@@ -42,8 +42,8 @@ from pipeline.stages import records
 from pipeline.stages.base import (
     ProgressCallback,
     SceneOutcome,
-    StageFailed,
     StageReport,
+    raise_if_failed,
     run_scenes,
     usable_cpus,
 )
@@ -194,8 +194,5 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
                          note=f"{loaded.path.name} on {loaded.predictor.device}")
     run_scenes(report, scenes, lambda scene, on_window: infer_scene(scene, config, loaded, force, on_window))
     report.seconds = time.perf_counter() - start
-    if report.failed:
-        lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
-        raise StageFailed(f"infer failed for {len(report.failed)} scene(s):\n  {lines}\n"
-                          f"(the other scenes finished; rerun to retry only the missing ones)")
+    raise_if_failed(report)
     return report
