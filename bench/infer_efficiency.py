@@ -18,8 +18,10 @@ device-to-host copy and the write time per scene (measured separately), and peak
 Last line `infer_efficiency <E/F>` (goal >= 0.8).
 
 --quick (CPU): the demo's default model (16 base channels, 4 levels), 3 scenes of 1024 px, window 512 +
-halo 16 (halo bound 0.94), batch 2. Default: the thesis' 64-channel U-Net, window 1024 + halo 64, batch 4,
-3 scenes of 2560 px.
+halo 16 (halo bound 0.94), batch 2. Default (for a GPU): the thesis' 64-channel U-Net, 3 full tiles of
+10980 px (their bands written as GeoTIFF, not JPEG 2000: minutes faster to generate, then decoded by the
+decode stage as usual), the stage's default geometry: window 0 (a quarter of the side: 2745 px), halo 64,
+batch 0 (fitted to the device's free memory). `--size 2560` for a smaller run.
 """
 
 from __future__ import annotations
@@ -44,14 +46,14 @@ from pipeline.data.reader import SceneReader
 from pipeline.demo import generate_demo
 from pipeline.inference.native import DeviceInput, native_input
 from pipeline.inference.predictor import Predictor, pad_to_multiple, pick_device
-from pipeline.inference.tiling import window_tiles
+from pipeline.inference.tiling import window_for, window_tiles
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.stages import decode, infer
 
 TILE = "32TNS"
 QUICK = {"size": 1024, "scenes": 3, "base_channels": 16, "depth": 4, "window": 512, "halo": 16, "batch_size": 2}
-FULL = {"size": 2560, "scenes": 3, "base_channels": 64, "depth": 4, "window": 1024, "halo": 64, "batch_size": 4}
+FULL = {"size": 10980, "scenes": 3, "base_channels": 64, "depth": 4, "window": 0, "halo": 64, "batch_size": 0}
 
 
 def synchronise(device: torch.device) -> None:
@@ -68,7 +70,7 @@ def prepare(workdir: Path, size: int, scenes: int) -> PipelineConfig:
     """Demo scenes (JPEG 2000), decoded once by the decode stage: what a cluster's infer job finds."""
     root = workdir / f"scenes-{scenes}x{size}"
     if not (root / "extracted_data").is_dir():
-        generate_demo(root, scenes=scenes, size=size, seed=5)
+        generate_demo(root, scenes=scenes, size=size, seed=5, band_format="tif" if size > 4096 else "jp2")
     config = parse_config({"tile_id": TILE, "paths": {"extracted_data": str(root / "extracted_data"),
                                                       "decoded": str(root / "decoded"),
                                                       "results": str(root / "results")}}, root)
@@ -135,6 +137,8 @@ def main() -> int:
     loaded = infer.load_predictor(config)
     predictor = loaded.predictor
     device = pick_device(args.device)
+    window = window_for(window, size, size, halo)
+    batch = batch or loaded.batch_for(window, halo, size, size)
     tiles = window_tiles(size, size, window, halo)
     computed = sum(int(t.padded.height) * int(t.padded.width) for t in tiles)
     h = size * size / computed

@@ -207,3 +207,14 @@ def test_a_full_disk_while_decoding_is_one_line_and_later_stages_read_jpeg_2000(
         assert not [p for p in disk.rglob("*.tif")]  # nothing that looks complete, no partial left
     finally:
         unmount(disk)
+
+
+def test_band_files_given_as_geotiff_decode_like_jpeg_2000(tmp_path):
+    """What bench/infer_efficiency.py writes for full tiles on a GPU (JPEG 2000 takes minutes to encode)."""
+    generate_demo(tmp_path, scenes=1, size=120, band_format="tif")
+    config = load_config(write_demo_config(generate_demo(tmp_path / "jp2", scenes=1, size=120))).model_copy()
+    config = config.model_copy(update={"paths": config.paths.model_copy(update={
+        "extracted_data": str(tmp_path / "extracted_data"), "decoded": str(tmp_path / "decoded")})})
+    assert decode.run(config).count("done") == 1
+    scene = decode.discover_readable(config, [])[0]
+    assert scene.band_path("B02").suffix == ".tif" and scene.decoded

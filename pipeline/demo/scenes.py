@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -78,8 +79,13 @@ def generate_demo(
     tile: str = "32TNS",
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
+    band_format: Literal["jp2", "tif"] = "jp2",
 ) -> DemoSummary:
-    """Write OUT/extracted_data (auxiliary layers, ExoLabs, L1C SAFE folders) and OUT/truth/."""
+    """Write OUT/extracted_data (auxiliary layers, ExoLabs, L1C SAFE folders) and OUT/truth/.
+
+    band_format "tif" writes the bands as GeoTIFFs instead of JPEG 2000 (what readers accept too): minutes
+    faster for full tiles, for benchmarks of what comes after decoding (bench/infer_efficiency.py on a GPU).
+    """
     if scenes < 1:
         raise SnowpipeError(f"demo-data: --scenes must be at least 1, got {scenes}")
     if not 60 <= size <= MAX_SIZE:
@@ -94,7 +100,7 @@ def generate_demo(
     _write_auxiliary(extracted / f"{tile}_auxiliary_data", terrain, tile)
     specs = plan_scenes(scenes, seed)
     for done, spec in enumerate(specs, start=1):
-        _write_scene(out, terrain, spec, tile)
+        _write_scene(out, terrain, spec, tile, band_format)
         if progress is not None:
             progress(done, len(specs), spec.date_key)
     return DemoSummary(out=out, tile=tile, size=size, dates=[spec.date_key for spec in specs])
@@ -109,7 +115,7 @@ def _write_auxiliary(folder: Path, terrain: Terrain, tile: str) -> None:
     write_geotiff(folder / f"{tile}_{AUX_FILES['dem']}", np.rint(terrain.dem).astype(np.int16), tile, 30)
 
 
-def _write_scene(out: Path, terrain: Terrain, spec: SceneSpec, tile: str) -> None:
+def _write_scene(out: Path, terrain: Terrain, spec: SceneSpec, tile: str, band_format: str = "jp2") -> None:
     """Truth and ExoLabs first, the SAFE folder last and in one rename: a visible SAFE means a whole scene."""
     fields = make_fields(terrain, spec)
     write_geotiff(out / "truth" / f"{spec.date_key}.tif", truth_map(fields), tile, 10, nodata=NODATA)
@@ -122,7 +128,11 @@ def _write_scene(out: Path, terrain: Terrain, spec: SceneSpec, tile: str) -> Non
     img_data = partial / "GRANULE" / granule_name(spec, tile) / "IMG_DATA"
     for band in BANDS:
         dn = to_dn(band_reflectance(fields, band), band_valid(fields, band), spec.offset)
-        write_jp2(img_data / f"T{tile}_{spec.date_key}_{band}.jp2", dn, tile, BAND_RESOLUTION[band])
+        path = img_data / f"T{tile}_{spec.date_key}_{band}.{band_format}"
+        if band_format == "jp2":
+            write_jp2(path, dn, tile, BAND_RESOLUTION[band])
+        else:
+            write_geotiff(path, dn, tile, BAND_RESOLUTION[band])
     shutil.rmtree(safe, ignore_errors=True)
     os.replace(partial, safe)
 
