@@ -10,7 +10,7 @@ size and sampled content (pipeline/stages/records.py). Nothing is resampled: the
 20 m and 60 m, so the later stages resample exactly as they did from JPEG 2000 and get the same numbers.
 
 Parallelism: the work units are strips one JPEG 2000 tile row high, across all bands (heaviest first), on a
-pool of threads with their own file handles (GDAL releases the GIL); each thread also writes its strip into
+pool of threads, each opening the file for its strip (GDAL releases the GIL); each thread also writes its strip into
 the band's GeoTIFF (one writer per file at a time). Memory: about two strips per thread and GDAL's block
 cache (capped at 256 MiB), whatever the scene size.
 
@@ -144,14 +144,6 @@ class _StripWarnings(logging.Handler):
             logging.getLogger(name).removeHandler(self)
 
 
-class _Handles(threading.local):
-    """Each decoding thread's own open band files (rasterio datasets must not be shared between threads)."""
-
-    def __init__(self) -> None:
-        self.stack = ExitStack()
-        self.open: dict[str, rasterio.DatasetReader] = {}
-
-
 def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCallback | None = None) -> dict:
     """Write the scene's 13 bands as `{band}.tif` into `out_dir`; return the record's summary."""
     # GDAL's block cache bounds memory (it holds written tiles until they are flushed): 256 MiB, not 5 % of RAM.
@@ -173,7 +165,6 @@ def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCa
                              profile["width"])
         # Heaviest strips first (10 m bands), so the pool ends together: longest-processing-time order.
         strips.sort(key=lambda strip: (BAND_RESOLUTION[strip[0]], strip[1]))
-        handles = _Handles()
         stop = threading.Event()
         band_locks = {band: threading.Lock() for band in BANDS}  # one writer at a time per band file
 
@@ -182,15 +173,13 @@ def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCa
             if stop.is_set():
                 raise InterruptedError
             path = scene.band_path(band)
+            problems: list[str] = []
+            warnings.local.sink = problems
             try:
-                if band not in handles.open:
-                    # One GDAL thread per pool thread: the pool is the parallelism (no oversubscription).
-                    handles.stack.enter_context(rasterio.Env(GDAL_NUM_THREADS="1"))
-                    handles.open[band] = handles.stack.enter_context(rasterio.open(path))
-                source = handles.open[band]
-                problems: list[str] = []
-                warnings.local.sink = problems
-                dn = source.read(1, window=Window(0, row, source.width, rows))
+                # The file opened per strip, by this thread (datasets must not be shared between threads; a
+                # header costs milliseconds, a strip's decoding a second); one GDAL thread per pool thread.
+                with rasterio.Env(GDAL_NUM_THREADS="1"), rasterio.open(path) as source:
+                    dn = source.read(1, window=Window(0, row, source.width, rows))
                 if problems:
                     raise RasterioError(problems[0])
             except RasterioError as exc:
