@@ -153,7 +153,7 @@ def test_download_is_the_first_stage_and_runs_when_enabled(tmp_path):
     assert list(STAGES)[0] == "download"
     info = STAGES["download"]
     assert (info.per_scene, info.needs_gpu, info.section) == (False, False, "download")
-    assert select_stages(config_for(tmp_path, dates=None))[:2] == ["download", "annotate"]
+    assert select_stages(config_for(tmp_path, dates=None))[:2] == ["download", "decode"]
 
 
 def make_zip(folder: Path, zip_path: Path) -> None:
