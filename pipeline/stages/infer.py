@@ -146,26 +146,20 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
             settings.batch_size or loaded.batch_for(window, settings.halo, grid.height, grid.width),
             loaded.readers, probabilities=settings.save_probabilities, on_window=on_window,
         )
-        with atomic_raster(out_dir / "mask.tif", grid.geotiff_profile("uint8", NODATA)) as mask_out:
-            if settings.save_probabilities:
-                with atomic_raster(out_dir / "probabilities.tif",
-                                   grid.geotiff_profile("uint8", None, count=classes)) as prob_out:
+        probabilities = atomic_raster(out_dir / "probabilities.tif", grid.geotiff_profile(
+            "uint8", None, count=classes)) if settings.save_probabilities else nullcontext()
+        with atomic_raster(out_dir / "mask.tif", grid.geotiff_profile("uint8", NODATA)) as mask_out, \
+                probabilities as prob_out:
 
-                    def write_both(result: WindowPrediction) -> None:
-                        nonlocal counts
-                        counts += _write_window(mask_out, result)
-                        assert result.probabilities is not None
-                        result.probabilities[:, ~result.valid] = 0
-                        prob_out.write(result.probabilities, window=result.core)
+            def write(result: WindowPrediction) -> None:
+                nonlocal counts
+                counts += _write_window(mask_out, result)
+                if prob_out is not None:
+                    assert result.probabilities is not None
+                    result.probabilities[:, ~result.valid] = 0
+                    prob_out.write(result.probabilities, window=result.core)
 
-                    write_behind(windows, write_both)
-            else:
-
-                def write_mask(result: WindowPrediction) -> None:
-                    nonlocal counts
-                    counts += _write_window(mask_out, result)
-
-                write_behind(windows, write_mask)
+            write_behind(windows, write)
         if settings.quicklooks:
             write_quicklooks(out_dir, reader, out_dir / "mask.tif")
     valid = counts[:classes].sum()
