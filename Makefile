@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml | $(PY)
 demo: setup
 	$(SNOWPIPE) cluster up
 	$(SNOWPIPE) demo-data $(DEMO) $(DEMO_ARGS) --force
-	cd ansible && ../$(VENV)/bin/ansible-playbook submit.yml -e config=$(CURDIR)/$(DEMO)/pipeline-config.yml \
+	cd ansible && ../$(VENV)/bin/ansible-playbook submit.yml -e config=$(abspath $(DEMO))/pipeline-config.yml \
 	  -e run_id=$(RUN_ID) -e wait=true
 	@echo "== U-Net predictions of run $(RUN_ID) against the demo's truth:"
 	$(PY) bench/annotation_quality.py $(DEMO) --predictions --results .cluster/remote/runs/$(RUN_ID)/results
