@@ -417,8 +417,9 @@ def output_lock(target: Path, what: str) -> Iterator[LockInfo]:
         if error is None and exc.errno in (errno.ENOTDIR, errno.EEXIST):
             error = OutputError(f"cannot create the folder {lock.parent}: a file is in the way; "
                                 "move it or point the config's paths elsewhere")
-        if error is None:
-            raise
+        if error is None:  # e.g. a path under /proc or a parent that cannot hold folders
+            error = OutputError(f"cannot create the folder {lock.parent}: {exc.strerror or exc}; "
+                                "point the config's paths elsewhere")
         raise error from exc
     key = os.path.join(os.path.realpath(lock.parent), lock.name)  # one lock however the path is spelt
     with _registry_lock:

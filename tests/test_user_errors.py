@@ -242,3 +242,14 @@ def test_a_full_disk_is_one_line_not_an_internal_error(tmp_path):
     line = one_error_line(result.stderr)
     assert line.startswith(f"error: cannot write {folder / 'demo'}")  # the folder or the first file in it
     assert line.endswith(": no space left; free space there or point the config's paths at a larger disk")
+
+
+@pytest.mark.parametrize("stage, key", [("decode", "paths.decoded"), ("annotate", "paths.annotated_masks")])
+def test_an_output_folder_that_cannot_be_created_is_one_line_not_an_internal_error(tmp_path, capsys, stage, key):
+    write_scene(tmp_path / "extracted_data")
+    path = config_file(tmp_path, "tile_id: 32TNS\nannotation: {clouds: false, glacier: false, water: false, "
+                                 "exolabs_snow: false}\n")
+    code, err = snowpipe(capsys, "stage", stage, str(path), "--set", f"{key}=/proc/snowpipe-cannot-be-here")
+    assert code == 1, err  # the scene fails with the reason; the stage names it (no traceback, not code 70)
+    assert "20220301T102309: cannot create the folder /proc/snowpipe-cannot-be-here" in err
+    assert "point the config's paths elsewhere" in err and "internal error" not in err
