@@ -42,12 +42,14 @@ class _GdalErrorLog(logging.Handler):
         sinks = getattr(self._local, "sinks", None)
         if not sinks:
             return
-        if record.levelno < logging.ERROR and not str(record.msg).startswith("GDAL signalled an error"):
+        error = record.levelno >= logging.ERROR or str(record.msg).startswith("GDAL signalled an error")
+        if not error and record.levelno < logging.WARNING:
             return
         args = record.args
         message = str(args[1]) if isinstance(args, tuple) and len(args) == 2 else record.getMessage()
-        for sink in sinks:
-            sink.append(message)
+        for sink, with_warnings in sinks:
+            if error or with_warnings:
+                sink.append(message)
 
     @contextmanager
     def listening(self) -> Iterator[None]:
@@ -72,15 +74,16 @@ class _GdalErrorLog(logging.Handler):
                         logger.setLevel(self._levels.pop(name, logging.NOTSET))
 
     @contextmanager
-    def into(self, sink: list[str]) -> Iterator[list[str]]:
-        """GDAL errors of this thread go to `sink` inside the block (call within `listening`)."""
+    def into(self, sink: list[str], warnings: bool = False) -> Iterator[list[str]]:
+        """GDAL errors of this thread go to `sink` inside the block (call within `listening`); with `warnings`,
+        its warnings too (OpenJPEG decodes a damaged code stream with only a warning: the decode stage)."""
         sinks = self._local.__dict__.setdefault("sinks", [])
-        sinks.append(sink)
+        sinks.append((sink, warnings))
         try:
             yield sink
         finally:
             for i in range(len(sinks) - 1, -1, -1):
-                if sinks[i] is sink:
+                if sinks[i][0] is sink:
                     del sinks[i]
                     break
 

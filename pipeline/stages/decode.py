@@ -5,16 +5,17 @@ Why: JPEG 2000 decodes at ~8 Mpx/s per core; a tiled GeoTIFF with ZSTD level 1 r
 a CPU job that starts at once, spares every later stage (and the GPU job) that cost.
 
 Layout: `{paths.decoded}/{product}.SAFE/{band}.tif` (one file per band, the product's CRS, transform, size
-and no-data, uint16, 512 px tiles, ZSTD level 1) plus a completion record naming the JPEG 2000 files by relative name,
-size and sampled content (pipeline/stages/records.py). Nothing is resampled: the 20 m and 60 m bands stay at
-20 m and 60 m, so the later stages resample exactly as they did from JPEG 2000 and get the same numbers.
+and no-data, uint16, 512 px tiles, ZSTD level 1) plus a completion record naming the JPEG 2000 files by
+relative name, size and sampled content (pipeline/stages/records.py). Nothing is resampled: the 20 m and 60 m
+bands stay at 20 m and 60 m, so the later stages resample exactly as they did from JPEG 2000 and get the same
+numbers.
 
 Parallelism: the work units are strips one JPEG 2000 tile row high, across all bands (heaviest first), on a
-pool of threads, each opening the file for its strip (GDAL releases the GIL); each thread also writes its strip into
-the band's GeoTIFF (one writer per file at a time). Memory: about two strips per thread and GDAL's block
-cache (capped at 256 MiB), whatever the scene size.
+pool of threads; each opens the file for its strip (GDAL releases the GIL), decodes it and writes it into the
+band's GeoTIFF (one writer per file at a time). Memory: about two strips per thread and GDAL's block cache
+(capped at 256 MiB), whatever the scene size.
 
-Reading: `with_decoded(config, scenes)` gives every band-reading stage scenes whose bands read from here
+Reading: `discover_readable(config, dates)` gives every band-reading stage scenes whose bands read from here
 when a complete record vouches for them, and from JPEG 2000 otherwise (pipeline/data/layout.py,
 Scene.read_path). See docs/architecture.md ("Decoded rasters").
 """
@@ -22,7 +23,6 @@ Scene.read_path). See docs/architecture.md ("Decoded rasters").
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 import threading
 import time
@@ -38,10 +38,13 @@ from rasterio.windows import Window
 from pipeline.bands import BAND_RESOLUTION, BANDS
 from pipeline.config import PipelineConfig
 from pipeline.data.layout import Scene, discover_scenes
+from pipeline.data.raster_checks import GDAL_ERRORS
 from pipeline.data.reader import BLOCK_CACHE_BYTES, SceneReader
 from pipeline.data.writer import atomic_raster
 from pipeline.errors import SceneError
 from pipeline.faults import reached
+from pipeline.inference.identity import STAGE as INFER_STAGE
+from pipeline.inference.identity import prediction_folder
 from pipeline.locks import output_lock
 from pipeline.progress import say
 from pipeline.stages import records
@@ -118,36 +121,10 @@ def _profile(source: rasterio.DatasetReader) -> dict:
     }
 
 
-class _StripWarnings(logging.Handler):
-    """GDAL's warnings in the thread reading a strip. OpenJPEG decodes a damaged or truncated code stream
-    with only a warning ("Stream does not end with EOC") and garbage pixels; decoding once for every later
-    stage must not publish those, so any warning fails the scene, naming the file."""
-
-    LOGGERS = ("rasterio._err", "rasterio._env", "rasterio._io")
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.local = threading.local()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        sink = getattr(self.local, "sink", None)
-        if sink is not None:
-            sink.append(record.getMessage())
-
-    def __enter__(self) -> _StripWarnings:
-        for name in self.LOGGERS:
-            logging.getLogger(name).addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name in self.LOGGERS:
-            logging.getLogger(name).removeHandler(self)
-
-
 def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCallback | None = None) -> dict:
     """Write the scene's 13 bands as `{band}.tif` into `out_dir`; return the record's summary."""
     # GDAL's block cache bounds memory (it holds written tiles until they are flushed): 256 MiB, not 5 % of RAM.
-    with rasterio.Env(GDAL_CACHEMAX=BLOCK_CACHE_BYTES), ExitStack() as outputs, _StripWarnings() as warnings:
+    with rasterio.Env(GDAL_CACHEMAX=BLOCK_CACHE_BYTES), ExitStack() as outputs, GDAL_ERRORS.listening():
         strips: list[Strip] = []
         writers = {}
         pixels = 0
@@ -173,20 +150,19 @@ def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCa
             if stop.is_set():
                 raise InterruptedError
             path = scene.band_path(band)
-            problems: list[str] = []
-            warnings.local.sink = problems
             try:
                 # The file opened per strip, by this thread (datasets must not be shared between threads; a
                 # header costs milliseconds, a strip's decoding a second); one GDAL thread per pool thread.
-                with rasterio.Env(GDAL_NUM_THREADS="1"), rasterio.open(path) as source:
+                # Any GDAL warning fails the strip: OpenJPEG decodes a damaged code stream to garbage with only
+                # "Stream does not end with EOC", and decoded rasters are trusted by every later stage.
+                with GDAL_ERRORS.into([], warnings=True) as problems, rasterio.Env(GDAL_NUM_THREADS="1"), \
+                        rasterio.open(path) as source:
                     dn = source.read(1, window=Window(0, row, source.width, rows))
                 if problems:
                     raise RasterioError(problems[0])
             except RasterioError as exc:
                 raise SceneError(scene.date, f"cannot decode {path} (rows {row}-{row + rows - 1}): {exc} "
                                              f"(the file is damaged: re-extract the product zip)") from None
-            finally:
-                warnings.local.sink = None
             dataset, width = writers[band]
             with band_locks[band]:  # compressing in the decoding threads too: the main thread only waits
                 dataset.write(dn, 1, window=Window(0, row, width, rows))
@@ -262,7 +238,7 @@ def _finished_by_every_reader(config: PipelineConfig, scene: Scene) -> bool:
         return False
     infer_dates = inference_dates(config)
     if config.inference.enable and (not infer_dates or scene.date in infer_dates) and \
-            not _finished(config.path("results") / "predictions" / scene.date, "infer"):
+            not _finished(prediction_folder(config, scene.date), INFER_STAGE):
         return False
     return True
 
