@@ -33,7 +33,7 @@ from pipeline.data.layout import Auxiliary, Scene
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
 from pipeline.errors import SceneError
-from pipeline.inference.source import OpenInput
+from pipeline.inference.source import OpenInput, ReadWindow
 
 # Bands by their factor to the 10 m grid: 10 m bands are read as they are, 20 m and 60 m upsampled.
 GROUPS: dict[int, list[int]] = {}
@@ -144,7 +144,7 @@ def device_input(scene: Scene, tile: str, auxiliary: Auxiliary | None, normalise
     to_device = DeviceInput(normaliser, scene.dn_offset, device)
 
     @contextmanager
-    def open_input() -> Iterator:
+    def open_input() -> Iterator[ReadWindow]:
         with native() as read:
             yield lambda window: to_device(read(window))
 
