@@ -62,6 +62,7 @@ demo-local: setup
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 	cd ansible && ../$(VENV)/bin/ansible-lint --profile production --offline -q .
 
 test: setup lint

@@ -112,7 +112,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_verify_data(args: argparse.Namespace) -> int:
     """Before a batch job's stage: are the synced files it reads those that were submitted?"""
     from pipeline.data.manifest import verify
-    from pipeline.stages.registry import STAGES
+    from pipeline.registry import STAGES
 
     config = load_config(args.config)
     if args.stage not in STAGES:

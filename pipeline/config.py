@@ -21,6 +21,7 @@ from pipeline.contract.formats import CONFIG_SCHEMA, SCHEMA_KEY
 from pipeline.data.layout import Scene, discover_scenes
 from pipeline.data.tiles import is_tile_id
 from pipeline.errors import ConfigError, DataError
+from pipeline.registry import STAGES
 
 DATE_KEY = re.compile(r"^\d{8}T\d{6}$")
 DEFAULT_CONFIG = "pipeline-config.yml"
@@ -394,8 +395,6 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
 
 def check_data_folders(config: PipelineConfig, stages: list[str]) -> list[str]:
     """Problems with input folders the selected stages read, each naming the folder and the fix."""
-    from pipeline.stages.registry import STAGES  # the registry reads this module: import it when called
-
     problems: list[str] = []
     extracted = config.path("extracted_data")
     reads_extracted = any(STAGES[name].reads("extracted_data") for name in stages)

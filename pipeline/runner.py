@@ -1,6 +1,6 @@
 """Run stages locally, in pipeline order: what `snowpipe run` and `snowpipe stage` (in batch scripts) call.
 
-The stages themselves are declared in pipeline/stages/registry.py; their code is imported when they run.
+The stages themselves are declared in pipeline/registry.py; their code is imported when they run.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pipeline.config import DATE_KEY, PipelineConfig, check_data_folders
 from pipeline.data.layout import discover_scenes
 from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import say
+from pipeline.registry import STAGES, enabled, stage_dates
 from pipeline.stages.base import StageReport
-from pipeline.stages.registry import STAGES, enabled, stage_dates
 
 
 def unknown_stage(name: str) -> SnowpipeError:

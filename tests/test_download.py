@@ -16,6 +16,7 @@ from pipeline.config import parse_config
 from pipeline.data.layout import discover_scenes, find_auxiliary
 from pipeline.demo import generate_demo
 from pipeline.errors import ConfigError, DataError, SnowpipeError
+from pipeline.registry import STAGES
 from pipeline.runner import select_stages
 from pipeline.stages import download
 from pipeline.stages.download import (
@@ -27,7 +28,6 @@ from pipeline.stages.download import (
     unpack,
     verify_sizes,
 )
-from pipeline.stages.registry import STAGES
 from pipeline.stages.rsync import DataServer, Entry, explain, list_remote, parse_listing
 
 TILE = "32TNS"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.stages.publish import building, partial_folder, reclaim_partials
+from pipeline.records.publish import building, partial_folder, reclaim_partials
 
 
 def test_a_rebuilt_folder_keeps_the_users_files_but_not_the_stages_old_outputs(tmp_path):

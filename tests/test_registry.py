@@ -1,4 +1,4 @@
-"""Each stage is declared once (pipeline/stages/registry.py); the runner, job specs, planner, config checks and
+"""Each stage is declared once (pipeline/registry.py); the runner, job specs, planner, config checks and
 the README read that declaration, and planning a submission or validating a config never loads torch."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.config import check_data_folders
 from pipeline.errors import ConfigError
+from pipeline.registry import PER_SCENE, STAGES, stage_dates
 from pipeline.runner import select_stages
-from pipeline.stages.registry import PER_SCENE, STAGES, stage_dates
 from pipeline.submit.jobspec import load_jobs
 from tests.builders import make_config
 

@@ -10,12 +10,12 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from pipeline import records
 from pipeline.bands import CLASS_NAMES, NODATA
 from pipeline.metrics import confusion_matrix
-from pipeline.stages import records
+from pipeline.registry import stage_dates
 from pipeline.stages import test as test_stage
 from pipeline.stages.base import StageFailed
-from pipeline.stages.registry import stage_dates
 from tests.builders import make_config, write_raster, write_scene
 
 SIZE = 60

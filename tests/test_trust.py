@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.stages import records
+from pipeline import records
 
 pytestmark = pytest.mark.slow
 

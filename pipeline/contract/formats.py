@@ -137,5 +137,5 @@ def dependency_args(job_ids: list[str], each_ids: list[str] | None = None) -> li
 
 # ---- files that belong to one machine's processes ------------------------------------------------------------------
 # Never synced, staged or copied back: temporaries, the output locks of live writers and the partial folders of
-# interrupted ones (pipeline/locks.py, pipeline/stages/publish.py).
+# interrupted ones (pipeline/locks.py, pipeline/records/publish.py).
 TEMPORARY_FILES = (".*.tmp", "*.tmp", ".snowpipe-tmp-*", "__pycache__/", ".*.lock", ".*.partial-*")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import records
 from pipeline.bands import CLOUDS, EXO_NO_DATA, EXO_SNOW, NODATA, SNOW, WATER
 from pipeline.config import Annotation, PipelineConfig
 from pipeline.data.grid import Tile, iter_tiles
@@ -25,7 +26,8 @@ from pipeline.data.writer import atomic_raster
 from pipeline.errors import SceneError, SnowpipeError
 from pipeline.locks import output_lock
 from pipeline.progress import make_progress, say
-from pipeline.stages import records
+from pipeline.records.publish import building, reclaim_partials
+from pipeline.registry import STAGES, stage_dates
 from pipeline.stages.base import (
     ProgressCallback,
     SceneOutcome,
@@ -38,8 +40,6 @@ from pipeline.stages.base import (
 )
 from pipeline.stages.clouds import CloudDetector
 from pipeline.stages.decode import discover_readable, release_if_used
-from pipeline.stages.publish import building, reclaim_partials
-from pipeline.stages.registry import STAGES, stage_dates
 from pipeline.workers import die_with_parent
 
 INFO = STAGES["annotate"]

@@ -11,7 +11,7 @@ from rich.progress import Progress, TaskID
 from pipeline.data.layout import Scene
 from pipeline.errors import SceneError, SnowpipeError
 from pipeline.progress import make_progress, say
-from pipeline.stages.registry import StageInfo
+from pipeline.registry import StageInfo
 
 __all__ = ["StageInfo", "SceneOutcome", "StageReport", "StageFailed", "enforce_policy", "run_scenes"]
 

@@ -5,7 +5,7 @@ Output in {dataset}/: `train_images.npy` (n, channels, P, P) float16, already no
 with the split, patch positions, class distribution and normalisation constants. The training
 loader opens the arrays with `np.load(..., mmap_mode="r")`, so any number of workers share them.
 The folder is built beside the target under a private name and swapped in whole, the manifest (its
-completion record) being the last piece, under the dataset's lock (pipeline/stages/publish.py).
+completion record) being the last piece, under the dataset's lock (pipeline/records/publish.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from pipeline import records
 from pipeline.bands import BANDS, CLASS_NAMES
 from pipeline.config import Dataset, PipelineConfig
 from pipeline.data.layout import Auxiliary, Scene, find_auxiliary
@@ -29,11 +30,11 @@ from pipeline.data.writer import allocate_npy, write_json
 from pipeline.errors import DataError, SceneError, SnowpipeError
 from pipeline.locks import output_lock
 from pipeline.progress import make_progress, say
-from pipeline.stages import annotate, records, sampling
+from pipeline.records.publish import building, reclaim_partials
+from pipeline.registry import STAGES, stage_dates
+from pipeline.stages import annotate, sampling
 from pipeline.stages.base import SceneOutcome, StageReport, enforce_policy, failure_message
 from pipeline.stages.decode import discover_readable, release_if_used
-from pipeline.stages.publish import building, reclaim_partials
-from pipeline.stages.registry import STAGES, stage_dates
 
 INFO = STAGES["dataset"]
 MANIFEST = "manifest.json"

@@ -6,7 +6,7 @@ a CPU job that starts at once, spares every later stage (and the GPU job) that c
 
 Layout: `{paths.decoded}/{product}.SAFE/{band}.tif` (one file per band, the product's CRS, transform, size
 and no-data, uint16, 512 px tiles, ZSTD level 1) plus a completion record naming the JPEG 2000 files by
-relative name, size and sampled content (pipeline/stages/records.py). Nothing is resampled: the 20 m and 60 m
+relative name, size and sampled content (pipeline/records/__init__.py). Nothing is resampled: the 20 m and 60 m
 bands stay at 20 m and 60 m, so the later stages resample exactly as they did from JPEG 2000 and get the same
 numbers.
 
@@ -35,6 +35,7 @@ import rasterio
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from pipeline import records
 from pipeline.bands import BAND_RESOLUTION, BANDS
 from pipeline.config import PipelineConfig
 from pipeline.data.layout import Scene, discover_scenes
@@ -43,14 +44,13 @@ from pipeline.data.reader import BLOCK_CACHE_BYTES, SceneReader
 from pipeline.data.writer import atomic_raster
 from pipeline.errors import SceneError
 from pipeline.faults import reached
-from pipeline.inference.identity import STAGE as INFER_STAGE
-from pipeline.inference.identity import prediction_folder
 from pipeline.locks import output_lock
 from pipeline.progress import say
-from pipeline.stages import records
+from pipeline.records.prediction import STAGE as INFER_STAGE
+from pipeline.records.prediction import prediction_folder
+from pipeline.records.publish import building, reclaim_partials
+from pipeline.registry import STAGES, inference_dates, stage_dates
 from pipeline.stages.base import ProgressCallback, SceneOutcome, StageReport, raise_if_failed, run_scenes, usable_cpus
-from pipeline.stages.publish import building, reclaim_partials
-from pipeline.stages.registry import STAGES, inference_dates, stage_dates
 
 INFO = STAGES["decode"]
 # The decoded format; changing how bands are written changes this, and every record with the old one is redone.

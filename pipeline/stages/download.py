@@ -24,8 +24,8 @@ from pipeline.data.layout import EXOLABS_FOLDER, SAFE_NAME
 from pipeline.data.writer import swap_folder
 from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import make_progress, say
+from pipeline.registry import STAGES, stage_dates
 from pipeline.stages.base import SceneOutcome, StageReport
-from pipeline.stages.registry import STAGES, stage_dates
 from pipeline.stages.rsync import DataServer, Entry, list_remote, received_files, transfer
 
 INFO = STAGES["download"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import records
 from pipeline.bands import CLASS_NAMES, NODATA
 from pipeline.config import PipelineConfig
 from pipeline.data.decoded import DecodedScene
@@ -23,13 +24,6 @@ from pipeline.data.layout import Auxiliary, Scene, find_auxiliary
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster
-from pipeline.inference.identity import (
-    OUTPUTS_REQUIRED,
-    checkpoint_path,
-    data_channels,
-    prediction_folder,
-    record_key,
-)
 from pipeline.inference.native import device_input
 from pipeline.inference.outputs import write_quicklooks
 from pipeline.inference.predictor import Predictor, pick_device
@@ -38,7 +32,15 @@ from pipeline.inference.tiling import WindowPrediction, fit_batch, predict_windo
 from pipeline.inference.write_behind import write_behind
 from pipeline.locks import output_lock
 from pipeline.model.checkpoint import check_compatible, load_model
-from pipeline.stages import records
+from pipeline.records.prediction import (
+    OUTPUTS_REQUIRED,
+    checkpoint_path,
+    data_channels,
+    prediction_folder,
+    record_key,
+)
+from pipeline.records.publish import building, reclaim_partials
+from pipeline.registry import STAGES, stage_dates
 from pipeline.stages.base import (
     ProgressCallback,
     SceneOutcome,
@@ -48,8 +50,6 @@ from pipeline.stages.base import (
     usable_cpus,
 )
 from pipeline.stages.decode import discover_readable, release_if_used
-from pipeline.stages.publish import building, reclaim_partials
-from pipeline.stages.registry import STAGES, stage_dates
 
 __all__ = ["checkpoint_path", "data_channels", "infer_scene", "load_predictor", "run"]
 

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import TaskID
 from rich.table import Table
 
-from pipeline import plots
+from pipeline import plots, records
 from pipeline.bands import (
     BACKGROUND,
     CLASS_NAMES,
@@ -48,11 +48,11 @@ from pipeline.data.masks import find_mask
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_path, remove_temporaries, write_json
 from pipeline.errors import SceneError, SnowpipeError
-from pipeline.inference import identity
 from pipeline.locks import output_lock
 from pipeline.metrics import class_scores, confusion_matrix, json_number, mean_iou
 from pipeline.progress import console, make_progress, say
-from pipeline.stages import records
+from pipeline.records import prediction as identity
+from pipeline.registry import STAGES, stage_dates
 from pipeline.stages.base import (
     ProgressCallback,
     SceneOutcome,
@@ -60,7 +60,6 @@ from pipeline.stages.base import (
     StageReport,
     failure_message,
 )
-from pipeline.stages.registry import STAGES, stage_dates
 
 INFO = STAGES["test"]
 

@@ -19,8 +19,8 @@ from pipeline.config import PipelineConfig
 from pipeline.data.writer import remove_temporaries
 from pipeline.locks import output_lock
 from pipeline.progress import say
+from pipeline.registry import STAGES
 from pipeline.stages.base import SceneOutcome, StageReport
-from pipeline.stages.registry import STAGES
 from pipeline.training import distributed
 from pipeline.training.data import read_manifest
 from pipeline.training.loop import Trainer, best_epoch

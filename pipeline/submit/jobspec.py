@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
-from pipeline.stages.registry import PER_SCENE, STAGES
+from pipeline.registry import PER_SCENE, STAGES
 
 CLUSTER_STAGES = tuple(name for name, stage in STAGES.items() if stage.runs_on_cluster)
 TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")

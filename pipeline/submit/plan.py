@@ -39,7 +39,7 @@ from pipeline.contract.plan import (
 )
 from pipeline.data.layout import EXOLABS_FOLDER, Scene, discover_scenes, find_auxiliary
 from pipeline.errors import ConfigError, DataError, SceneError
-from pipeline.stages.registry import STAGES, enabled, stage_dates
+from pipeline.registry import STAGES, enabled, stage_dates
 from pipeline.submit.jobspec import Job, Resources, load_jobs, parse_resources
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent

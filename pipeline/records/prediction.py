@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import records
 from pipeline.bands import BANDS
 from pipeline.config import PipelineConfig
 from pipeline.data.layout import Auxiliary, Scene
-from pipeline.stages import records
 
 STAGE = "infer"
 OUTPUTS_REQUIRED = ("mask.tif",)

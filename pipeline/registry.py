@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from pipeline.config import PipelineConfig
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: the registry lies below config (config's checks read it), docs/architecture.md
+    from pipeline.config import PipelineConfig
     from pipeline.stages.base import StageReport
 
 Access = Literal["r", "w"]
