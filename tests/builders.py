@@ -77,15 +77,16 @@ def write_auxiliary(root: Path, size: int = 60, tile: str = TILE, **layers: np.n
     return folder
 
 
-def make_config(root: Path, **sections: dict) -> PipelineConfig:
-    """A validated config whose paths point into `root` (extracted_data is `root` itself)."""
+def make_config(root: Path, **sections: dict | list) -> PipelineConfig:
+    """A validated config whose paths point into `root` (extracted_data is `root` itself); a section is a dict
+    of its keys, `dates` a list."""
     data: dict = {
         "tile_id": TILE,
         "paths": {"extracted_data": ".", "annotated_masks": "masks", "dataset": "dataset",
                   "results": "results", "work": "work"},
     }
     for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values}
+        data[name] = {**data.get(name, {}), **values} if isinstance(values, dict) else values
     return parse_config(data, root)
 
 

@@ -234,3 +234,22 @@ def test_an_array_task_runs_every_scene_of_its_comma_separated_list(tmp_path):
     assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == sorted(
         p.name for p in tmp_path.glob("S2*.SAFE"))
     assert main(["stage", "decode", str(config), "--scene", f"{DATES[0]},nope"]) == 2
+
+
+def test_an_array_job_of_two_stages_runs_both_on_the_same_scenes_or_is_refused_by_name(tmp_path):
+    """annotate covers `dates`, infer `inference.dates`: with the same count but other scenes, task i would run
+    infer on annotate's scene. Same scenes: one list for both; other scenes: the job is named and refused."""
+    for date in [*DATES, "20220321T102309"]:
+        write_scene(tmp_path, date=date, size=60)
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "both.yml").write_text("jobs:\n  - name: both\n    stages: [annotate, infer]\n    array: true\n")
+    config = make_config(tmp_path, dates=DATES[:2], inference={"enable": True, "dates": DATES[:2]})
+    plan = make_plan(config, tmp_path / "c.yml", "both", target(), run_id="r1", jobs_dir=jobs)
+    assert plan.job("both").scene_dates == DATES[:2]
+
+    other = make_config(tmp_path, dates=DATES[:2], inference={"enable": True,
+                                                              "dates": [DATES[0], "20220321T102309"]})
+    with pytest.raises(ConfigError, match=r"job both: its stages annotate and infer cover different scenes "
+                                          r"\(2 and 2; differing: 20220311T102309, 20220321T102309\)"):
+        make_plan(other, tmp_path / "c.yml", "both", target(), run_id="r1", jobs_dir=jobs)

@@ -307,7 +307,8 @@ def accounting_line(accounting: bool, sacct_works: bool = True) -> str:
         "accounting: on, but slurmdbd or MariaDB is stopped (sacct fails; `snowpipe cluster up` starts them)"
 
 
-def up(*, accounting: bool | None = None, min_job_age: int = 300, timeout: float = 60.0,
+# noqa below: one transaction, start and rollback; split up, the rollback would need every step's state.
+def up(*, accounting: bool | None = None, min_job_age: int = 300, timeout: float = 60.0,  # noqa: PLR0915
        paths: ClusterPaths | None = None, report: Report = say) -> ClusterInfo:
     """Start the cluster (idempotent) and return once the node is ready and ssh with host-key checking works.
 

@@ -24,9 +24,8 @@ from pipeline.data.preview import write_mask_preview
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster
 from pipeline.errors import SceneError, SnowpipeError
-from pipeline.locks import output_lock
 from pipeline.progress import make_progress, say
-from pipeline.records.publish import building, reclaim_partials
+from pipeline.records.per_output import produce
 from pipeline.registry import STAGES, stage_dates
 from pipeline.stages.base import (
     ProgressCallback,
@@ -96,17 +95,12 @@ def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, th
     built in a private folder and published in one swap, under the scene's lock."""
     start = time.perf_counter()
     auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
-    out_dir = config.path("annotated_masks") / scene.date
-    key = record_key(scene, config, auxiliary)
-    with output_lock(out_dir, f"annotate {scene.date}"):
-        reclaim_partials(out_dir)
-        if not force and records.is_complete(out_dir, key, required=("mask.tif", "coverage.tif")):
-            outcome = SceneOutcome(scene.date, "skipped")
-        else:
-            with building(out_dir, owned=OUTPUTS) as partial:
-                details = _write_masks(scene, config, auxiliary, partial, threads, on_window)
-                records.write_record(partial, key, OUTPUTS, **details)
-            outcome = SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+    details = produce(config.path("annotated_masks") / scene.date, record_key(scene, config, auxiliary),
+                      lambda partial: _write_masks(scene, config, auxiliary, partial, threads, on_window),
+                      what=f"annotate {scene.date}", required=("mask.tif", "coverage.tif"), owned=OUTPUTS,
+                      outputs=OUTPUTS, force=force)
+    outcome = SceneOutcome(scene.date, "skipped") if details is None else \
+        SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
     release_if_used(config, scene)
     return outcome
 

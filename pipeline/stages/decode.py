@@ -26,7 +26,7 @@ import dataclasses
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from pathlib import Path
@@ -46,9 +46,9 @@ from pipeline.errors import SceneError
 from pipeline.faults import reached
 from pipeline.locks import output_lock
 from pipeline.progress import say
+from pipeline.records.per_output import produce
 from pipeline.records.prediction import STAGE as INFER_STAGE
 from pipeline.records.prediction import prediction_folder
-from pipeline.records.publish import building, reclaim_partials
 from pipeline.registry import STAGES, inference_dates, stage_dates
 from pipeline.stages.base import ProgressCallback, SceneOutcome, StageReport, raise_if_failed, run_scenes, usable_cpus
 
@@ -168,31 +168,38 @@ def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCa
                 dataset.write(dn, 1, window=Window(0, row, width, rows))
             return strip
 
-        done = 0
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix=f"decode-{scene.date}") as pool:
-            pending: set[Future] = set()
-            queue = iter(strips)
-            try:
-                while True:
-                    while len(pending) < 2 * max(1, threads):
-                        strip = next(queue, None)
-                        if strip is None:
-                            break
-                        pending.add(pool.submit(decode_strip, strip))
-                    if not pending:
-                        break
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        future.result()
-                        done += 1
-                        reached("decode strip written")
-                        if on_strip:
-                            on_strip(done, len(strips))
-            finally:
-                stop.set()
-                for future in pending:
-                    future.cancel()
+        _in_pool(strips, decode_strip, stop, threads, f"decode-{scene.date}", on_strip)
     return {"bands": len(BANDS), "pixels": pixels, "format": FORMAT, "threads": threads}
+
+
+def _in_pool(strips: list[Strip], decode_strip: Callable[[Strip], Strip], stop: threading.Event, threads: int,
+             name: str, on_strip: ProgressCallback | None) -> None:
+    """Decode the strips on a thread pool, at most two per thread queued (memory stays bounded); the first
+    failure stops the rest (`stop`) and is raised."""
+    done = 0
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix=name) as pool:
+        pending: set[Future] = set()
+        queue = iter(strips)
+        try:
+            while True:
+                while len(pending) < 2 * max(1, threads):
+                    strip = next(queue, None)
+                    if strip is None:
+                        break
+                    pending.add(pool.submit(decode_strip, strip))
+                if not pending:
+                    break
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()
+                    done += 1
+                    reached("decode strip written")
+                    if on_strip:
+                        on_strip(done, len(strips))
+        finally:
+            stop.set()
+            for future in pending:
+                future.cancel()
 
 
 def folder_bytes(folder: Path) -> int:
@@ -207,14 +214,11 @@ def decode_scene(scene: Scene, config: PipelineConfig, force: bool = False, thre
     folder = decoded_folder(config, scene)
     with SceneReader(scene, config.tile_id):  # missing bands, wrong CRS or grid: one line naming the file
         pass
-    key = record_key(config, scene)
-    with output_lock(folder, f"decode {scene.date}"):
-        reclaim_partials(folder)
-        if not force and records.is_complete(folder, key, required=OUTPUTS):
-            return SceneOutcome(scene.date, "skipped")
-        with building(folder, owned=("*.tif",)) as partial:
-            details = decode_bands(scene, partial, threads or usable_cpus(), on_strip)
-            records.write_record(partial, key, OUTPUTS, **details)
+    details = produce(folder, record_key(config, scene),
+                      lambda partial: decode_bands(scene, partial, threads or usable_cpus(), on_strip),
+                      what=f"decode {scene.date}", required=OUTPUTS, owned=("*.tif",), outputs=OUTPUTS, force=force)
+    if details is None:
+        return SceneOutcome(scene.date, "skipped")
     seconds = time.perf_counter() - start
     details["summary"] = (f"13 bands decoded, {folder_bytes(folder) / 1e6:.0f} MB "
                           f"({details['pixels'] / seconds / 1e6:.1f} Mpx/s on {details['threads']} thread(s))")

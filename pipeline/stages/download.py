@@ -180,6 +180,41 @@ def unpack(zip_path: Path, target: Path, force: bool = False) -> bool:
     return True
 
 
+def _unpack_all(dest: Path, products: list[Product], auxiliary: Entry | None, tile: str,
+                force: bool) -> set[str]:
+    """Unpack the zips received (products and a zipped auxiliary folder); the names of those unpacked."""
+    unpacked: set[str] = set()
+    if auxiliary is not None and auxiliary.kind == "file" and \
+            unpack(dest / auxiliary.path, dest / f"{tile}_auxiliary_data", force):
+        unpacked.add(auxiliary.path)
+    zips = [p for p in products if p.form == "zip"]
+    if zips:
+        with make_progress() as progress:
+            bar = progress.add_task("download: unpack zips", total=len(zips))
+            for product in zips:
+                if unpack(dest / product.name, dest / product.folder, force):
+                    unpacked.add(product.name)
+                progress.advance(bar)
+    return unpacked
+
+
+def _summary(received: list[str], sizes: dict[str, int], products: list[Product], auxiliary: Entry | None,
+             listing: list[Entry], tile: str, unpacked: set[str]) -> str:
+    """The report's note: what moved, what was unpacked, what the server lacks."""
+    moved = sum(sizes.get(path, 0) for path in received)
+    notes = [f"{len(received)} file(s), {moved / 1e6:.1f} MB transferred"]
+    if any(p.form == "zip" for p in products) or (auxiliary is not None and auxiliary.kind == "file"):
+        notes.append(f"{len(unpacked)} zip(s) unpacked (zips kept)")
+    if auxiliary is None:
+        notes.append(f"no {tile}_auxiliary_data on the server")
+    days = {Path(e.path).name[len(f"S2_{tile}_"):][:10] for e in listing if e.path.startswith(f"{EXOLABS_FOLDER}/")}
+    no_exolabs = sorted({p.day for p in products} - days)
+    if no_exolabs:
+        notes.append(f"no ExoLabs file for {', '.join(no_exolabs[:MAX_LISTED])}"
+                     f"{' ...' if len(no_exolabs) > MAX_LISTED else ''}")
+    return "; ".join(notes)
+
+
 def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
     """Download the tile's products of `dates` (default: the config's; [] = all on the server).
 
@@ -215,37 +250,13 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     verify_sizes(listing, dest, remote.where)
 
     received = received_files(items)
-    unpacked: set[str] = set()
-    zips = [p for p in products if p.form == "zip"]
-    if auxiliary is not None and auxiliary.kind == "file":
-        unpacked_aux = unpack(dest / auxiliary.path, dest / f"{tile}_auxiliary_data", force)
-        if unpacked_aux:
-            unpacked.add(auxiliary.path)
-    if zips:
-        with make_progress() as progress:
-            bar = progress.add_task("download: unpack zips", total=len(zips))
-            for product in zips:
-                if unpack(dest / product.name, dest / product.folder, force):
-                    unpacked.add(product.name)
-                progress.advance(bar)
-
+    unpacked = _unpack_all(dest, products, auxiliary, tile, force)
     report = StageReport(INFO.name, output=str(dest))
     for product in products:
         files = [path for path in received if path.split("/", 1)[0] == product.name]
         changed = bool(files) or product.name in unpacked
         report.outcomes.append(SceneOutcome(product.date, "done" if changed else "skipped",
                                             details={"product": product.name, "files": len(files)}))
-    moved = sum(sizes.get(path, 0) for path in received)
-    notes = [f"{len(received)} file(s), {moved / 1e6:.1f} MB transferred"]
-    if zips or (auxiliary is not None and auxiliary.kind == "file"):
-        notes.append(f"{len(unpacked)} zip(s) unpacked (zips kept)")
-    if auxiliary is None:
-        notes.append(f"no {tile}_auxiliary_data on the server")
-    days = {Path(e.path).name[len(f"S2_{tile}_"):][:10] for e in listing if e.path.startswith(f"{EXOLABS_FOLDER}/")}
-    no_exolabs = sorted({p.day for p in products} - days)
-    if no_exolabs:
-        notes.append(f"no ExoLabs file for {', '.join(no_exolabs[:MAX_LISTED])}"
-                     f"{' ...' if len(no_exolabs) > MAX_LISTED else ''}")
-    report.note = "; ".join(notes)
+    report.note = _summary(received, sizes, products, auxiliary, listing, tile, unpacked)
     report.seconds = time.perf_counter() - start
     return report

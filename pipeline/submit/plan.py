@@ -192,19 +192,27 @@ def scene_order(scan: SceneScan, dates: list[str]) -> list[str]:
     return [date for date in dates if date in found] if dates else found
 
 
-def _array_sizes(config: PipelineConfig, jobs: list[Job], scan: SceneScan) -> dict[str, int]:
-    sizes = {}
+def array_dates(config: PipelineConfig, jobs: list[Job], scan: SceneScan) -> dict[str, list[str]]:
+    """Per array job, the scenes of its tasks in order. Every stage of one array job runs on task i's scenes,
+    so the stages must cover the same scenes in the same order: otherwise the job is refused, named."""
+    found: dict[str, list[str]] = {}
     for job in jobs:
-        if job.array:
-            counts = {len(scan(stage_dates(config, stage))) for stage in job.stages}
-            if len(counts) != 1:
-                raise ConfigError(f"job {job.name}: its stages cover different numbers of scenes ({sorted(counts)}); "
-                                  f"split it into one job per stage")
-            scenes = counts.pop()
-            if scenes == 0:
-                raise DataError(f"job {job.name}: no scene to process in {config.path('extracted_data')}")
-            sizes[job.name] = -(-scenes // (job.resources.scenes_per_task or 1))
-    return sizes
+        if not job.array:
+            continue
+        lists = {stage: scene_order(scan, stage_dates(config, stage)) for stage in job.stages}
+        first, dates = next(iter(lists.items()))
+        for stage, other in lists.items():
+            if other != dates:
+                differ = sorted(set(dates) ^ set(other)) or ["the same scenes in another order"]
+                raise ConfigError(
+                    f"job {job.name}: its stages {first} and {stage} cover different scenes "
+                    f"({len(dates)} and {len(other)}; differing: {', '.join(differ[:5])}"
+                    f"{' ...' if len(differ) > 5 else ''}); split it into one job per stage in jobs/, "
+                    f"or give both stages the same dates in the config")
+        if not dates:
+            raise DataError(f"job {job.name}: no scene to process in {config.path('extracted_data')}")
+        found[job.name] = dates
+    return found
 
 
 def _gpu_options(resources: Resources, gpu_request: str) -> dict[str, str]:
@@ -346,14 +354,35 @@ def frozen_config(config: PipelineConfig, data_root: str | None, run_dir: str,
     return frozen, paths
 
 
-def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Target, mode: Mode = "cluster",
-              run_id: str | None = None, jobs_dir: Path = REPO_ROOT / "jobs", repo_root: Path = REPO_ROOT,
-              build_dir: Path | None = None) -> Plan:
-    """The run as data: folders, files to sync, frozen config, and one entry per job in submission order."""
-    run_id = run_id or new_run_id()
-    problem = formats.run_id_problem(run_id)
-    if problem:
-        raise ConfigError(problem)
+@dataclass(frozen=True)
+class RunFolders:
+    """Where a run lives: on the cluster (and rendered under build/ for a dry run), or on this machine."""
+
+    root: str
+    run_dir: str
+    data_root: str | None  # the shared data folder on the cluster; None: this machine's data in place
+    code_dir: str
+    render_dir: str
+    python: str
+    venv: str | None
+
+
+def run_folders(mode: Mode, target: Target, run_id: str, repo_root: Path, build_dir: Path) -> RunFolders:
+    """The folder layout of each mode: the cluster's (a dry run renders it under build/ without sending), or for
+    a local run this machine's data and code with a run folder under build/."""
+    if mode != "local_run":
+        root = target.remote_root
+        run_dir = f"{root}/runs/{run_id}"
+        return RunFolders(root, run_dir, f"{root}/data", f"{run_dir}/code",
+                          str(build_dir / "dry-run" / run_id) if mode == "dry_run" else run_dir,
+                          target.python, target.venv)
+    root = str(build_dir / "local-run")
+    run_dir = f"{root}/runs/{run_id}"
+    return RunFolders(root, run_dir, None, str(repo_root), run_dir, sys.executable, None)
+
+
+def checked_jobs(config: PipelineConfig, spec: str, target: Target, jobs_dir: Path) -> list[Job]:
+    """The job spec's jobs with the config's stages, each able to run on a cluster, their input folders there."""
     jobs = enabled_jobs(load_jobs(jobs_dir, spec, target.defaults, target.overrides), config, spec)
     for job in jobs:
         for stage in job.stages:
@@ -362,19 +391,14 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
     problems = check_data_folders(config, sorted({stage for job in jobs for stage in job.stages}))
     if problems:
         raise DataError("\n".join(problems))
-    scan = scene_scanner(config)
-    sizes = _array_sizes(config, jobs, scan)
-    commit, dirty = git_commit(repo_root)
-    build_dir = build_dir or repo_root / "build"
-    if mode != "local_run":  # the cluster's folders (a dry run renders them, under build/, without sending)
-        root, python, venv = target.remote_root, target.python, target.venv
-        run_dir, data_root, code_dir = f"{root}/runs/{run_id}", f"{root}/data", f"{root}/runs/{run_id}/code"
-    else:  # local_run: this machine's data and code, a run folder under build/
-        root, python, venv = str(build_dir / "local-run"), sys.executable, None
-        run_dir, data_root, code_dir = f"{root}/runs/{run_id}", None, str(repo_root)
-    render_dir = str(build_dir / "dry-run" / run_id) if mode == "dry_run" else run_dir
-    config_json = f"{run_dir}/config.json"
-    sync, fingerprints = [], []
+    return jobs
+
+
+def synced_folders(config: PipelineConfig, mode: Mode, data_root: str | None) -> tuple[list[SyncedFolder], list[str]]:
+    """The folders sent to the cluster, with their sizes, and their fingerprints (what makes a resubmission the
+    same data); nothing is sent for a local run."""
+    sync: list[SyncedFolder] = []
+    fingerprints: list[str] = []
     for name in ("extracted_data", "annotated_masks"):
         source = config.path(name)
         if mode != "local_run" and source.is_dir():
@@ -382,52 +406,77 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
             fingerprints.append(f"{name}:{fingerprint}")
             sync.append(SyncedFolder(name=name, source=f"{source}/", dest=f"{data_root}/{name}/", files=files,
                                      bytes=total))
-    frozen, paths = frozen_config(config, data_root, run_dir, scan)
-    decoding = any("decode" in job.stages for job in jobs)
+    return sync, fingerprints
+
+
+def planned_job(job: Job, dates: list[str], planned: list[PlannedJob], folders: RunFolders, run_id: str,
+                target: Target, commands: list[StageCommand]) -> PlannedJob:
+    """One job's entry: #SBATCH options, array and its tasks' scenes, dependencies, commands."""
+    tasks = task_scenes(dates, job.resources.scenes_per_task or 1) if job.array else []
+    size = len(tasks) or None
+    options = sbatch_options(job, run_id, folders.run_dir, size, target.gpu_request)
+    # Task by task (aftercorr) only where task i of both arrays is the same scene; else the whole array.
+    each = [name for name in job.after_each
+            if next(p for p in planned if p.name == name).scene_dates[:len(tasks)] == tasks]
+    script = f"{folders.run_dir}/jobs/{job.name}.sbatch"
+    return PlannedJob(
+        name=job.name,
+        description=job.description,
+        stages=job.stages,
+        after=job.after,
+        after_each=each,
+        array=f"0-{size - 1}" if size else None,
+        array_size=size or 0,
+        script=script,
+        render_path=f"{folders.render_dir}/jobs/{job.name}.sbatch",
+        sbatch=options,
+        sbatch_lines=sbatch_lines(options),
+        modules=job.resources.modules or [],
+        setup=job.resources.setup or [],
+        stage_inputs=bool(job.resources.stage_inputs),
+        # Array task i processes scene_dates[i] (passed as --scene), whatever else the cluster holds.
+        scene_dates=tasks,
+        requeue_limit=job.resources.requeue_limit or 0,
+        submit_display=submit_display(job, script, each),
+        commands=commands,
+    )
+
+
+def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Target, mode: Mode = "cluster",
+              run_id: str | None = None, jobs_dir: Path = REPO_ROOT / "jobs", repo_root: Path = REPO_ROOT,
+              build_dir: Path | None = None) -> Plan:
+    """The run as data: folders, files to sync, frozen config, and one entry per job in submission order."""
+    run_id = run_id or new_run_id()
+    problem = formats.run_id_problem(run_id)
+    if problem:
+        raise ConfigError(problem)
+    jobs = checked_jobs(config, spec, target, jobs_dir)
+    scan = scene_scanner(config)
+    dates = array_dates(config, jobs, scan)
+    commit, dirty = git_commit(repo_root)
+    folders = run_folders(mode, target, run_id, repo_root, build_dir or repo_root / "build")
+    sync, fingerprints = synced_folders(config, mode, folders.data_root)
+    frozen, paths = frozen_config(config, folders.data_root, folders.run_dir, scan)
     planned: list[PlannedJob] = []
     for job in jobs:
-        size = sizes.get(job.name)
-        options = sbatch_options(job, run_id, run_dir, size, target.gpu_request)
-        dates = task_scenes(scene_order(scan, stage_dates(config, job.stages[0])),
-                            job.resources.scenes_per_task or 1) if size else []
-        each = [name for name in job.after_each
-                if next(p for p in planned if p.name == name).scene_dates[:len(dates)] == dates]
-        planned.append(PlannedJob(
-            name=job.name,
-            description=job.description,
-            stages=job.stages,
-            after=job.after,
-            after_each=each,
-            array=f"0-{size - 1}" if size else None,
-            array_size=size or 0,
-            script=f"{run_dir}/jobs/{job.name}.sbatch",
-            render_path=f"{render_dir}/jobs/{job.name}.sbatch",
-            sbatch=options,
-            sbatch_lines=sbatch_lines(options),
-            modules=job.resources.modules or [],
-            setup=job.resources.setup or [],
-            stage_inputs=bool(job.resources.stage_inputs),
-            # Array task i processes scene_dates[i] (passed as --scene), whatever else the cluster holds.
-            scene_dates=dates,
-            requeue_limit=job.resources.requeue_limit or 0,
-            submit_display=submit_display(job, f"{run_dir}/jobs/{job.name}.sbatch", each),
-            commands=[_stage_command(stage, job, paths, config, scan) for stage in job.stages],
-        ))
+        commands = [_stage_command(stage, job, paths, config, scan) for stage in job.stages]
+        planned.append(planned_job(job, dates.get(job.name, []), planned, folders, run_id, target, commands))
+    decoding = any("decode" in job.stages for job in jobs)
     return Plan(
         run_id=run_id,
         mode=mode,
         host=target.host,
         spec=spec,
-        remote_root=root,
-        run_dir=run_dir,
-        render_dir=render_dir,
-        data_root=data_root,
-        code_dir=code_dir,
-        config_json=config_json,
-        data_manifest=f"{run_dir}/data-manifest.json" if mode != "local_run" else None,
+        remote_root=folders.root,
+        run_dir=folders.run_dir,
+        render_dir=folders.render_dir,
+        data_root=folders.data_root,
+        code_dir=folders.code_dir,
+        config_json=f"{folders.run_dir}/config.json",
+        data_manifest=f"{folders.run_dir}/data-manifest.json" if mode != "local_run" else None,
         config_source=str(config_path),
-        python=python,
-        venv=venv,
+        python=folders.python,
+        venv=folders.venv,
         commit=commit,
         dirty=dirty,
         config_hash=config.section_hash("annotation", "dataset", "training", "inference", "testing"),
