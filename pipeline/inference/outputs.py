@@ -3,11 +3,17 @@
 They are for looking at, so they are written at reduced resolution (at most QUICKLOOK_SIDE px a side)
 from decimated reads; no full-resolution array of the scene is ever held. The GeoTIFFs carry the
 scene's CRS on a correspondingly coarser grid, so they overlay the 10 m outputs in a GIS.
+
+The infer stage makes them beside the forward passes (`QuicklooksBeside`): the composites, which need only the
+bands, on their own thread while the windows are predicted; the overlay, which needs the finished mask, after.
+They cost about 2 s of one core per 1024 px scene (reading, GeoTIFF and PNG encoding, matplotlib), longer than
+the forward passes over a whole tile on a GPU (docs/benchmarks.md, infer_efficiency, 2026-12-04).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +26,7 @@ from rasterio.windows import Window
 
 from pipeline.bands import BANDS, CLASS_NAMES, NODATA
 from pipeline.data.grid import Grid
+from pipeline.data.layout import Auxiliary, Scene
 from pipeline.data.preview import CLASS_COLOURS, write_png
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster
@@ -73,8 +80,9 @@ def write_overlay_png(target: Path, image: np.ndarray) -> None:
     save_figure(figure, target, dpi=dpi, bbox_inches=None)
 
 
-def write_quicklooks(out_dir: Path, reader: SceneReader, mask_path: Path) -> list[Path]:
-    """true_colour.tif/.png, false_colour.tif/.png and overlay.png from one decimated read of the scene."""
+def write_composites(out_dir: Path, reader: SceneReader) -> tuple[list[Path], np.ndarray, Grid]:
+    """true_colour.tif/.png and false_colour.tif/.png from one decimated read of the scene; the files, the true
+    colour image (the overlay's background) and its grid."""
     grid = reader.grid
     factor = quicklook_factor(grid)
     coarse = grid.scaled(factor)
@@ -87,7 +95,54 @@ def write_quicklooks(out_dir: Path, reader: SceneReader, mask_path: Path) -> lis
             dst.write(images[name])
         write_png(out_dir / f"{name}.png", images[name])
         written += [out_dir / f"{name}.tif", out_dir / f"{name}.png"]
+    return written, images["true_colour"], coarse
+
+
+def write_mask_overlay(out_dir: Path, background: np.ndarray, coarse: Grid, mask_path: Path) -> Path:
+    """overlay.png: the mask, read on the composites' grid, over the true colour image."""
     with rasterio.open(mask_path) as src:
         mask = src.read(1, out_shape=(coarse.height, coarse.width), resampling=Resampling.nearest)
-    write_overlay_png(out_dir / "overlay.png", overlay(images["true_colour"], mask))
-    return [*written, out_dir / "overlay.png"]
+    write_overlay_png(out_dir / "overlay.png", overlay(background, mask))
+    return out_dir / "overlay.png"
+
+
+def write_quicklooks(out_dir: Path, reader: SceneReader, mask_path: Path) -> list[Path]:
+    """true_colour.tif/.png, false_colour.tif/.png and overlay.png from one decimated read of the scene."""
+    written, background, coarse = write_composites(out_dir, reader)
+    return [*written, write_mask_overlay(out_dir, background, coarse, mask_path)]
+
+
+class QuicklooksBeside:
+    """The quicklooks of one scene, off the forward passes' path: entering starts the composites on a thread
+    of their own (with a reader of their own), `finish(mask_path)` waits for them and adds the overlay once the
+    mask is written. Leaving waits for the thread in any case, so nothing writes into the output folder after
+    the block (a failed scene's partial folder is removed only then); a failure of the thread is raised by
+    `finish`."""
+
+    def __init__(self, out_dir: Path, scene: Scene, tile: str, auxiliary: Auxiliary | None) -> None:
+        self.out_dir, self.scene, self.tile, self.auxiliary = out_dir, scene, tile, auxiliary
+        self._result: tuple[list[Path], np.ndarray, Grid] | None = None
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._composites, name="quicklooks", daemon=True)
+
+    def _composites(self) -> None:
+        try:
+            with SceneReader(self.scene, self.tile, self.auxiliary) as reader:
+                self._result = write_composites(self.out_dir, reader)
+        except BaseException as exc:  # handed to the caller by finish()
+            self._failure = exc
+
+    def __enter__(self) -> QuicklooksBeside:
+        self._thread.start()
+        return self
+
+    def finish(self, mask_path: Path) -> list[Path]:
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        assert self._result is not None
+        written, background, coarse = self._result
+        return [*written, write_mask_overlay(self.out_dir, background, coarse, mask_path)]
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()

@@ -25,7 +25,7 @@ from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster
 from pipeline.inference.native import device_input
-from pipeline.inference.outputs import write_quicklooks
+from pipeline.inference.outputs import QuicklooksBeside
 from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
 from pipeline.inference.tiling import WindowPrediction, fit_batch, predict_windows, window_for
@@ -134,7 +134,10 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
     # the JPEG 2000 bands once into scratch instead of once per window (the fallback).
     decoding = DecodedScene(scene, config.tile_id) if settings.decode_once and not scene.decoded else nullcontext()
     predictor = loaded.predictor
-    with decoding as decoded, SceneReader(scene, config.tile_id, auxiliary) as reader:
+    # The quicklooks' composites are made on their own thread while the windows are predicted.
+    quicklooks = QuicklooksBeside(out_dir, scene, config.tile_id, auxiliary) if settings.quicklooks else None
+    with decoding as decoded, SceneReader(scene, config.tile_id, auxiliary) as reader, \
+            quicklooks or nullcontext():
         grid = reader.grid
         if scene.decoded:  # native bands read on the host; resampled and normalised on the device
             source = device_input(scene, config.tile_id, auxiliary, loaded.normaliser, predictor.device)
@@ -160,8 +163,8 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
                     prob_out.write(result.probabilities, window=result.core)
 
             write_behind(windows, write)
-        if settings.quicklooks:
-            write_quicklooks(out_dir, reader, out_dir / "mask.tif")
+        if quicklooks is not None:
+            quicklooks.finish(out_dir / "mask.tif")
     valid = counts[:classes].sum()
     return {
         "coverage": round(float(valid / max(counts.sum(), 1)), 4),
