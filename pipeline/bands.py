@@ -19,6 +19,8 @@ BASELINE_04_OFFSET = 1000
 BACKGROUND, SNOW, CLOUDS, WATER = 0, 1, 2, 3
 CLASS_NAMES: tuple[str, ...] = ("background", "snow", "clouds", "water")
 NODATA = 255
+# The legend's colours (RGB), one per class: quicklooks, previews and mask.tif's colour table.
+CLASS_COLOURS: tuple[tuple[int, int, int], ...] = ((34, 120, 34), (0, 220, 255), (255, 0, 200), (20, 40, 220))
 
 # ExoLabs 9-class ground classification (band 1).
 EXO_NOT_OBSERVED, EXO_NO_DATA, EXO_DARK, EXO_CLOUDS, EXO_SNOW = 0, 1, 2, 3, 4

@@ -13,11 +13,12 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from pipeline.bands import BANDS, NODATA
+from pipeline.bands import CLASS_COLOURS as CLASS_RGB
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster
 
-# background, snow, clouds, water; no data is black.
-CLASS_COLOURS = np.array([[34, 120, 34], [0, 220, 255], [255, 0, 200], [20, 40, 220]], np.uint8)
+# background, snow, clouds, water (pipeline/bands.py, as mask.tif's colour table); no data is black.
+CLASS_COLOURS = np.array(CLASS_RGB, np.uint8)
 MAX_SIDE = 1024
 
 

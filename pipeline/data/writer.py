@@ -27,6 +27,7 @@ import numpy.lib.format as npy_format
 import rasterio
 
 from pipeline import faults
+from pipeline.data.mask_style import cog_problems, raster_style, write_cog
 from pipeline.data.raster_checks import GDAL_ERRORS, CheckedDataset, is_gdal_failure, uncompressed_bytes, verify_raster
 from pipeline.errors import OutputError, SnowpipeError, output_error
 
@@ -135,20 +136,29 @@ def _write_failure(target: Path, profile: dict[str, Any], messages: list[str]) -
 def atomic_raster(target: Path, profile: dict[str, Any]) -> Iterator[CheckedDataset]:
     """Open a raster for writing (window by window); it appears under its name only when it closed without
     a GDAL error and reads back as written. Any failure removes the temporary file and raises
-    (OutputError: one line naming the file, and for a full or read-only folder the fix)."""
+    (OutputError: one line naming the file, and for a full or read-only folder the fix).
+
+    A class raster is styled by its name (pipeline/data/mask_style.py): `mask.tif` gets the legend's colour
+    table and class names and is published as a Cloud-Optimized GeoTIFF (written as a tiled GeoTIFF beside
+    the temporary file, then copied with its overviews and checked), `probabilities.tif` gets band names."""
+    style = raster_style(target.name, profile)
     errors: list[str] = []
     with atomic_path(target) as tmp, GDAL_ERRORS.listening():
-        sidecar = tmp.with_name(tmp.name + ".aux.xml")
+        draft = tmp.with_name(tmp.name + ".draft") if style is not None and style.cog else tmp
+        sidecars = {path.with_name(path.name + ".aux.xml") for path in (tmp, draft)}
         try:
             try:
                 with GDAL_ERRORS.into(errors):
-                    dataset = rasterio.open(tmp, "w", **profile)
+                    dataset = rasterio.open(draft, "w", **profile)
             except Exception as exc:
                 if not is_gdal_failure(exc):
                     raise
                 raise _write_failure(target, profile, errors or [str(exc)]) from exc
+            checked = CheckedDataset(dataset, errors, lambda messages: _write_failure(target, profile, messages))
             try:
-                yield CheckedDataset(dataset, errors, lambda messages: _write_failure(target, profile, messages))
+                if style is not None:
+                    style.apply(checked)
+                yield checked
             except BaseException:
                 with GDAL_ERRORS.into([]), rasterio.Env(), suppress(Exception):
                     dataset.close()
@@ -160,12 +170,33 @@ def atomic_raster(target: Path, profile: dict[str, Any]) -> Iterator[CheckedData
                     errors.append(str(exc))
             if errors:
                 raise _write_failure(target, profile, errors)
+            if draft != tmp:
+                _copy_cog(draft, tmp, target, profile)
             problem = verify_raster(tmp, profile)
             if problem:
                 raise _write_failure(target, profile, [problem])
         finally:
-            with suppress(OSError):
-                sidecar.unlink(missing_ok=True)
+            for path in ({draft} - {tmp}) | sidecars:
+                with suppress(OSError):
+                    path.unlink(missing_ok=True)
+
+
+def _copy_cog(draft: Path, tmp: Path, target: Path, profile: dict[str, Any]) -> None:
+    """The closed draft GeoTIFF as a Cloud-Optimized GeoTIFF at `tmp`; a failed or invalid copy is an
+    OutputError (decided while both files still take their space)."""
+    errors: list[str] = []
+    try:
+        with GDAL_ERRORS.into(errors), rasterio.Env():
+            write_cog(draft, tmp, profile)
+    except Exception as exc:
+        if not is_gdal_failure(exc):
+            raise
+        raise _write_failure(target, profile, errors or [str(exc)]) from exc
+    if errors:
+        raise _write_failure(target, profile, errors)
+    problems = cog_problems(tmp)
+    if problems:
+        raise _write_failure(target, profile, [f"it is not a valid Cloud-Optimized GeoTIFF: {'; '.join(problems)}"])
 
 
 def check_png(path: Path, target: Path) -> None:
