@@ -21,7 +21,8 @@ def _stage_list(text: str) -> list[str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)  # before importing the stages (and torch): a config error is instant
+    # before importing the stages (and torch): a config error is instant; --set as the stages take it
+    config = apply_settings(load_config(args.config), args.set or [])
     from pipeline.runner import select_stages
 
     stages = select_stages(config)
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="config file (default: ./pipeline-config.yml)")
     p.add_argument("--freeze", metavar="JSON", help="also write the resolved config (absolute paths) as JSON, "
                                                     "what a batch job reads")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key as `snowpipe stage` does, e.g. training.epochs=5 (repeatable)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("demo-data", help="write synthetic Sentinel-2 scenes, truth and a ready config",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,12 +17,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from pipeline.config_yaml import invalid, load_yaml, read_config_text
+from pipeline.config_yaml import check_config_file, invalid, load_yaml, read_config_text
 from pipeline.contract.formats import CONFIG_SCHEMA, SCHEMA_KEY
 from pipeline.data.layout import Scene, discover_scenes
 from pipeline.data.tiles import is_tile_id
 from pipeline.errors import ConfigError, DataError
-from pipeline.registry import STAGES
+from pipeline.registry import STAGES, Access, folder_uses
 
 DATE_KEY = re.compile(r"^\d{8}T\d{6}$")
 DEFAULT_CONFIG = "pipeline-config.yml"
@@ -196,7 +197,7 @@ class Training(Section):
     focal_gamma: Annotated[float, Field(ge=0.0, le=10.0)] = 2.0
     select_by: SelectBy = "val_loss"  # best.pt and early stopping: val_loss, mean_iou or <class>_iou
     schedule: Schedule = "plateau"  # plateau (ReduceLROnPlateau on the validation loss) or cosine
-    warmup_epochs: Annotated[int, Field(ge=0, le=1000)] = 0  # cosine only: linear warm-up epochs
+    warmup_epochs: Annotated[int, Field(ge=0, le=1000)] = 0  # cosine only: linear warm-up epochs, below epochs
     mixed_precision: bool = True
     augmentation: Augmentation = Augmentation()
     workers: Annotated[int, Field(ge=0, le=64)] = 4
@@ -204,6 +205,15 @@ class Training(Section):
     resume: Literal["auto", "never"] = "auto"
     tensorboard: bool = True  # event files in results/training/tensorboard/ (losses, IoU, lr, predictions)
     seed: Seed = 42
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self) -> Training:
+        """A warm-up as long as the training never reaches the learning rate and never decays."""
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}): the "
+                             f"learning rate would still be warming up when training ends; lower "
+                             f"training.warmup_epochs or raise training.epochs")
+        return self
 
 
 class Inference(Section):
@@ -372,9 +382,13 @@ def parse_config(data: Any, base_dir: Path, source: str = DEFAULT_CONFIG) -> Pip
     if "base_dir" in data:  # an internal field, not a key of the file
         raise invalid(source, [f"base_dir: unknown key; valid keys in the top level: {_valid_keys(PipelineConfig)}"])
     try:
-        return PipelineConfig.model_validate({**data, "base_dir": str(base_dir)})
+        config = PipelineConfig.model_validate({**data, "base_dir": str(base_dir)})
     except ValidationError as exc:
         raise invalid(source, [_format_error(error) for error in exc.errors()]) from None
+    overlaps = overlapping_paths(config)
+    if overlaps:
+        raise invalid(source, overlaps)
+    return config
 
 
 def load_config(path: str | Path | None = None) -> PipelineConfig:
@@ -382,6 +396,7 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
     config_path = Path(path or DEFAULT_CONFIG).expanduser()
     if config_path.is_dir():
         config_path = config_path / DEFAULT_CONFIG
+    check_config_file(config_path)  # a FIFO, a device, a symlink loop: named, never opened
     if not config_path.is_file():
         raise ConfigError(
             f"config file {config_path} not found: pass its path (snowpipe validate PATH) "
@@ -391,6 +406,72 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
     if data is None:
         raise ConfigError(f"{config_path} is empty: it needs at least tile_id")
     return parse_config(data, config_path.resolve().parent, source=str(config_path))
+
+
+def _real(config: PipelineConfig, folder: str) -> tuple[Path, Path]:
+    """A stage's folder ("key" or "key/part") as configured (absolute) and with every symlink resolved."""
+    key, _, part = folder.partition("/")
+    raw = Path(getattr(config.paths, key)).expanduser()
+    given = Path(os.path.abspath(raw if raw.is_absolute() else Path(config.base_dir) / raw)) / part
+    return given, Path(os.path.realpath(given))  # realpath: a symlink loop is left as it is, not an error
+
+
+def _shown(folder: str) -> str:
+    return f"paths.{folder}"
+
+
+def _listed(names: list[str]) -> str:
+    return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+
+
+def _use(folder: str, uses: dict[str, Access]) -> str:
+    """`paths.decoded is written by decode and read by annotate, dataset and infer`."""
+    done = [f"{verb} by {_listed([stage for stage, a in uses.items() if a == access])}"
+            for access, verb in (("w", "written"), ("r", "read")) if access in uses.values()]
+    return f"{_shown(folder)} is {' and '.join(done)}"
+
+
+def overlapping_paths(config: PipelineConfig) -> list[str]:
+    """One line per pair of stage folders that overlap where one is written: the same folder, or a written one
+    around another (its writer would replace or delete what the other stage keeps there). Folders of every
+    stage count, enabled or not (`snowpipe stage` runs any), compared with symlinks resolved. A written folder
+    inside one that is only read is fine: readers look up their own names in it (the tests keep everything
+    under extracted_data). See the stage table in pipeline/registry.py."""
+    uses = folder_uses()
+    located = {folder: _real(config, folder) for folder in uses}
+    problems = []
+    names = list(uses)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            a, b = located[first][1], located[second][1]
+            written = {folder for folder in (first, second) if "w" in uses[folder].values()}
+            if a == b and written:
+                outer, inner, relation = first, second, "are the same folder"
+            elif a in b.parents and first in written:
+                outer, inner, relation = first, second, "contains"
+            elif b in a.parents and second in written:
+                outer, inner, relation = second, first, "contains"
+            else:
+                continue
+            problems.append(_overlap_line(outer, inner, relation, located, uses))
+    return problems
+
+
+def _overlap_line(outer: str, inner: str, relation: str, located: dict[str, tuple[Path, Path]],
+                  uses: dict[str, dict[str, Access]]) -> str:
+    def where(folder: str) -> str:
+        given, real = located[folder]
+        return f"{given} -> {real}" if given != real else str(given)
+
+    what = (f"{_shown(outer)} ({where(outer)}) contains {_shown(inner)} ({where(inner)})" if relation == "contains"
+            else f"{_shown(outer)} ({where(outer)}) and {_shown(inner)} ({where(inner)}) are the same folder")
+    # The one to move: a configured folder (results/<part> moves with results), written, the container first
+    movable = [f for f in ((outer, inner) if relation == "contains" else (inner, outer)) if "/" not in f]
+    move = next((f for f in movable if "w" in uses[f].values()), movable[0] if movable else None)
+    other = outer if move == inner else inner
+    fix = (f"give {_shown(move)} a folder of its own, outside {_shown(other)} and not containing it" if move
+           else "make them separate folders (a symlink joins them)")
+    return f"{what}: {_use(outer, uses[outer])}, {_use(inner, uses[inner])}; {fix}"
 
 
 def check_data_folders(config: PipelineConfig, stages: list[str]) -> list[str]:

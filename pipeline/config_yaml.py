@@ -6,6 +6,9 @@ date, a binary or non-UTF-8 file: each is a ConfigError naming the file, the lin
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,34 @@ def load_yaml(text: str, source: str, lines: bool = True, prefix: str = "") -> A
     if loader.duplicates:
         raise invalid(source, loader.duplicates)
     return data
+
+
+KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+         (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_config_file(config_path: Path) -> None:
+    """What the path is when it is not a regular file, from os.stat alone: a FIFO is never opened (reading one
+    waits for a writer forever), /dev/null is not an empty config, a symlink loop is not "not found". A path
+    that does not exist is left to the caller's "not found"; a dangling symlink is named here."""
+    try:
+        mode = os.stat(config_path).st_mode
+    except FileNotFoundError:
+        if config_path.is_symlink():
+            raise ConfigError(f"config file {config_path} is a symlink to {os.readlink(config_path)}, which does "
+                              f"not exist; fix the link or pass the config file itself") from None
+        return
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"config file {config_path} is a symlink loop (it leads back to itself); replace "
+                              f"the link with the config file or a link to it") from None
+        raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}; check the permissions of "
+                          f"its folders or pass another path") from None
+    kind = next((name for test, name in KINDS if test(mode)), None)
+    if kind is not None:
+        raise ConfigError(f"config file {config_path} is {kind}, not a file; snowpipe reads the config from a "
+                          f"YAML file such as the repository's pipeline-config.yml: save it to one and pass its "
+                          f"path")
 
 
 def read_config_text(config_path: Path) -> str:

@@ -63,9 +63,23 @@ class StageInfo:
     folders: dict[str, Access] = field(default_factory=dict)
     dates: Callable[[PipelineConfig], list[str]] = config_dates  # the scenes it covers by default
     runs_on_cluster: bool = True
+    # Finer than `folders`, for the overlap check (config.py, overlapping_paths): the part of a folder it writes
+    # when that is not the whole folder ("results": "training" = results/training/), and what it reads in place,
+    # never staged (the decoded rasters, which it also deletes with decode.keep: until_used; the checkpoint).
+    parts: dict[str, str] = field(default_factory=dict)
+    reads_in_place: tuple[str, ...] = ()  # "key" or "key/part"
 
     def reads(self, folder: str) -> bool:
         return folder in self.folders
+
+    def touches(self) -> dict[str, Access]:
+        """Every folder it reads or writes, as "key" or "key/part" (a fixed folder under a configured one)."""
+        touched: dict[str, Access] = {}
+        for key, access in self.folders.items():
+            touched["/".join(filter(None, (key, self.parts.get(key))))] = access
+        for folder in self.reads_in_place:
+            touched.setdefault(folder, "r")
+        return touched
 
     def run(self, config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
         """Import the stage's module (torch, s2cloudless: only now) and run it."""
@@ -80,18 +94,21 @@ STAGES: dict[str, StageInfo] = {stage.name: stage for stage in (
               folders={"extracted_data": "r", "decoded": "w"}, dates=decode_dates),
     StageInfo("annotate", "annotation", "automatic masks: water, glacier, ExoLabs snow, s2cloudless clouds",
               per_scene=True, needs_gpu=False, module="pipeline.stages.annotate",
-              folders={"extracted_data": "r", "annotated_masks": "w"}),
+              folders={"extracted_data": "r", "annotated_masks": "w"}, reads_in_place=("decoded",)),
     StageInfo("dataset", "dataset", "training / validation patches, split by scene, normalisation constants",
               per_scene=False, needs_gpu=False, module="pipeline.stages.dataset",
-              folders={"extracted_data": "r", "annotated_masks": "r", "results": "w"}),
+              folders={"extracted_data": "r", "annotated_masks": "r", "dataset": "w"}, reads_in_place=("decoded",)),
     StageInfo("train", "training", "U-Net training: checkpoints every epoch, resume, curves", per_scene=False,
-              needs_gpu=True, module="pipeline.stages.train", folders={"dataset": "r", "results": "w"}),
+              needs_gpu=True, module="pipeline.stages.train", folders={"dataset": "r", "results": "w"},
+              parts={"results": "training"}),
     StageInfo("infer", "inference", "predict whole scenes with the trained U-Net: masks, probabilities, quicklooks",
               per_scene=True, needs_gpu=True, module="pipeline.stages.infer",
-              folders={"extracted_data": "r", "results": "w"}, dates=inference_dates),
+              folders={"extracted_data": "r", "results": "w"}, dates=inference_dates,
+              parts={"results": "predictions"}, reads_in_place=("decoded", "results/training")),
     StageInfo("test", "testing", "metrics of the predictions against ExoLabs or the annotated masks, with plots",
               per_scene=False, needs_gpu=False, module="pipeline.stages.test",
-              folders={"extracted_data": "r", "annotated_masks": "r", "results": "w"}, dates=testing_dates),
+              folders={"extracted_data": "r", "annotated_masks": "r", "results": "w"}, dates=testing_dates,
+              parts={"results": "testing"}, reads_in_place=("results/predictions",)),
 )}
 PER_SCENE = tuple(name for name, stage in STAGES.items() if stage.per_scene)
 
@@ -104,3 +121,13 @@ def enabled(config: PipelineConfig) -> list[str]:
 def stage_dates(config: PipelineConfig, name: str, explicit: list[str] | None = None) -> list[str]:
     """The scenes a stage covers: explicit dates (--scene, an array task), else its own rule."""
     return list(explicit) if explicit else STAGES[name].dates(config)
+
+
+def folder_uses() -> dict[str, dict[str, Access]]:
+    """Every folder a stage touches ("key" or "key/part"), in pipeline order, with the stages that read (r) or
+    write (w) it. The config check refuses two of them that overlap where one is written."""
+    uses: dict[str, dict[str, Access]] = {}
+    for name, stage in STAGES.items():
+        for folder, access in stage.touches().items():
+            uses.setdefault(folder, {})[name] = access
+    return uses

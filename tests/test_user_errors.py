@@ -4,6 +4,7 @@ variable and the fix, with a non-zero exit code that is never 70 (70 means a bug
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -253,3 +254,101 @@ def test_an_output_folder_that_cannot_be_created_is_one_line_not_an_internal_err
     assert code == 1, err  # the scene fails with the reason; the stage names it (no traceback, not code 70)
     assert "20220301T102309: cannot create the folder /proc/snowpipe-cannot-be-here" in err
     assert "point the config's paths elsewhere" in err and "internal error" not in err
+
+
+# --- smaller mistakes: each named, none silently widened ------------------------------------------------------
+
+def test_a_warm_up_longer_than_the_training_is_refused(tmp_path, capsys):
+    """warmup_epochs: 8 with epochs: 5 used to train five epochs that never reached the learning rate."""
+    path = config_file(tmp_path, "tile_id: 32TNS\ntraining:\n  schedule: cosine\n  epochs: 5\n  warmup_epochs: 8\n")
+    code, err = snowpipe(capsys, "validate", str(path))
+    assert code == 2
+    assert "  training: warmup_epochs (8) must be below epochs (5): the learning rate would still be warming up " \
+           "when training ends; lower training.warmup_epochs or raise training.epochs" in err
+
+
+def test_validate_takes_set_like_the_stages(tmp_path, capsys):
+    """What a batch job would run with `--set` can be checked beforehand, with the same overrides."""
+    write_scene(tmp_path / "extracted_data")
+    write_auxiliary(tmp_path / "extracted_data")
+    path = config_file(tmp_path, "tile_id: 32TNS\ntraining:\n  epochs: 5\n  warmup_epochs: 2\n")
+    code, err = snowpipe(capsys, "validate", str(path), "--set", "training.epochs=2")
+    assert code == 2 and "error: the config with --set overrides is invalid (1 problem(s)):" in err
+    assert "training: warmup_epochs (2) must be below epochs (2)" in err
+    code, err = snowpipe(capsys, "validate", str(path), "--set", "training.epochs=3", "--set", "training.seed=7")
+    assert code == 0, err
+    code, err = snowpipe(capsys, "validate", str(path), "--set", "training.epochs")
+    assert code == 2 and one_error_line(err).startswith("error: --set 'training.epochs': expected KEY=VALUE")
+
+
+@pytest.mark.parametrize("stages", ["", ",", " , "])
+def test_an_empty_stage_list_never_means_every_stage(tmp_path, capsys, stages):
+    write_scene(tmp_path / "extracted_data")
+    path = config_file(tmp_path, "tile_id: 32TNS\n")
+    code, err = snowpipe(capsys, "run", str(path), "--stages", stages)
+    assert code == 2
+    assert one_error_line(err) == ("error: --stages names no stage; name some of download, decode, annotate, "
+                                   "dataset, train, infer, test (comma-separated), or leave --stages out to run "
+                                   "the stages the config enables")
+    assert not (tmp_path / "decoded").exists() and not (tmp_path / "annotated_masks").exists()
+
+
+def test_a_scene_given_twice_is_processed_once(tmp_path, capsys):
+    write_scene(tmp_path / "extracted_data", "20220301T102309")
+    write_scene(tmp_path / "extracted_data", "20220310T102309")
+    path = config_file(tmp_path, "tile_id: 32TNS\n")
+    code = main(["stage", "decode", str(path), "--scene", "20220301T102309,20220301T102309"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "decode: 1 done, 0 already complete" in out + err
+    assert [p.name[:35] for p in (tmp_path / "decoded").iterdir() if p.is_dir()] == \
+        ["S2B_MSIL1C_20220301T102309_N0400_R0"]
+
+
+def test_a_scene_that_does_not_exist_is_a_usage_error_naming_the_scenes_found(tmp_path, capsys):
+    write_scene(tmp_path / "extracted_data", "20220301T102309")
+    write_scene(tmp_path / "extracted_data", "20220310T102309")
+    path = config_file(tmp_path, "tile_id: 32TNS\n")
+    code, err = snowpipe(capsys, "stage", "annotate", str(path), "--scene", "20220301T102309,20990101T000000")
+    assert code == 2
+    assert one_error_line(err) == (f"error: --scene 20990101T000000: no such scene of tile 32TNS in "
+                                   f"{tmp_path / 'extracted_data'}; scenes found: 20220301T102309, 20220310T102309")
+    assert not (tmp_path / "annotated_masks").exists()  # nothing ran, not even the scene that exists
+
+
+def _config_path_of_kind(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / "pipeline-config.yml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/null")
+    elif kind == "loop":
+        path.symlink_to(tmp_path / "other.yml")
+        (tmp_path / "other.yml").symlink_to(path)
+    elif kind == "dangling":
+        path.symlink_to(tmp_path / "moved-away.yml")
+    return path
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("fifo", "is a named pipe (FIFO), not a file; snowpipe reads the config from a YAML file"),
+    ("device", "is a character device, not a file;"),
+    ("loop", "is a symlink loop (it leads back to itself); replace the link"),
+    ("dangling", "is a symlink to {tmp_path}/moved-away.yml, which does not exist; fix the link"),
+])
+def test_a_config_that_is_not_a_file_says_what_it_is_and_never_hangs(tmp_path, kind, message):
+    """Reading a FIFO waits for a writer forever: the kind is told from os.stat, before anything is opened."""
+    path = _config_path_of_kind(tmp_path, kind)
+    for command in ("validate", "run"):
+        result = subprocess.run([sys.executable, "-m", "pipeline", command, str(path)], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        line = one_error_line(result.stderr)
+        assert line.startswith(f"error: config file {path} ") and message.format(tmp_path=tmp_path) in line, line
+        assert "not found" not in line
+
+
+def test_dev_null_as_the_config_is_named_not_read_as_empty(capsys):
+    code, err = snowpipe(capsys, "validate", "/dev/null")
+    assert code == 2
+    assert one_error_line(err).startswith("error: config file /dev/null is a character device, not a file")

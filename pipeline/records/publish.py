@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator
@@ -42,7 +43,9 @@ def reclaim_partials(target: Path) -> int:
         aside.rename(target)
         say(f"  restored {target} from {aside.name}, where an interrupted run had moved it aside")
     freed = 0
-    leftovers = [*target.parent.glob(f".{target.name}{PARTIAL}*"), aside]
+    # Only the names partial_folder gives (`.NAME.partial-HOST-PID`): a user's `.NAME.partial-notes` stays.
+    ours = re.compile(re.escape(f".{target.name}{PARTIAL}") + r".+-[0-9]+")
+    leftovers = [*(entry for entry in target.parent.iterdir() if ours.fullmatch(entry.name)), aside]
     for stale in leftovers:
         if stale.is_dir() and not stale.is_symlink():
             freed += bytes_under(stale)

@@ -23,7 +23,6 @@ Scene.read_path). See docs/architecture.md ("Decoded rasters").
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -249,18 +248,31 @@ def _finished_by_every_reader(config: PipelineConfig, scene: Scene) -> bool:
 
 def release_if_used(config: PipelineConfig, scene: Scene) -> None:
     """With decode.keep: until_used, delete a scene's decoded rasters once every enabled stage that reads them
-    has a complete output for the scene. Called by those stages after each scene; cheap when keep: always."""
+    has a complete output for the scene. Called by those stages after each scene; cheap when keep: always.
+
+    Deletes only what decode wrote: the band files its record lists, the record, then the folder if that left it
+    empty. A folder without decode's record is not touched, so `paths.decoded` pointing at other data (the
+    config check refuses that, docs/reliability.md) never costs a file that decode did not write."""
     if config.decode.keep != "until_used" or not scene.decoded:
         return
     if not _finished_by_every_reader(config, scene):
         return
     folder = decoded_folder(config, scene)
     with output_lock(folder, f"release decoded {scene.date}"):
-        if not folder.is_dir():
+        record = records.read_record(folder)
+        if record is None or record.get("stage") != INFO.name:
             return
-        freed = folder_bytes(folder)
+        listed = record.get("outputs") or OUTPUTS
+        ours = [folder / name for name in OUTPUTS if name in listed]
+        ours = [path for path in ours if path.is_file() and not path.is_symlink()]
+        freed = sum(path.stat().st_size for path in ours)
         records.clear(folder)  # first: a reader never trusts a half-deleted folder
-        shutil.rmtree(folder, ignore_errors=True)
+        for path in ours:
+            path.unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # files decode did not write stay, and their folder with them
     say(f"  {scene.date}: freed {freed / 1e6:.0f} MB of decoded rasters (decode.keep: until_used)")
 
 
