@@ -18,7 +18,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +38,7 @@ from pipeline.model.checkpoint import read_checkpoint, restore_rng, rng_state, s
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.plots import plot_training_curves
 from pipeline.progress import make_progress, say
+from pipeline.training.batches import worker_batches
 from pipeline.training.board import FOLDER as BOARD_FOLDER
 from pipeline.training.board import PREVIEW_PATCHES, TrainingBoard
 from pipeline.training.data import IGNORE, Augmenter, PatchDataset, class_weights
@@ -74,15 +75,6 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     step: int = 0  # optimisation steps done in the unfinished epoch (a stop signal arrived during it)
     partial: list[float] | None = None  # that epoch's summed training loss and step count so far
-
-
-def close_loader(batches: Iterator[Any]) -> None:
-    """Stop a DataLoader iterator's workers now, not when it is garbage-collected. An exception (a stop signal)
-    keeps the iterator alive until exit, where multiprocessing's atexit sends SIGTERM to the workers, which
-    ignore it (pipeline/workers.py), and then waits for them forever."""
-    shutdown = getattr(batches, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
 
 
 def best_epoch(history: list[dict]) -> int | None:
@@ -330,8 +322,7 @@ class Trainer:
         with make_progress(transient=True) as bar_view:
             bar = bar_view.add_task(f"train: epoch {state.epoch + 1}", total=steps, completed=done,
                                     visible=procs.main)
-            batches = iter(loader)
-            try:
+            with worker_batches(loader) as batches:
                 for step in range(done, steps):
                     try:
                         x, y = next(batches)
@@ -359,8 +350,6 @@ class Trainer:
                         sum_all(total, procs)
                         state.step, state.partial = step + 1, total.tolist()
                         raise TrainingInterrupted(self._interrupted_message(stop, steps))
-            finally:
-                close_loader(batches)
         sum_all(total, procs)
         state.step, state.partial = steps, total.tolist()  # every step taken, not validated yet (see _epochs)
         return (total[0] / total[1].clamp(min=1)).item(), steps
@@ -401,8 +390,7 @@ class Trainer:
                             num_workers=self.settings.workers, pin_memory=self.cuda,
                             worker_init_fn=ignore_stop_signals)
         self.sample = None
-        batches = iter(loader)
-        try:
+        with worker_batches(loader) as batches:
             while True:
                 try:
                     x, y = next(batches)
@@ -423,8 +411,6 @@ class Trainer:
                 loss_sum += torch.stack([self._loss(logits, y, "sum").double(), weight.double()])
                 index = y[valid] * N_CLASSES + logits.argmax(1)[valid]
                 matrix += torch.bincount(index, minlength=N_CLASSES * N_CLASSES)
-        finally:
-            close_loader(batches)
         sum_all(matrix, procs)
         sum_all(loss_sum, procs)
         return (loss_sum[0] / loss_sum[1].clamp(min=1)).item(), matrix.view(N_CLASSES, N_CLASSES).cpu().numpy()
