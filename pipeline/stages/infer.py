@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import records
 from pipeline.bands import CLASS_NAMES, NODATA
 from pipeline.config import PipelineConfig
 from pipeline.data.decoded import DecodedScene
@@ -30,8 +29,8 @@ from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
 from pipeline.inference.tiling import WindowPrediction, fit_batch, predict_windows, window_for
 from pipeline.inference.write_behind import write_behind
-from pipeline.locks import output_lock
 from pipeline.model.checkpoint import check_compatible, load_model
+from pipeline.records.per_output import produce
 from pipeline.records.prediction import (
     OUTPUTS_REQUIRED,
     checkpoint_path,
@@ -39,7 +38,6 @@ from pipeline.records.prediction import (
     prediction_folder,
     record_key,
 )
-from pipeline.records.publish import building, reclaim_partials
 from pipeline.registry import STAGES, stage_dates
 from pipeline.stages.base import (
     ProgressCallback,
@@ -108,18 +106,11 @@ def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force
     built in a private folder and published in one swap, under the scene's lock."""
     start = time.perf_counter()
     auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
-    out_dir = prediction_folder(config, scene.date)
-    key = record_key(config, scene, auxiliary)
-    with output_lock(out_dir, f"infer {scene.date}"):
-        reclaim_partials(out_dir)
-        if not force and records.is_complete(out_dir, key, required=OUTPUTS_REQUIRED):
-            outcome = SceneOutcome(scene.date, "skipped")
-        else:
-            with building(out_dir, owned=("*.tif", "*.png")) as partial:
-                details = _predict(scene, config, loaded, auxiliary, partial, on_window)
-                outputs = [p.name for p in partial.iterdir() if p.is_file() and not p.name.startswith(".")]
-                records.write_record(partial, key, outputs, **details)
-            outcome = SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+    details = produce(prediction_folder(config, scene.date), record_key(config, scene, auxiliary),
+                      lambda partial: _predict(scene, config, loaded, auxiliary, partial, on_window),
+                      what=f"infer {scene.date}", required=OUTPUTS_REQUIRED, owned=("*.tif", "*.png"), force=force)
+    outcome = SceneOutcome(scene.date, "skipped") if details is None else \
+        SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
     release_if_used(config, scene)
     return outcome
 
