@@ -124,3 +124,26 @@ def test_cleaning_temporaries_spares_a_folder_moved_aside(tmp_path):
     (tmp_path / ".scene.old.tmp").mkdir()
     remove_temporaries(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [".scene.old.tmp"]
+
+
+def test_a_file_reaches_the_disk_before_its_name_and_the_rename_after_it(tmp_path, monkeypatch):
+    """A node crash right after a publish must not leave a complete-looking file of zeros: the file's bytes
+    are synced before the rename, and the folder (the rename) after it. The real calls run; we watch them."""
+    import os
+
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source, target) -> None:
+        calls.append(f"rename {os.path.basename(target)}")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_json(tmp_path / "record.json", {"stage": "test"})
+    assert calls[0].startswith("fsync .record.json.") and calls[1:] == ["rename record.json", f"fsync {tmp_path.name}"]
+    assert json.loads((tmp_path / "record.json").read_text()) == {"stage": "test"}

@@ -80,6 +80,19 @@ def space_error(target: Path, probe_bytes: int = PROBE_BYTES, needed: int | None
     return None
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's contents to disk (a folder: the names in it). Filesystems that cannot
+    sync a folder (some network mounts say EINVAL) are left to their own guarantees."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(target: Path, needed: int | None = None, mode: int = FILE_MODE) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces the target.
@@ -97,8 +110,10 @@ def atomic_path(target: Path, needed: int | None = None, mode: int = FILE_MODE) 
         tmp = Path(tmp_name)
         yield tmp
         os.chmod(tmp, mode)
+        fsync_path(tmp)  # its bytes on disk before its name: a node crash never publishes a file of zeros
         os.replace(tmp, target)
         tmp = None
+        fsync_path(target.parent)  # and the rename itself
         faults.reached(f"published {target.name}")
     except SnowpipeError:
         raise
