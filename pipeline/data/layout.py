@@ -1,12 +1,16 @@
 """Find scenes, band files, ExoLabs rasters and auxiliary layers in the extracted_data layout.
 
-Discovery only looks at names; nothing is opened here. A scene with a missing band is still
-listed (with `missing_bands`), so that one broken scene fails alone when it is processed.
+Discovery only looks at names and file types; nothing is opened here. A scene with a missing band is still
+listed (with `missing_bands`), so that one broken scene fails alone when it is processed. So is a scene whose
+band is a folder, FIFO or device (`odd_bands`): such a file is never in `bands`, so no stage opens it (a FIFO
+blocked its reader for ever, a folder was an internal error).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +39,8 @@ class Scene:
     # Band files the decode stage wrote at native resolution (pipeline/stages/decode.py), when a complete
     # record vouches for them: read instead of the JPEG 2000 files, which stay the scene's identity.
     decoded: dict[str, Path] = field(default_factory=dict)
+    # Band files that are not regular files (a folder, FIFO, device), band -> why: refused before any opening.
+    odd_bands: dict[str, str] = field(default_factory=dict)
 
     @property
     def day(self) -> str:
@@ -47,6 +53,8 @@ class Scene:
         return BASELINE_04_OFFSET if int(self.baseline) >= 400 else 0
 
     def band_path(self, band: str) -> Path:
+        if band in self.odd_bands:
+            raise SceneError(self.date, f"{self.odd_bands[band]} (re-extract the product zip)")
         if band not in self.bands:
             raise SceneError(
                 self.date,
@@ -80,16 +88,39 @@ def _image_folder(safe_dir: Path) -> Path | None:
     return granules[0] if granules else None
 
 
-def _band_files(img_dir: Path | None) -> dict[str, Path]:
-    """Band files by name suffix, so old (S2A_OPER_...) and new (T32TNS_...) granule names both work."""
+def odd_file(path: Path) -> str | None:
+    """Why `path` cannot be a band file (a folder, FIFO, device or socket), from os.stat alone: nothing is
+    opened, a symlink is followed to what it names. None for a regular file, and where stat fails (a dangling
+    link, no permission): that is said where the file is read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"{path} is {kind}, not a band file"
+
+
+def _band_files(img_dir: Path | None) -> tuple[dict[str, Path], dict[str, str]]:
+    """Band files by name suffix, so old (S2A_OPER_...) and new (T32TNS_...) granule names both work; and the
+    bands named only by something that is not a regular file (band -> why)."""
     if img_dir is None:
-        return {}
+        return {}, {}
     found: dict[str, Path] = {}
+    odd: dict[str, str] = {}
     for path in sorted(img_dir.iterdir()):
         stem, suffix = path.stem, path.suffix.lower()
         if suffix in BAND_SUFFIXES and len(stem) > 4 and stem[-4] == "_" and stem[-3:] in BANDS:
-            found.setdefault(stem[-3:], path)
-    return found
+            band = stem[-3:]
+            problem = odd_file(path)
+            if problem:
+                odd.setdefault(band, problem)
+            else:
+                found.setdefault(band, path)
+    return found, {band: why for band, why in odd.items() if band not in found}
 
 
 def find_exolabs(extracted: Path, tile: str, day: str) -> Path | None:
@@ -127,7 +158,7 @@ def discover_scenes(extracted: Path, tile: str, dates: list[str] | None = None) 
         match = SAFE_NAME.match(safe_dir.name)
         if not match or not safe_dir.is_dir() or match["tile"] != tile:
             continue
-        bands = _band_files(_image_folder(safe_dir))
+        bands, odd = _band_files(_image_folder(safe_dir))
         date = match["date"]
         scenes[date] = Scene(
             date=date,
@@ -135,7 +166,8 @@ def discover_scenes(extracted: Path, tile: str, dates: list[str] | None = None) 
             baseline=match["baseline"],
             safe_dir=safe_dir,
             bands=bands,
-            missing_bands=tuple(b for b in BANDS if b not in bands),
+            missing_bands=tuple(b for b in BANDS if b not in bands and b not in odd),
+            odd_bands=odd,
             exolabs=find_exolabs(extracted, tile, f"{date[0:4]}-{date[4:6]}-{date[6:8]}"),
         )
     if not scenes:

@@ -10,7 +10,13 @@ WarpedVRT, so memory depends on the window, never on the size of the scene.
 Grid checks (metadata only, when a file is opened): every band must lie on the scene's grid (the 10 m grid
 of B02) at its nominal resolution, and every auxiliary layer and ExoLabs raster must cover the scene.
 A file that does not is a SceneError naming it, what it covers and what the scene needs: read through a
-WarpedVRT it would silently give no data (coverage 0-39 %) where it falls short.
+WarpedVRT it would silently give no data (coverage 0-39 %) where it falls short. A band must cover the whole
+grid (it may overhang the far edges by less than one of its pixels, never fall short: 20 m bands of 219 px
+beside 10 m bands of 439 px, a cropped product, crashed annotate).
+
+Damage: every read of band pixels goes through pipeline/data/band_reads.py (any GDAL warning or error while
+decoding is a damaged file, named with its fix). A band that is a folder, FIFO or device was found by
+discovery (Scene.odd_bands) and is refused here before anything is opened.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from pipeline.bands import BAND_RESOLUTION, BANDS
+from pipeline.data.band_reads import SINGLE_THREADED, damage_fix, decoding
 from pipeline.data.grid import Grid
 from pipeline.data.layout import Auxiliary, Scene
 from pipeline.data.normalise import reflectance
@@ -75,6 +82,8 @@ class SceneReader:
         self._stack = ExitStack()
         self._sources: dict[str, rasterio.DatasetReader] = {}
         self._views: dict[tuple[str, int], rasterio.DatasetReader | WarpedVRT] = {}
+        if scene.odd_bands:  # a folder, FIFO or device: never opened (a FIFO would block for ever)
+            raise SceneError(scene.date, f"{'; '.join(scene.odd_bands.values())} (re-extract the product zip)")
         if scene.missing_bands:
             raise SceneError(
                 scene.date,
@@ -82,9 +91,10 @@ class SceneReader:
                 f"(re-extract the product zip)",
             )
         try:
-            self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=BLOCK_CACHE_BYTES))
+            self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=BLOCK_CACHE_BYTES, **SINGLE_THREADED))
             for band in BANDS:
-                self._sources[band] = self._open(scene.read_path(band))
+                path = scene.read_path(band)
+                self._sources[band] = self._open(path, f" ({damage_fix(scene, path)})")
         except BaseException:
             self._stack.close()
             raise
@@ -125,19 +135,20 @@ class SceneReader:
         left, bottom, right, top = source.bounds
         g_left, g_bottom, g_right, g_top = self.grid.bounds
         half, below_one = nominal / 2, nominal * (1 - 1e-6)
+        short = nominal * 1e-6  # the far edges may overhang by part of a pixel, never fall short
         if (abs(left - g_left) <= half and abs(top - g_top) <= half
-                and -half <= right - g_right < below_one and -half <= g_bottom - bottom < below_one):
+                and -short <= right - g_right < below_one and -short <= g_bottom - bottom < below_one):
             return None
         needed = (math.ceil((g_right - g_left) / nominal - 1e-6), math.ceil((g_top - g_bottom) / nominal - 1e-6))
         return (f"{path} covers {_extent(source.bounds)} ({_pixels(source)}), but the scene's grid (B02) covers "
                 f"{self._scene_extent()}, so {band} needs {needed[0]} x {needed[1]} px of {nominal} m there: "
                 f"the file was cropped or comes from another tile or product")
 
-    def _open(self, path: Path) -> rasterio.DatasetReader:
+    def _open(self, path: Path, fix: str = "") -> rasterio.DatasetReader:
         try:
             return self._stack.enter_context(rasterio.open(path))
         except RasterioError as exc:
-            raise SceneError(self.scene.date, f"cannot read {path}: {exc}") from None
+            raise SceneError(self.scene.date, f"cannot read {path}: {' '.join(str(exc).split())}{fix}") from None
 
     def close(self) -> None:
         self._stack.close()
@@ -172,6 +183,11 @@ class SceneReader:
         except RasterioError as exc:
             raise SceneError(self.scene.date, f"cannot read {label}: {exc}") from None
 
+    def _read_pixels(self, band: str, view: rasterio.DatasetReader | WarpedVRT, window: Window) -> np.ndarray:
+        """A band's window under the damage policy (pipeline/data/band_reads.py)."""
+        with decoding(self.scene, self._sources[band].name):
+            return view.read(1, window=window)
+
     def _shares_corner(self, source: rasterio.DatasetReader) -> bool:
         """Sentinel-2 band grids share the tile's upper-left corner and differ only in pixel size."""
         k = source.res[0] / self.grid.resolution
@@ -184,10 +200,8 @@ class SceneReader:
         rows = min(height, int((source.height - window.row_off * scale) // scale))
         cols = min(width, int((source.width - window.col_off * scale) // scale))
         native = Window(window.col_off * scale, window.row_off * scale, cols * scale, rows * scale)
-        try:
+        with decoding(self.scene, source.name):
             dn = source.read(1, window=native, out_shape=(rows, cols), resampling=Resampling.average)
-        except RasterioError as exc:
-            raise SceneError(self.scene.date, f"cannot read {source.name}: {exc}") from None
         return np.pad(dn, ((0, height - rows), (0, width - cols)), mode="edge")
 
     def read_band(self, band: str, window: Window, factor: int = 1) -> np.ndarray:
@@ -202,7 +216,7 @@ class SceneReader:
         if source.res[0] < target_res - 1e-6 and self._shares_corner(source):
             return self._read_decimated(source, window, target_res / source.res[0])
         resampling = Resampling.bilinear if source.res[0] > target_res + 1e-6 else Resampling.average
-        return self._read(self._view(band, source, factor, resampling, 0), window, source.name)
+        return self._read_pixels(band, self._view(band, source, factor, resampling, 0), window)
 
     def block_height(self, band: str = "B02") -> int:
         """Rows of one internal tile of a band file (1024 in L1C products): the unit JPEG 2000 decodes."""
@@ -233,7 +247,7 @@ class SceneReader:
                 return self.read_bands(window)[1]
             r0, c0 = row0 // k, col0 // k
             native = Window(c0, r0, (col0 + width - 1) // k - c0 + 1, (row0 + height - 1) // k - r0 + 1)
-            dn = self._read(source, native, source.name)
+            dn = self._read_pixels(band, source, native)
             band_valid = np.repeat(np.repeat(dn > 0, k, axis=0), k, axis=1)
             valid &= band_valid[row0 - r0 * k:row0 - r0 * k + height, col0 - c0 * k:col0 - c0 * k + width]
         return valid

@@ -25,14 +25,13 @@ import numpy as np
 import rasterio
 import torch
 import torch.nn.functional as F
-from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from pipeline.bands import BAND_RESOLUTION, BANDS
+from pipeline.data.band_reads import decoding
 from pipeline.data.layout import Auxiliary, Scene
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
-from pipeline.errors import SceneError
 from pipeline.inference.source import OpenInput, ReadWindow
 
 # Bands by their factor to the 10 m grid: 10 m bands are read as they are, 20 m and 60 m upsampled.
@@ -88,10 +87,9 @@ def native_input(scene: Scene, tile: str, auxiliary: Auxiliary | None, normalise
                     c0, c1 = source_span(col0, width, factor, first.width)
                     dn = np.empty((len(indices), r1 - r0 + 1, c1 - c0 + 1), np.uint16)
                     for i, index in enumerate(indices):
-                        try:
+                        # a damaged file is a SceneError naming it and its fix (pipeline/data/band_reads.py)
+                        with decoding(scene, sources[index].name):
                             sources[index].read(1, window=Window(c0, r0, c1 - c0 + 1, r1 - r0 + 1), out=dn[i])
-                        except RasterioError as exc:
-                            raise SceneError(scene.date, f"cannot read {sources[index].name}: {exc}") from None
                     host = torch.from_numpy(dn)
                     blocks.append(BandBlock(factor, indices, host.pin_memory() if pin else host,
                                             row0 - r0 * factor, col0 - c0 * factor))

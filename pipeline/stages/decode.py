@@ -37,6 +37,7 @@ from rasterio.windows import Window
 from pipeline import records
 from pipeline.bands import BAND_RESOLUTION, BANDS
 from pipeline.config import PipelineConfig
+from pipeline.data.band_reads import decoding
 from pipeline.data.layout import Scene, discover_scenes
 from pipeline.data.raster_checks import GDAL_ERRORS
 from pipeline.data.reader import BLOCK_CACHE_BYTES, SceneReader
@@ -79,11 +80,14 @@ def record_key(config: PipelineConfig, scene: Scene) -> records.RecordKey:
 
 def with_decoded(config: PipelineConfig, scenes: list[Scene]) -> list[Scene]:
     """The scenes, each reading its bands from its decoded GeoTIFFs where a complete record of the same JPEG
-    2000 files vouches for them; JPEG 2000 otherwise (never decoded, a band file changed, a partial folder)."""
+    2000 files vouches for them; JPEG 2000 otherwise (never decoded, a band file changed, a partial folder,
+    a band missing or not a regular file), and always with `decode.enable: false` (as the README says)."""
+    if not config.decode.enable:
+        return list(scenes)
     found = []
     for scene in scenes:
         folder = decoded_folder(config, scene)
-        if scene.missing_bands or not (folder / records.RECORD_NAME).is_file() \
+        if scene.missing_bands or scene.odd_bands or not (folder / records.RECORD_NAME).is_file() \
                 or not records.is_complete(folder, record_key(config, scene), required=OUTPUTS):
             found.append(scene)
         else:
@@ -149,19 +153,12 @@ def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCa
             if stop.is_set():
                 raise InterruptedError
             path = scene.band_path(band)
-            try:
-                # The file opened per strip, by this thread (datasets must not be shared between threads; a
-                # header costs milliseconds, a strip's decoding a second); one GDAL thread per pool thread.
-                # Any GDAL warning fails the strip: OpenJPEG decodes a damaged code stream to garbage with only
-                # "Stream does not end with EOC", and decoded rasters are trusted by every later stage.
-                with GDAL_ERRORS.into([], warnings=True) as problems, rasterio.Env(GDAL_NUM_THREADS="1"), \
-                        rasterio.open(path) as source:
-                    dn = source.read(1, window=Window(0, row, source.width, rows))
-                if problems:
-                    raise RasterioError(problems[0])
-            except RasterioError as exc:
-                raise SceneError(scene.date, f"cannot decode {path} (rows {row}-{row + rows - 1}): {exc} "
-                                             f"(the file is damaged: re-extract the product zip)") from None
+            # The file opened per strip, by this thread (datasets must not be shared between threads; a header
+            # costs milliseconds, a strip's decoding a second), decoded on this thread. Any GDAL warning or error
+            # fails the scene naming the file (pipeline/data/band_reads.py, the policy of every reader): OpenJPEG
+            # decodes a damaged code stream to garbage with only "Stream does not end with EOC".
+            with decoding(scene, path, f"rows {row}-{row + rows - 1}"), rasterio.open(path) as source:
+                dn = source.read(1, window=Window(0, row, source.width, rows))
             dataset, width = writers[band]
             with band_locks[band]:  # compressing in the decoding threads too: the main thread only waits
                 dataset.write(dn, 1, window=Window(0, row, width, rows))
