@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,53 @@ def test_a_corrupt_last_pt_is_one_line_naming_it_and_the_fix_and_force_trains_an
     report = train.run(config_for(tmp_path, epochs=1), force=True)
     assert report.count("done") == 1 and read_checkpoint(last)["epoch"] == 1
     assert_the_set_agrees(tmp_path)
+
+
+DAMAGED_PICKLE = b"\x80\x04" + random.Random(7).randbytes(4094)  # a pickle header, then garbage
+
+
+def torch_noise(stderr: str) -> list[str]:
+    """Lines of torch's own warnings (`.../torch/...py:N: UserWarning: ...` and the source line after it)."""
+    return [line for line in stderr.splitlines() if "Warning" in line or "torch" in line.lower()]
+
+
+def test_a_damaged_checkpoint_is_only_the_one_line_without_torchs_warning_before_it(tmp_path, recwarn,
+                                                                                     monkeypatch):
+    """torch warns "Detected pickle protocol 4 in the checkpoint ..." on its way to failing on a damaged file: the
+    user sees snowpipe's one line only. A damaged best.pt beside a good last.pt is repaired without the noise."""
+    write_dataset(tmp_path / "dataset", train=8, validation=4)
+    config = write_config_file(tmp_path, epochs=1)
+    train.run(config_for(tmp_path, epochs=1))
+    folder = training(tmp_path)
+    good_last = (folder / "last.pt").read_bytes()
+
+    (folder / "best.pt").write_bytes(DAMAGED_PICKLE)
+    job = snowpipe_train(config)
+    assert job.returncode == 0, job.stderr
+    assert f"repaired best.pt from {folder / 'last.pt'}" in job.stderr and torch_noise(job.stderr) == []
+    assert read_checkpoint(folder / "best.pt")["epoch"] == 1
+
+    (folder / "last.pt").write_bytes(DAMAGED_PICKLE)
+    job = snowpipe_train(config)
+    assert job.returncode == 1 and torch_noise(job.stderr) == [], job.stderr
+    said = [line for line in job.stderr.splitlines() if line.strip() and not line.startswith("== train:")]
+    assert len(said) == 1 and said[0].startswith(f"error: cannot read checkpoint {folder / 'last.pt'}: the file "
+                                                 f"is damaged"), job.stderr
+
+    recwarn.clear()  # in this process too: the DataError, and no warning left behind
+    with pytest.raises(DataError, match="damaged or not a checkpoint"):
+        read_checkpoint(folder / "last.pt")
+    assert [str(w.message) for w in recwarn] == []
+    real_load = torch.load
+
+    def load_with_a_warning(*args, **kwargs):
+        warnings.warn("a warning torch gives about a file that loads", UserWarning, stacklevel=2)
+        return real_load(*args, **kwargs)
+
+    (folder / "last.pt").write_bytes(good_last)
+    monkeypatch.setattr(torch, "load", load_with_a_warning)
+    with pytest.warns(UserWarning, match="a file that loads"):  # only a failed load's warnings are held back
+        assert read_checkpoint(folder / "last.pt")["epoch"] == 1
 
 
 def test_a_training_of_another_config_or_dataset_keeps_the_previous_model_aside(tmp_path, capsys):

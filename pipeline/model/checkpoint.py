@@ -20,6 +20,7 @@ import io
 import pickle
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,18 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu", fix: str = D
     """
     if not path.is_file():
         raise DataError(f"checkpoint {path} not found: run the train stage first, or set the checkpoint path")
-    try:
-        with torch.serialization.safe_globals(LEGACY_GLOBALS):
-            state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise DataError(f"cannot read checkpoint {path}: {_why(exc)}; {fix}") from None
+    # torch warns about what it meets in a damaged file ("Detected pickle protocol 4 ...") before it fails: held
+    # back, so a damaged file is the one line below; a file that loads gets its warnings as torch gave them.
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        try:
+            with torch.serialization.safe_globals(LEGACY_GLOBALS):
+                state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        except Exception as exc:  # torch raises many types for corrupt files
+            raise DataError(f"cannot read checkpoint {path}: {_why(exc)}; {fix}") from None
+    for warning in held:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno,
+                               source=warning.source)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{path} is not a snowpipe checkpoint (format {FORMAT}); {fix}")
     return state
