@@ -80,3 +80,32 @@ def test_the_record_step_refuses_a_submission_that_does_not_match_the_plan_forma
                           capture_output=True, text=True)
     assert done.returncode == 2 and "does not match the plan format" in done.stderr
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_cancel_takes_one_array_task_as_status_names_it(runs_dir, monkeypatch, capsys):
+    """`snowpipe status` tells how to cancel an array task that never starts (`snowpipe cancel RUN ID_TASK --yes`):
+    that scancels the task alone; a task of no job of the run is refused."""
+    from pipeline.monitor import ssh
+
+    (runs_dir / f"{UNVERSIONED['run_id']}.json").write_text(json.dumps(UNVERSIONED))
+    asked: list[list[str]] = []
+
+    class Login:
+        def __init__(self, record):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def run(self, argv, timeout=120.0):
+            asked.append(argv)
+            return ssh.Result(0, "", "")
+
+    monkeypatch.setattr(ssh, "ClusterConnection", Login)
+    assert main(["cancel", UNVERSIONED["run_id"], "11_2", "--yes"]) == 0
+    assert asked == [["scancel", "11_2"]] and "cancelled 11_2 of run" in capsys.readouterr().err
+    assert main(["cancel", UNVERSIONED["run_id"], "12_0", "--yes"]) == 1  # train is no array
+    assert main(["cancel", UNVERSIONED["run_id"], "train", "--yes"]) == 0 and asked[-1] == ["scancel", "12"]

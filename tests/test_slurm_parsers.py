@@ -6,6 +6,7 @@ tests/fixtures/slurm/ were recorded from the embedded SLURM cluster (`record.py`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -283,7 +284,8 @@ def test_status_from_accounting_fills_each_throttled_task_from_its_own_record_or
     jobs = capture("sacct_queue.txt").jobs
     remote = Replay("sacct_queue.txt", "squeue_queue.txt", "scontrol_queue.txt")
     rows, source = status_of(remote, jobs, {"arr": "0-3%2"})
-    assert source == "sacct" and remote.asked.count("squeue") == 0  # accounting knew every job
+    # accounting knew every job; the queue is asked once, as `bad` FAILED (were it requeued, the queue would hold it)
+    assert source == "sacct" and remote.asked.count("squeue") == 1 and remote.asked.count("scontrol") == 0
     assert [rows[("arr", task)].state for task in range(4)] == ["RUNNING", "RUNNING", "PENDING", "PENDING"]
     assert rows[("arr", 3)].reason == "JobArrayTaskLimit" and rows[("bad", None)].exit_code == "3:0"
 
@@ -323,3 +325,104 @@ def test_both_sources_agree_on_how_the_jobs_ended(use_sacct):
         ("after", None): "COMPLETED", ("later", None): "CANCELLED", ("held", None): "CANCELLED",
         ("queued", None): "COMPLETED", ("slow", None): "TIMEOUT", ("long", None): "CANCELLED",
         ("rq", None): "CANCELLED", ("mixed", 0): "COMPLETED", ("mixed", 1): "FAILED", ("mixed", 2): "FAILED"}
+
+
+# ------------------------------------------------------------------------------------------------ what status says
+
+
+def record_of(jobs: dict[str, str], arrays: dict[str, str] | None = None, after: dict[str, list[str]] | None = None,
+              after_each: dict[str, list[str]] | None = None, submitted: str = "") -> RunRecord:
+    arrays, after, after_each = arrays or {}, after or {}, after_each or {}
+    return RunRecord(run_id="r", host="local", address="127.0.0.1", remote_dir="/runs/r", submitted=submitted,
+                     jobs=[RecordedJob(name=name, id=job_id, array=arrays.get(name),
+                                       after=[jobs[other] for other in after.get(name, [])],
+                                       after_each=[jobs[other] for other in after_each.get(name, [])])
+                           for name, job_id in jobs.items()])
+
+
+def test_a_dependency_reason_is_told_from_the_jobs_it_waited_for():
+    """SLURM keeps Reason=Dependency until its next scheduling pass after the jobs waited for ended, and
+    DependencyNeverSatisfied names none: status says whether the job is starting, really waits, or never starts,
+    and how to cancel what never starts (the whole job, or the one array task an aftercorr failure blocks)."""
+    sacct = capture("sacct_dependency_hand_written.txt")
+    jobs = sacct.jobs
+    record = record_of(jobs, arrays={"decode": "0-2", "annotate": "0-2"},
+                       after={"annotate": ["decode"], "dataset": ["annotate"], "infer": ["train"], "test": ["infer"],
+                              "after": ["prep"]},
+                       after_each={"annotate": ["decode"]})
+    parsed = by_id(parse_sacct(sacct.text))
+    assert parsed[f"{jobs['infer']}"].reason == slurm_parsers.NEVER_SATISFIED
+    assert parsed[f"{jobs['after']}"].reason == slurm_parsers.WAITS_FOR_DEPENDENCY
+    remote = Replay("sacct_dependency_hand_written.txt", "squeue_dependency_hand_written.txt", None)
+    rows, source = jobstate.query(remote, record)  # type: ignore[arg-type]
+    reasons = {(row.name, row.task): row.reason for row in rows}
+    assert source == "sacct" and remote.asked.count("squeue") == 1  # train FAILED: is it back in the queue? no
+    assert reasons[("after", None)] == "starting: prep completed (SLURM says Dependency until its next scheduling pass)"
+    assert reasons[("annotate", 0)].startswith("starting: decode completed")  # aftercorr: its own decode task
+    assert reasons[("annotate", 2)] == "Dependency"  # decode task 2 still runs: it really waits
+    assert reasons[("annotate", 1)] == ("never starts (Dependency): decode FAILED did not complete; cancel it: "
+                                        f"snowpipe cancel r {jobs['annotate']}_1 --yes")  # that task, not the array
+    assert reasons[("dataset", None)] == ("never starts (Dependency): annotate never starts; cancel it: snowpipe "
+                                          "cancel r dataset --yes")
+    assert reasons[("infer", None)] == ("never starts (DependencyNeverSatisfied): train FAILED did not complete; "
+                                        "cancel it: snowpipe cancel r infer --yes")
+    assert reasons[("test", None)].startswith("never starts (Dependency): infer never starts")
+    assert {row.state for row in rows if row.name in ("annotate", "dataset", "infer", "test", "after")} == {"PENDING"}
+    old = record_of(jobs, arrays={"decode": "0-2", "annotate": "0-2"})  # a record without dependencies: SLURM's word
+    rows, _ = jobstate.query(Replay("sacct_dependency_hand_written.txt", None, None), old)  # type: ignore[arg-type]
+    assert {row.reason for row in rows if row.state == "PENDING"} == {"Dependency", (
+        "never starts (DependencyNeverSatisfied): a job it waited for did not complete; cancel it: snowpipe cancel r "
+        "infer --yes")}
+
+
+class Silent(Replay):
+    """A login node where sacct knows nothing yet (exit 0, no line) and squeue knows no such job."""
+
+    def run(self, argv: list[str], timeout: float = 120.0) -> Result:
+        self.asked.append(argv[0])
+        if argv[0] == "squeue":  # as recorded in squeue_unknown_id.txt
+            return Result(1, "", "slurm_load_jobs error: Invalid job id specified")
+        return Result(0, "", "")
+
+
+def test_a_job_no_source_lists_yet_is_submitted_not_failed_and_one_forgotten_long_ago_is_unknown():
+    jobs = {"decode": "501", "annotate": "502"}
+    now = datetime(2026, 12, 1, 14, 0, 0, tzinfo=timezone.utc)
+    fresh = record_of(jobs, arrays={"annotate": "0-1"}, submitted=(now - timedelta(seconds=20)).isoformat())
+    rows, _ = jobstate.query(Silent(None, None, None), fresh, now=now)  # type: ignore[arg-type]
+    assert {row.state for row in rows} == {jobstate.SUBMITTED} and len(rows) == 3
+    assert rows[0].reason == "submitted 20 s ago; SLURM does not list it yet"
+    assert jobstate.summary(rows) == "PENDING" and jobstate.exit_code(rows) == jobstate.STILL_RUNNING
+    assert not any(row.done for row in rows)  # `snowpipe status --watch` and check-submission wait for it
+    # A job added to the run later carries its own submission time: the run's is old, the job's is not.
+    added = fresh.model_copy(update={"submitted": (now - timedelta(days=2)).isoformat(), "jobs": [
+        fresh.jobs[0], fresh.jobs[1].model_copy(update={"submitted": (now - timedelta(seconds=5)).isoformat()})]})
+    rows, _ = jobstate.query(Silent(None, None, None), added, now=now)  # type: ignore[arg-type]
+    assert [row.state for row in rows] == ["UNKNOWN", jobstate.SUBMITTED, jobstate.SUBMITTED]
+    assert jobstate.exit_code(rows) == jobstate.STILL_RUNNING
+    stale = record_of(jobs, submitted=(now - timedelta(seconds=jobstate.LISTED_WITHIN_S + 1)).isoformat())
+    rows, _ = jobstate.query(Silent(None, None, None), stale, now=now)  # type: ignore[arg-type]
+    assert {row.state for row in rows} == {"UNKNOWN"} and jobstate.exit_code(rows) == 1
+
+
+def test_accounting_right_after_submission_never_makes_a_running_array_failed():
+    """The recorded lag (sacct: one PENDING range; the queue runs two tasks): pending, never failed."""
+    arr = capture("sacct_accounting_lags.txt").jobs["arr"]
+    remote = Replay("sacct_accounting_lags.txt", "squeue_accounting_lags.txt", None)
+    rows, _ = status_of(remote, {"arr": arr}, {"arr": "0-3%2"})
+    assert {row.state for row in rows.values()} == {"PENDING"} and jobstate.exit_code(list(rows.values())) == 3
+
+
+def test_a_job_accounting_calls_ended_but_the_queue_holds_again_is_pending():
+    """A node failure requeued the job: accounting still says NODE_FAIL, the queue has it PENDING again (the
+    recorded squeue_requeued.txt). The queue wins; the exit code of the first start is not shown."""
+    jobs = capture("sacct_requeue_lags_hand_written.txt").jobs
+    assert parse_sacct(capture("sacct_requeue_lags_hand_written.txt").text)[0].state == "NODE_FAIL"
+    remote = Replay("sacct_requeue_lags_hand_written.txt", "squeue_requeued.txt", "scontrol_requeued.txt")
+    rows, source = status_of(remote, jobs, {})
+    row = rows[("rq", None)]
+    assert source == "sacct" and (row.state, row.reason, row.exit_code) == ("PENDING", "BeginTime", "")
+    assert jobstate.summary([row]) == "PENDING" and jobstate.exit_code([row]) == jobstate.STILL_RUNNING
+    gone = Replay("sacct_requeue_lags_hand_written.txt", "squeue_ended.txt", None)  # not in the queue: it ended
+    rows, _ = status_of(gone, jobs, {})
+    assert rows[("rq", None)].state == "NODE_FAIL" and jobstate.exit_code(list(rows.values())) == 1

@@ -24,10 +24,12 @@ class RecordedJob(BaseModel):
     name: str
     id: str
     after: list[str] = []          # job ids it waited for
+    after_each: list[str] = []     # those of `after` whose array task i its task i waited for (aftercorr)
     array: str | None = None
     stages: list[str] = []
     script: str = ""
     log: str = ""                  # the --output pattern (%x, %j, %A, %a)
+    submitted: str = ""            # when sbatch accepted it (UTC, ISO 8601); "" in records older than it
 
     def log_of(self, task: int | None) -> str:
         """The output file of one of its tasks (the array job id stands for %A and %j alike)."""
@@ -100,12 +102,14 @@ def read_run_record(path: Path) -> RunRecord:
 
 def record_of_submission(plan: Plan, ids: dict[str, str], connection: Connection) -> RunRecord:
     """The record of jobs just submitted: the plan's jobs with the ids sbatch gave them."""
-    jobs = [RecordedJob(name=job.name, id=ids[job.name], after=[ids[name] for name in job.after], array=job.array,
-                        stages=job.stages, script=job.script, log=job.log) for job in plan.jobs]
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    jobs = [RecordedJob(name=job.name, id=ids[job.name], after=[ids[name] for name in job.after],
+                        after_each=[ids[name] for name in job.after_each], array=job.array, stages=job.stages,
+                        script=job.script, log=job.log, submitted=now) for job in plan.jobs]
     return RunRecord(
         schema_version=formats.RUN_RECORD_SCHEMA, run_id=plan.run_id, host=connection.host,
         address=connection.address or connection.host, port=connection.port, user=connection.user,
         inventory=connection.inventory, key=connection.key, known_hosts=connection.known_hosts,
         remote_root=plan.remote_root, remote_dir=plan.run_dir, commit=plan.commit, dirty=plan.dirty,
         config_hash=plan.config_hash, submission_key=plan.submission_key, config=plan.config_source, spec=plan.spec,
-        submitted=datetime.now(timezone.utc).isoformat(timespec="seconds"), jobs=jobs)
+        submitted=now, jobs=jobs)

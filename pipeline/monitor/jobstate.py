@@ -2,11 +2,18 @@
 `scontrol show job` for jobs that just left the queue, then the exit markers the batch scripts write into
 the run folder (so a job SLURM has forgotten after MinJobAge still shows its true final state).
 Array tasks are listed one by one. `slurm_parsers` builds those commands and reads what they print; this module
-runs them and decides which record fills which row."""
+runs them and decides which record fills which row.
+
+Accounting lags behind the queue: right after sbatch it may not know a job, and after a requeue it may still show
+how the job's previous start ended. So the queue is asked whenever accounting leaves a task unknown or calls one
+ended other than COMPLETED, and a task the queue still lists is not ended. A task no source lists within
+`LISTED_WITHIN_S` of its submission is SUBMITTED (not yet listed), never UNKNOWN, so a fresh run is not called
+failed. A pending task's Reason=Dependency is checked against the tasks it waits for (see `explain_waits`)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # paramiko loads only when a command connects
@@ -17,11 +24,17 @@ from pipeline.errors import SnowpipeError
 from pipeline.monitor import slurm_parsers
 from pipeline.monitor.slurm_parsers import JobRecord, expand_tasks
 
-__all__ = ["FAILED_STATES", "NOT_DONE", "TaskState", "exit_code", "expand_tasks", "expected_tasks", "from_exit_markers",
-           "from_sacct", "from_scontrol", "from_squeue", "last_log_lines", "query", "summary"]
+__all__ = ["FAILED_STATES", "NOT_DONE", "SUBMITTED", "TaskState", "exit_code", "expand_tasks", "expected_tasks",
+           "explain_waits", "from_exit_markers", "from_sacct", "from_scontrol", "from_squeue", "last_log_lines",
+           "not_listed_yet", "query", "summary"]
 
+SUBMITTED = "SUBMITTED"
+"""snowpipe's word, not SLURM's: sbatch accepted the task moments ago and no SLURM command lists it yet."""
+LISTED_WITHIN_S = 300.0
+"""slurmctld keeps an ended job at least MinJobAge (300 s by default) after it ended, hence after it was submitted:
+a task that no source lists this soon after its submission has not been forgotten, it is not listed yet."""
 NOT_DONE = {"PENDING", "RUNNING", "REQUEUED", "PREEMPTED", "COMPLETING", "CONFIGURING", "SUSPENDED", "RESIZING",
-            "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
+            "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", SUBMITTED}
 
 
 @dataclass
@@ -93,12 +106,18 @@ def from_sacct(remote: ClusterConnection, rows: list[TaskState]) -> bool:
 
 
 def from_squeue(remote: ClusterConnection, rows: list[TaskState]) -> bool:
+    """Fill the tasks still unknown, and those another source called ended: the queue lists only tasks that have
+    not ended, so a task it lists is back in it (a requeue) or accounting is behind. False when squeue fails."""
     result = remote.run(slurm_parsers.squeue_command(sorted({row.id for row in rows})))
     if result.code != 0 and "Invalid job id" not in result.stderr:
         return False
-    grouped = _by_job(rows)
+    open_rows = [row for row in rows if row.state == "UNKNOWN" or row.done]
+    grouped = _by_job(open_rows)
     for record in slurm_parsers.parse_squeue(result.stdout):
         _apply(grouped, record)
+    for row in open_rows:
+        if row.state in NOT_DONE:
+            row.exit_code = ""  # the exit code of an earlier start, not of this one
     return True
 
 
@@ -135,6 +154,67 @@ def from_exit_markers(remote: ClusterConnection, record: RunRecord, rows: list[T
             row.reason = "from the exit marker (job left the queue)"
 
 
+def _age_s(stamp: str, now: datetime) -> float | None:
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return (now - (when if when.tzinfo else when.replace(tzinfo=timezone.utc))).total_seconds()
+
+
+def not_listed_yet(record: RunRecord, rows: list[TaskState], now: datetime | None = None) -> None:
+    """Tasks no source knows, submitted less than `LISTED_WITHIN_S` ago: SUBMITTED, not UNKNOWN (which `summary`
+    counts as a failure). The job's own submission time, else the run's (records older than the job's)."""
+    now = now or datetime.now(timezone.utc)
+    submitted = {job.id: job.submitted or record.submitted for job in record.jobs}
+    for row in rows:
+        if row.state != "UNKNOWN":
+            continue
+        age = _age_s(submitted.get(row.id, ""), now)
+        if age is not None and age < LISTED_WITHIN_S:
+            row.state = SUBMITTED
+            row.reason = f"submitted {max(age, 0):.0f} s ago; SLURM does not list it yet"
+
+
+def _ended_as(rows: list[TaskState]) -> str:
+    """`decode FAILED, train CANCELLED`: how the tasks ended, one entry per job and state."""
+    return ", ".join(sorted({f"{row.name} {row.state}" for row in rows}))
+
+
+def explain_waits(record: RunRecord, rows: list[TaskState]) -> None:
+    """A pending task's Reason=Dependency or DependencyNeverSatisfied, said from the run's own rows: SLURM keeps
+    `Dependency` until its next scheduling pass after the tasks it waited for ended, and names none of them.
+
+    - every task it waits for COMPLETED: it is starting (waiting for the scheduler and a free node);
+    - one of them ended otherwise, or never starts itself, or SLURM says DependencyNeverSatisfied: it never
+      starts, and the reason says how to cancel it;
+    - otherwise SLURM's reason stands: it really waits."""
+    tasks = _by_job(rows)
+    jobs = {job.id: job for job in record.jobs}
+    never: set[str] = set()  # keys of tasks that never start; jobs come after those they wait for
+    for row in rows:
+        job = jobs.get(row.id)
+        waits = row.reason in (slurm_parsers.WAITS_FOR_DEPENDENCY, slurm_parsers.NEVER_SATISFIED)
+        if job is None or row.state != "PENDING" or not waits:
+            continue
+        awaited = [other for job_id in job.after for other in tasks.get(job_id, [])
+                   if job_id not in job.after_each or row.task is None or other.task == row.task]
+        ended = [other for other in awaited if other.done and other.state != "COMPLETED"]
+        stuck = [other for other in awaited if other.key in never]
+        if ended or stuck or row.reason == slurm_parsers.NEVER_SATISFIED:
+            never.add(row.key)
+            whole_job = row.task is None or any(other.id not in job.after_each for other in ended + stuck)
+            cancel = f"snowpipe cancel {record.run_id} {row.name if whole_job else row.key} --yes"
+            causes = ([f"{_ended_as(ended)} did not complete"] if ended else []) + (
+                [f"{', '.join(sorted({other.name for other in stuck}))} never starts"] if stuck else [])
+            why = " and ".join(causes) or "a job it waited for did not complete"
+            row.reason = f"never starts ({row.reason}): {why}; cancel it: {cancel}"
+        elif all(job_id in tasks for job_id in job.after) and awaited and all(
+                other.state == "COMPLETED" for other in awaited):
+            row.reason = (f"starting: {', '.join(sorted({other.name for other in awaited}))} completed (SLURM says "
+                          f"{row.reason} until its next scheduling pass)")
+
+
 def last_log_lines(remote: ClusterConnection, rows: list[TaskState]) -> None:
     """The last line of every task's output, in one command."""
     script = ('for f in "$@"; do l=$(tail -c 2000 "$f" 2>/dev/null | tr "\\r" "\\n" | grep -v "^\\s*$" '
@@ -145,18 +225,22 @@ def last_log_lines(remote: ClusterConnection, rows: list[TaskState]) -> None:
         row.last_line = lines.get(row.log, "")[:200]
 
 
-def query(remote: ClusterConnection, record: RunRecord, use_sacct: bool = True) -> tuple[list[TaskState], str]:
+def query(remote: ClusterConnection, record: RunRecord, use_sacct: bool = True, now: datetime | None = None,
+          ) -> tuple[list[TaskState], str]:
     """States of every task of the run, and which source answered ("sacct" or "squeue")."""
     rows = expected_tasks(record)
     source = "sacct"
     if not (use_sacct and from_sacct(remote, rows)):
         source = "squeue"
-    if any(row.state == "UNKNOWN" for row in rows):  # no accounting, or it lags behind a fresh job
+    # No accounting; or it lags behind a fresh job, or calls ended one the queue holds again (a requeue).
+    if any(row.state == "UNKNOWN" or (row.done and row.state != "COMPLETED") for row in rows):
         if not from_squeue(remote, rows) and source == "squeue":
             raise SnowpipeError(f"neither sacct nor squeue works on {record.host}: is it a SLURM login node? "
                                 f"(check with: ssh {record.login_address} squeue)")
         from_scontrol(remote, rows)
     from_exit_markers(remote, record, rows)
+    not_listed_yet(record, rows, now)
+    explain_waits(record, rows)
     last_log_lines(remote, rows)
     return rows, source
 

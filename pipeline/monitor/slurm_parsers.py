@@ -20,6 +20,13 @@ SACCT_FIELDS = "JobID,JobName,State,Elapsed,NodeList,ExitCode,Reason"
 SQUEUE_FORMAT = "%i|%T|%M|%N|%r"
 """`squeue --format`: job id, state (long name), elapsed, nodes, reason."""
 
+WAITS_FOR_DEPENDENCY = "Dependency"
+"""The reason of a job that waits for others. slurmctld changes it only at its next scheduling pass after they end
+(accounting keeps it until the job starts), so it can outlive the jobs it names: `jobstate` checks them."""
+NEVER_SATISFIED = "DependencyNeverSatisfied"
+"""The reason of a job whose dependency can no longer be met (one it waited for with afterok did not complete): it
+never starts, and waits until cancelled unless it was submitted with --kill-on-invalid-dep=yes."""
+
 _JOB_ID = re.compile(r"(\d+)(?:_(\[[^\]]+\]|\d+))?(?:\+\d+)?")
 _STEP = re.compile(r"\d+(?:_\d+)?(?:\+\d+)?\.\w+")
 _SCONTROL_FIELD = re.compile(r"(\w+)=(\S*)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from pipeline.progress import say
 from pipeline.ssh_options import login
 
 STATE_STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red", "CANCELLED": "magenta",
-               "TIMEOUT": "red", "OUT_OF_MEMORY": "red", "UNKNOWN": "dim"}
+               "TIMEOUT": "red", "OUT_OF_MEMORY": "red", "UNKNOWN": "dim", jobstate.SUBMITTED: "yellow"}
 WATCH_FLOOR = 2.0
 
 
@@ -180,14 +181,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     record = load_record(args.run)
-    jobs = [job for job in record.jobs if not args.job or args.job in (job.name, job.id)]
+    task = args.job if args.job and re.fullmatch(r"\d+_\d+", args.job) else None  # one array task: ID_TASK
+    jobs = [job for job in record.jobs if not args.job or args.job in (job.name, job.id)
+            or (task is not None and job.array and task.split("_")[0] == job.id)]
     if not jobs:
         raise SnowpipeError(f"run {record.run_id} has no job {args.job!r}")
-    ids = [job.id for job in jobs]
+    ids = [task] if task else [job.id for job in jobs]
     if not args.yes:
         if not sys.stdin.isatty():
             raise SnowpipeError("cancel needs a confirmation: add --yes")
-        listed = ", ".join(f"{job.name} ({job.id})" for job in jobs)
+        listed = f"{jobs[0].name} task {task}" if task else ", ".join(f"{job.name} ({job.id})" for job in jobs)
         answer = input(f"cancel {listed} of run {record.run_id} on {record.host}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             say("nothing cancelled")
@@ -239,6 +242,7 @@ def add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cancel", help="scancel a run's jobs (after a confirmation)",
                        description="Cancel every job of the run, or one job.")
     p.add_argument("run", help="run id")
-    p.add_argument("job", nargs="?", help="job name or id (default: all jobs of the run)")
+    p.add_argument("job", nargs="?", help="job name or id, or one array task as ID_TASK (default: all jobs of the "
+                                          "run)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_cancel)
