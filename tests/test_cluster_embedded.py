@@ -21,6 +21,7 @@ from pipeline.localcluster.embedded_files import (
     render_slurmdbd_conf,
     slurm_conf_accounting,
 )
+from tests.cluster_fixture import need_accounting
 
 pytestmark = pytest.mark.cluster
 
@@ -158,8 +159,7 @@ def _sacct(info: ClusterInfo, *job_ids: str, timeout: float = 20) -> dict[str, s
 
 def test_sacct_reports_finished_jobs_with_their_state_and_exit_code(local_cluster: ClusterInfo,
                                                                     tmp_path: Path) -> None:
-    if not local_cluster.accounting:
-        pytest.skip("the cluster runs without accounting (SNOWPIPE_TEST_ACCOUNTING=0 or slurmdbd did not start)")
+    need_accounting(local_cluster)
     ok = _sbatch_over_ssh(local_cluster, f"--output={tmp_path}/%j.out", "--wrap", "true")
     failed = _sbatch_over_ssh(local_cluster, f"--output={tmp_path}/%j.out", "--wrap", "false")
     assert _wait_for_job(local_cluster, ok) == "COMPLETED"

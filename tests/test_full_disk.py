@@ -1,6 +1,6 @@
 """A full disk or a read-only folder: every writer says so in one line and publishes nothing.
 
-Each test mounts a real, small tmpfs (so we need root; elsewhere they are skipped), fills it as a long
+Each test mounts a real, small tmpfs (so we need root; elsewhere they skip, and fail under CI), fills it as a long
 run would, and checks what a user would find: one OutputError line (exit 74) naming the file and the
 fix, no temporary file left, and the previous complete output, if any, still there and readable.
 """
@@ -28,19 +28,18 @@ from pipeline.data.preview import write_png
 from pipeline.data.writer import allocate_npy, atomic_path, atomic_raster, swap_folder, write_json
 from pipeline.errors import OutputError
 from pipeline.inference.outputs import write_overlay_png
+from tests.requirements import need, need_root
 
 FULL = "no space left"
 READ_ONLY = "read-only file system"
 
 
 def mount_tmpfs(folder: Path, size: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+    need_root("mounting a small tmpfs")
     folder.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                           capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    need(done.returncode == 0, f"cannot mount a tmpfs here: {done.stderr.strip()}")
 
 
 def unmount(folder: Path) -> None:
@@ -281,8 +280,7 @@ def test_the_command_line_says_a_full_disk_in_one_line_with_exit_74(tmp_path):
 
 def test_a_folder_the_user_may_not_write_to_is_one_line(tmp_path):
     """As root nothing is forbidden, so the writer runs as `nobody` against a root-owned folder."""
-    if os.geteuid() != 0:
-        pytest.skip("switching to another user needs root")
+    need_root("switching to another user")
     folder = Path(tempfile.mkdtemp(prefix="snowpipe-forbidden-", dir="/tmp"))
     try:
         os.chmod(folder, 0o755)

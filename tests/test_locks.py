@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from pipeline import locks
 from pipeline.errors import OutputError, SnowpipeError
 from pipeline.locks import LockBusy, output_lock, read_lock
+from tests.requirements import need_private_mounts
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
@@ -395,13 +395,6 @@ def test_a_file_in_place_of_the_target_s_folder_is_one_clear_error(tmp_path):
             pass
 
 
-def _private_mounts_available() -> bool:
-    """A private mount namespace (root, or user namespaces) lets a test mount a real tmpfs for itself."""
-    if shutil.which("unshare") is None:
-        return False
-    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
-
-
 TAKE = """
 import sys
 from pathlib import Path
@@ -416,11 +409,11 @@ except SnowpipeError as exc:
 """
 
 
-@pytest.mark.skipif(not _private_mounts_available(), reason="needs `unshare -m` to mount a tmpfs")
 @pytest.mark.parametrize("options,fill,reason", [("ro,size=64k", 0, "read-only file system"),
                                                  ("size=16k,nr_inodes=2", 1, "no space left")],
                          ids=["read-only", "full"])
 def test_a_read_only_or_full_folder_is_one_clear_error(tmp_path, options, fill, reason):
+    need_private_mounts()
     folder = tmp_path / "results"
     folder.mkdir()
     script = ('mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; '

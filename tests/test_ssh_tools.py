@@ -15,6 +15,7 @@ from pipeline.contract.formats import EXIT_MARKER_PRINTF
 from pipeline.contract.run_record import RunRecord
 from pipeline.localcluster import embedded
 from pipeline.monitor import runs, tools
+from tests.cluster_fixture import need_accounting
 
 pytestmark = pytest.mark.cluster
 
@@ -83,8 +84,8 @@ def status_json(run_id: str, capsys, *extra: str) -> tuple[int, dict]:
 @pytest.mark.parametrize("accounting", [True, False], ids=["sacct", "squeue-fallback"])
 def test_status_reports_every_kind_of_job_then_cancel_ends_the_rest(local_cluster, run_factory, run_dir, capsys,
                                                                     accounting):
-    if accounting and not getattr(local_cluster, "accounting", False):
-        pytest.skip("the local cluster runs without accounting (SNOWPIPE_TEST_ACCOUNTING=0)")
+    if accounting:
+        need_accounting(local_cluster)
     common = ["--chdir", str(run_dir), "--output", "logs/%x-%j.out", "--mem=100M", "--cpus-per-task=1"]
     done = sbatch(local_cluster, *common, "--job-name=ok", "--wrap", f"echo hello; code=0; {marker_line('ok')}")
     bad = sbatch(local_cluster, *common, "--job-name=bad",

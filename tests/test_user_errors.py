@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from pipeline.cli import build_parser, main
 from tests.builders import write_auxiliary, write_scene
+from tests.requirements import need_private_mounts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,18 +201,10 @@ def test_make_demo_targets_stay_rerunnable():
 
 # --- a full disk or a read-only folder -----------------------------------------------------------------------
 
-def _private_mounts_available() -> bool:
-    """A private mount namespace (root, or user namespaces) lets a test mount a real tmpfs for itself."""
-    if shutil.which("unshare") is None:
-        return False
-    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
-
-
-needs_mounts = pytest.mark.skipif(not _private_mounts_available(), reason="needs `unshare -m` to mount a tmpfs")
-
-
 def on_tmpfs(folder: Path, options: str, fill: bool, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `snowpipe ARGS` with a real tmpfs mounted on `folder` (mount options; filled to the last byte)."""
+    """Run `snowpipe ARGS` with a real tmpfs mounted on `folder` (mount options; filled to the last byte) in a
+    private mount namespace (where there is none: a skip here, a failure under CI)."""
+    need_private_mounts()
     script = ('mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; '
               'if [ "$3" = 1 ]; then dd if=/dev/zero of="$2/fill" bs=4k 2>/dev/null; fi; shift 3; exec "$@"')
     folder.mkdir(exist_ok=True)
@@ -223,7 +215,6 @@ def on_tmpfs(folder: Path, options: str, fill: bool, *args: str) -> subprocess.C
     return result
 
 
-@needs_mounts
 def test_a_read_only_folder_is_one_line_not_an_internal_error(tmp_path):
     folder = tmp_path / "readonly"
     result = on_tmpfs(folder, "ro,size=64k", False, "demo-data", str(folder / "demo"), "--scenes", "1",
@@ -233,7 +224,6 @@ def test_a_read_only_folder_is_one_line_not_an_internal_error(tmp_path):
     assert "read-only file system; make the folder writable" in result.stderr
 
 
-@needs_mounts
 def test_a_full_disk_is_one_line_not_an_internal_error(tmp_path):
     """Every block and inode of the tmpfs is used (the root folder and the filler file): mkdir gets ENOSPC."""
     folder = tmp_path / "full"
