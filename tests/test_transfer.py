@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -102,3 +103,62 @@ def test_a_transfer_cut_by_killing_sshd_resumes_and_arrives_whole(local_cluster,
         assert hashlib.sha256(sent.read_bytes()).digest() == hashlib.sha256(big.read_bytes()).digest()
     finally:
         subprocess.run(["rm", "-rf", str(dest)], check=False)
+
+
+def sync_masks(source: Path, dest: Path, *flags: str) -> subprocess.CompletedProcess:
+    """The stage_data role's sync of annotated_masks, with the real rsync into a local folder (no host needed)."""
+    from pipeline.contract import formats
+
+    return subprocess.run([sys.executable, "-m", "pipeline.submit.transfer", *flags, "--", "rsync", "--archive",
+                           "--partial", "--itemize-changes", "--protect-args", "--timeout=120",
+                           *(f"--exclude={pattern}" for pattern in formats.TEMPORARY_FILES), f"{source}/", f"{dest}/"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_masks(folder: Path, content: bytes, record: bool, mtime: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"mask.tif": content, "coverage.tif": content[::-1]}
+    if record:
+        files[".snowpipe-complete.json"] = b'{"schema": 2, "stage": "annotate"}'
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        os.utime(folder / name, (mtime, mtime))
+
+
+def test_the_mask_sync_never_replaces_masks_a_run_completed_on_the_cluster(tmp_path):
+    """An annotate job of an earlier run wrote a scene's masks (with their record) into the shared
+    data/annotated_masks/; the laptop holds an older, different copy. The next submission's sync used to replace
+    mask.tif and coverage.tif under that run (its dataset job may be reading them). With --keep-completed the
+    folder stays byte for byte; the user's own masks (no record there) are updated and new folders sent."""
+    laptop, cluster = tmp_path / "laptop", tmp_path / "cluster" / "annotated_masks"
+    write_masks(laptop / "20210115T102321", b"laptop's old mask", record=True, mtime=1_600_000_000)
+    write_masks(laptop / "20210116T102321", b"the user's edited mask", record=False, mtime=1_700_000_000)
+    write_masks(laptop / "20210117T102321", b"a scene the cluster lacks", record=False, mtime=1_700_000_000)
+    write_masks(cluster / "20210115T102321", b"the cluster run's mask", record=True, mtime=1_650_000_000)
+    write_masks(cluster / "20210116T102321", b"the user's first mask", record=False, mtime=1_600_000_000)
+    (cluster / ".20210118T102321.partial-node-7").mkdir()  # a live annotate job's folder: never touched
+    before = {path: path.read_bytes() for path in (cluster / "20210115T102321").iterdir()}
+
+    plain = tmp_path / "plain"  # what the sync did before: the run's masks replaced by the laptop's
+    shutil.copytree(cluster, plain)
+    assert sync_masks(laptop, plain).returncode == 0
+    assert (plain / "20210115T102321" / "mask.tif").read_bytes() == b"laptop's old mask"
+
+    done = sync_masks(laptop, cluster, "--keep-completed")
+    assert done.returncode == 0, done.stderr
+    assert {path: path.read_bytes() for path in (cluster / "20210115T102321").iterdir()} == before
+    assert (cluster / "20210116T102321" / "mask.tif").read_bytes() == b"the user's edited mask"
+    assert (cluster / "20210117T102321" / "mask.tif").read_bytes() == b"a scene the cluster lacks"
+    assert (cluster / ".20210118T102321.partial-node-7").is_dir()
+    (kept,) = [line for line in done.stdout.splitlines() if line.startswith("kept ")]
+    assert f"kept 1 folder(s) of {cluster}/ that a snowpipe stage completed there (20210115T102321;" in kept
+    assert not [line for line in done.stdout.splitlines() if "20210115T102321/" in line and line[:2] in (">f", "cd")]
+
+
+def test_keeping_completed_folders_into_a_destination_that_does_not_exist_yet_sends_everything(tmp_path):
+    laptop = tmp_path / "laptop"
+    write_masks(laptop / "20210115T102321", b"mask", record=True, mtime=1_600_000_000)
+    done = sync_masks(laptop, tmp_path / "new", "--keep-completed")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "new" / "20210115T102321" / ".snowpipe-complete.json").is_file()
+    assert "kept" not in done.stdout
