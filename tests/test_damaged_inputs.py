@@ -138,30 +138,36 @@ def test_a_same_size_damaged_jpeg2000_band_fails_its_scene_in_every_stage_that_r
         assert outputs(project, stage, other.date), "the other scene still ran"
 
 
-def test_a_damaged_decoded_raster_says_to_decode_again_and_decode_enable_false_reads_jpeg2000(project):
-    """The decode stage's GeoTIFFs are read under the same policy; their fix is decoding again, not
-    re-extracting the product. With `decode.enable: false` they are not read at all (the README's promise;
-    they used to be read whenever a complete record vouched for them)."""
+def test_a_damaged_decoded_raster_stops_the_gpu_stage_is_decoded_again_by_a_cpu_stage_and_never_swapped_for_jpeg2000(
+        project):
+    """The decode stage's GeoTIFFs are vouched for by their content: damaged in place, they are never silently
+    replaced by JPEG 2000. The GPU stage (infer) fails the scene naming the file and `decode --force` (a GPU job
+    does only GPU work); a CPU stage that can decode (annotate) decodes the scene again and goes on. With
+    `decode.enable: false` they are not read at all (the README's promise)."""
     config = load_config(project / "pipeline-config.yml")
     assert decode.run(config).count("done") == 2
     damaged = scenes(project)[0]
     decoded = decode.decoded_folder(config, damaged) / "B08.tif"
+    good = decoded.read_bytes()
     damage(decoded)
     shutil.rmtree(project / "annotated_masks")
 
-    result = snowpipe(project, "annotate")
+    result = snowpipe(project, "infer")
     assert result.returncode == 1, result.stderr
     line = line_with(result.stderr, damaged.date, str(decoded))
     assert "snowpipe stage decode" in line and "--force" in line and "re-extract" not in line
-    assert not outputs(project, "annotate", damaged.date)
-    result = snowpipe(project, "infer")  # decoded rasters: read at native resolution (pipeline/inference/native.py)
-    assert result.returncode == 1, result.stderr
-    assert "snowpipe stage decode" in line_with(result.stderr, damaged.date, str(decoded))
-    assert not outputs(project, "infer", damaged.date)
+    assert not outputs(project, "infer", damaged.date) and outputs(project, "infer", scenes(project)[1].date)
 
-    result = snowpipe(project, "annotate", "--set", "decode.enable=false")
-    assert result.returncode == 0, result.stderr   # the JPEG 2000 bands are intact
+    result = snowpipe(project, "annotate")
+    assert result.returncode == 0, result.stderr
+    assert "decoding the scene again" in line_with(result.stderr, damaged.date, str(decoded))
+    assert decoded.read_bytes() == good  # decoded anew from the intact JPEG 2000 files
     assert all(outputs(project, "annotate", scene.date) for scene in scenes(project))
+
+    damage(decoded)
+    result = snowpipe(project, "annotate", "--force", "--set", "decode.enable=false")
+    assert result.returncode == 0, result.stderr   # the JPEG 2000 bands are intact, the decoded ones not read
+    assert "decoding the scene again" not in result.stderr
     off = config.model_copy(update={"decode": config.decode.model_copy(update={"enable": False})})
     assert not any(scene.decoded for scene in decode.discover_readable(off, []))
 

@@ -41,6 +41,9 @@ class Scene:
     decoded: dict[str, Path] = field(default_factory=dict)
     # Band files that are not regular files (a folder, FIFO, device), band -> why: refused before any opening.
     odd_bands: dict[str, str] = field(default_factory=dict)
+    # Why the decoded rasters cannot be trusted (damaged since decode wrote them), for a stage that may not
+    # decode them again itself (infer: a GPU job does only GPU work): it fails the scene with this.
+    decoded_problem: str = ""
 
     @property
     def day(self) -> str:

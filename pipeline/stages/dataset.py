@@ -37,7 +37,7 @@ from pipeline.stages.base import SceneOutcome, StageReport, enforce_policy, fail
 from pipeline.stages.decode import discover_readable, release_if_used
 
 INFO = STAGES["dataset"]
-MANIFEST = "manifest.json"
+MANIFEST = records.DATASET_MANIFEST
 CHUNK = 1024  # patches are cut from reads of about this many pixels square
 STATS_PIXELS = 2_000_000  # training pixels sampled to fit the normalisation
 
@@ -156,8 +156,8 @@ def _class_pixels(masks: np.ndarray) -> list[int]:
 
 
 def _is_complete(out: Path, key: records.RecordKey) -> bool:
-    """The manifest is the dataset's completion record; one written before schema 2 that still names the same
-    files is upgraded in place (keeping its old identity as `legacy_inputs`, so training resumes)."""
+    """The manifest is the dataset's completion record; one written by an older snowpipe that still names the
+    same files is upgraded in place (keeping its old identity as `legacy_inputs`, so training resumes)."""
     try:
         data = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError, UnicodeDecodeError):
@@ -165,16 +165,15 @@ def _is_complete(out: Path, key: records.RecordKey) -> bool:
     if not isinstance(data, dict) or data.get("config") != key.config:
         return False
     if data.get("schema") == records.SCHEMA:
-        sizes = data.get("outputs", {})
-        return data.get("inputs") == key.inputs and all(
-            (out / name).is_file() and (out / name).stat().st_size == size for name, size in sizes.items())
+        return data.get("inputs") == key.inputs and not records.output_problems(out, data.get("outputs", {}))
     arrays = [f"{split}_{kind}.npy" for split in ("train", "validation") for kind in ("images", "masks")]
-    if data.get("inputs") == key.legacy_inputs and all((out / name).is_file() for name in arrays):
+    old_identity = key.sampled_inputs if data.get("schema") == records.SAMPLED_SCHEMA else key.legacy_inputs
+    if data.get("inputs") == old_identity and all((out / name).is_file() for name in arrays):
         data.update(schema=records.SCHEMA, legacy_inputs=data["inputs"], inputs=key.inputs,
-                    outputs=records.output_sizes(out, arrays))
+                    outputs=records.output_entries(out, arrays))
         write_json(out / MANIFEST, data)
         return True
-    if data.get("inputs") is not None and "schema" not in data:
+    if data.get("inputs") is not None:
         say(f"  dataset: {out / MANIFEST} was written by an older snowpipe for inputs that no longer match "
             f"(moved, changed or interrupted data): building the dataset again")
     return False
@@ -348,7 +347,7 @@ def _build(config: PipelineConfig, dates: list[str] | None, force: bool, report:
             "normalisation": normaliser.to_dict(),
             "inputs": key.inputs,
             "config": key.config,
-            "outputs": records.output_sizes(partial, arrays),
+            "outputs": records.output_entries(partial, arrays),
         })
     report.seconds = time.perf_counter() - start
     train, val = splits_info["train"], splits_info["validation"]

@@ -75,29 +75,59 @@ def record_key(config: PipelineConfig, scene: Scene) -> records.RecordKey:
     """The JPEG 2000 files (relative name, size, sampled content) and the format: nothing in the config
     changes what this stage writes."""
     sources = [scene.band_path(band) for band in BANDS]
-    return records.RecordKey(INFO.name, records.fingerprint(sources, [config.path("extracted_data")]), FORMAT)
+    return records.key_of_files(INFO.name, sources, [config.path("extracted_data")], FORMAT)
 
 
-def with_decoded(config: PipelineConfig, scenes: list[Scene]) -> list[Scene]:
+def with_decoded(config: PipelineConfig, scenes: list[Scene], redecode: bool = True) -> list[Scene]:
     """The scenes, each reading its bands from its decoded GeoTIFFs where a complete record of the same JPEG
-    2000 files vouches for them; JPEG 2000 otherwise (never decoded, a band file changed, a partial folder,
-    a band missing or not a regular file), and always with `decode.enable: false` (as the README says)."""
+    2000 files vouches for them; JPEG 2000 where there is nothing decoded to trust (never decoded, a band file
+    changed since, a partial folder, a band missing or not a regular file), and always with `decode.enable:
+    false` (as the README says).
+
+    Decoded rasters damaged since they were written (another size or content than their record says) are never
+    silently replaced by JPEG 2000: a CPU stage (`redecode`) decodes the scene again, first; a GPU stage gets the
+    scene with `decoded_problem` set, and fails it naming the file and `snowpipe stage decode --force`."""
     if not config.decode.enable:
         return list(scenes)
     found = []
     for scene in scenes:
         folder = decoded_folder(config, scene)
-        if scene.missing_bands or scene.odd_bands or not (folder / records.RECORD_NAME).is_file() \
-                or not records.is_complete(folder, record_key(config, scene), required=OUTPUTS):
+        if scene.missing_bands or scene.odd_bands or not (folder / records.RECORD_NAME).is_file():
             found.append(scene)
-        else:
+            continue
+        key = record_key(config, scene)
+        complete = records.is_complete(folder, key, required=OUTPUTS)
+        problem = "" if complete else _damage(folder, key)
+        if problem and redecode:
+            say(f"  {scene.date}: the decoded rasters are damaged ({problem}): decoding the scene again")
+            decode_scene(scene, config, force=True)
+            complete = records.is_complete(folder, key, required=OUTPUTS)
+            problem = "" if complete else _damage(folder, key)
+        if complete:
             found.append(dataclasses.replace(scene, decoded={band: folder / band_file(band) for band in BANDS}))
+        elif problem:
+            found.append(dataclasses.replace(scene, decoded_problem=(
+                f"the decoded rasters are damaged ({problem}): run `snowpipe stage decode CONFIG --scene "
+                f"{scene.date} --force` on a CPU node, then this stage again")))
+        else:
+            found.append(scene)  # decoded from other JPEG 2000 files: the decode stage redoes it
     return found
 
 
-def discover_readable(config: PipelineConfig, dates: list[str]) -> list[Scene]:
+def _damage(folder: Path, key: records.RecordKey) -> str:
+    """What is damaged in a decoded folder whose record is of these very JPEG 2000 files ("" when the record
+    is of other files, or of an older format: then the folder is simply out of date)."""
+    record = records.read_record(folder)
+    if record is None or record.get("schema") != records.SCHEMA or record.get("inputs") != key.inputs or \
+            record.get("config") != key.config:
+        return ""
+    problems = records.output_problems(folder, record.get("outputs", {}))
+    return problems[0] if problems else ""
+
+
+def discover_readable(config: PipelineConfig, dates: list[str], redecode: bool = True) -> list[Scene]:
     """discover_scenes for a stage that reads bands: decoded rasters where valid (one scene source)."""
-    return with_decoded(config, discover_scenes(config.path("extracted_data"), config.tile_id, dates))
+    return with_decoded(config, discover_scenes(config.path("extracted_data"), config.tile_id, dates), redecode)
 
 
 # ---- decoding one scene ------------------------------------------------------------------------------------------

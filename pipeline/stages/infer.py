@@ -23,6 +23,7 @@ from pipeline.data.layout import Auxiliary, Scene, find_auxiliary
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster
+from pipeline.errors import SceneError
 from pipeline.inference.native import device_input
 from pipeline.inference.outputs import QuicklooksBeside
 from pipeline.inference.predictor import Predictor, pick_device
@@ -105,6 +106,8 @@ def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force
     """Write {results}/predictions/{date}/mask.tif (and the optional outputs) with the completion record,
     built in a private folder and published in one swap, under the scene's lock."""
     start = time.perf_counter()
+    if scene.decoded_problem:
+        raise SceneError(scene.date, scene.decoded_problem)
     auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
     details = produce(prediction_folder(config, scene.date), record_key(config, scene, auxiliary),
                       lambda partial: _predict(scene, config, loaded, auxiliary, partial, on_window),
@@ -176,7 +179,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     """Predict the selected scenes: `dates`, else inference.dates, else the config's dates (all by default)."""
     start = time.perf_counter()
     wanted = stage_dates(config, INFO.name, dates)
-    scenes = discover_readable(config, wanted)
+    scenes = discover_readable(config, wanted, redecode=False)  # a GPU job does only GPU work
     loaded = load_predictor(config)  # a missing or mismatched checkpoint stops the stage before any scene
     report = StageReport(INFO.name, output=str(config.path("results") / "predictions"),
                          note=f"{loaded.path.name} on {loaded.predictor.device}")
