@@ -5,8 +5,9 @@ usage: python bench/infer_efficiency.py [--quick] [--size PX] [--scenes N] [--de
 
 F: the model's forward throughput on the device (random input already there, the padded window shape of the
    scene's inner windows, the configured batch): computed pixels per second.
-E: scene pixels per second of the infer stage (`infer_scene`: reading the decoded bands and the DEM,
-   resampling, normalising, padding, forward passes, writing mask.tif) over several scenes read from the
+E: scene pixels per second of the infer stage (`infer_scene` with the stage's defaults: reading the decoded
+   bands and the DEM, resampling, normalising, padding, forward passes, writing mask.tif and the quicklooks,
+   publishing and recording) over several scenes read from the
    decode stage's rasters with their page cache dropped (posix_fadvise DONTNEED); the first scene is a
    warm-up and not counted.
 E and F are measured alternately, three times, and the median of E/F is reported, so that load from other
@@ -14,8 +15,12 @@ processes on the machine hits both alike.
 h: the halo bound, scene pixels per computed pixel (the halo's context is computed but not written): E/F <= h.
 
 Printed: h, E/F, E/F / h, the reading's core-seconds and bytes per scene, the host-to-device and
-device-to-host copy and the write time per scene (measured separately), and peak host and device memory.
-Last line `infer_efficiency <E/F>` (goal >= 0.8).
+device-to-host copy, the write time and the quicklooks' time per scene (measured separately), and peak host
+and device memory. Last line `infer_efficiency <E/F>` (goal >= 0.8).
+
+Like with like: the stage runs as configured by default, quicklooks included (`inference.quicklooks: true`).
+`--no-quicklooks` measures the stage without them, as this benchmark did before 2026-12-04 (its figures in
+docs/benchmarks.md up to then are of that setting).
 
 --quick (CPU): the demo's default model (16 base channels, 4 levels), 3 scenes of 1024 px, window 512 +
 halo 16 (halo bound 0.94), batch 2. Default (for a GPU): the thesis' 64-channel U-Net, 3 full tiles of
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -45,6 +51,7 @@ from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
 from pipeline.demo import generate_demo
 from pipeline.inference.native import DeviceInput, native_input
+from pipeline.inference.outputs import write_quicklooks
 from pipeline.inference.predictor import Predictor, pad_to_multiple, pick_device
 from pipeline.inference.tiling import window_for, window_tiles
 from pipeline.model.checkpoint import save_checkpoint
@@ -115,6 +122,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("build/bench-infer"))
     parser.add_argument("--size", type=int, help="scene size in px")
     parser.add_argument("--scenes", type=int, help="scenes (the first is a warm-up)")
+    parser.add_argument("--no-quicklooks", action="store_true",
+                        help="inference.quicklooks: false (not the stage's default; the setting of the figures "
+                             "before 2026-12-04)")
     args = parser.parse_args()
     p = dict(QUICK if args.quick else FULL)
     p.update({k: v for k, v in (("size", args.size), ("scenes", args.scenes)) if v})
@@ -130,10 +140,12 @@ def main() -> int:
     save_checkpoint(checkpoint, {"spec": spec.to_dict(), "model": UNet(spec).eval().state_dict(),
                                  "channels": [*BANDS, "DEM"], "classes": list(CLASS_NAMES),
                                  "normalisation": normaliser.to_dict(), "epoch": 0})
+    inference = {"enable": True, "checkpoint": str(checkpoint), "window": window, "halo": halo,
+                 "batch_size": batch, "device": args.device}  # everything else: the stage's defaults
+    if args.no_quicklooks:
+        inference["quicklooks"] = False
     config = parse_config({**base.model_dump(mode="json"), "dataset": {"include_dem": True},
-                           "inference": {"enable": True, "checkpoint": str(checkpoint), "window": window,
-                                         "halo": halo, "batch_size": batch, "device": args.device,
-                                         "quicklooks": False}}, Path(base.base_dir))
+                           "inference": inference}, Path(base.base_dir))
     loaded = infer.load_predictor(config)
     predictor = loaded.predictor
     device = pick_device(args.device)
@@ -146,7 +158,8 @@ def main() -> int:
     print(f"device {device}; U-Net {p['base_channels']} channels x {p['depth']} levels; {len(scenes)} scenes of "
           f"{size} px read from decoded rasters; window {window} + halo {halo} ({len(tiles)} windows, "
           f"{len({(int(t.padded.height), int(t.padded.width)) for t in tiles})} shapes); batch {batch}; "
-          f"{loaded.readers} reader thread(s); torch threads {torch.get_num_threads()}")
+          f"{loaded.readers} reader thread(s); torch threads {torch.get_num_threads()}; "
+          f"quicklooks {'on' if config.inference.quicklooks else 'off'}")
 
     infer.infer_scene(scenes[0], config, loaded, force=True)  # warm-up: file cache, cuDNN algorithm choice
 
@@ -209,9 +222,17 @@ def main() -> int:
             rows, cols = tile.inner
             out.write(np.ascontiguousarray(mask[0][rows, cols]), 1, window=tile.core)
     write = time.perf_counter() - start
+    quicklook_dir = args.workdir.resolve() / "quicklook-check"
+    quicklook_dir.mkdir(exist_ok=True)
+    with SceneReader(scene, TILE, auxiliary) as reader:
+        start = time.perf_counter()
+        write_quicklooks(quicklook_dir, reader, target)
+        quicklook = time.perf_counter() - start
+    shutil.rmtree(quicklook_dir)
     target.unlink(missing_ok=True)
     print(f"per scene: host->device (uint16 blocks) {h2d:.3f} s, resampling + normalising on the device "
-          f"{resample:.3f} s, device->host (a uint8 mask) {d2h:.3f} s, writing mask.tif {write:.3f} s")
+          f"{resample:.3f} s, device->host (a uint8 mask) {d2h:.3f} s, writing mask.tif {write:.3f} s, "
+          f"quicklooks {quicklook:.3f} s ({'in' if config.inference.quicklooks else 'not in'} E)")
     device_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     print(f"peak memory: host {peak_host_gib():.2f} GiB (resident), device {device_peak:.2f} GiB")
     print(f"infer_efficiency {ratio:.3f}")
