@@ -215,13 +215,16 @@ def _merge_config_option(args: argparse.Namespace) -> None:
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """SLURM cancels and times out jobs with SIGTERM: unwind normally, so temporary outputs are removed."""
+    """SLURM cancels and times out jobs with SIGTERM, a closed terminal sends SIGHUP: unwind normally, so
+    temporary outputs are removed."""
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup's choice stands
+        signal.signal(signal.SIGHUP, _exit_on_sigterm)
     try:
         _merge_config_option(args)
         return args.func(args)

@@ -34,14 +34,28 @@ class SceneError(DataError):
 
 
 class OutputError(SnowpipeError):
-    """An output cannot be written: disk full, quota, read-only or forbidden folder (names it and the fix)."""
+    """An output cannot be written: disk full, quota, read-only or forbidden folder (names it and the fix).
+
+    `errno` is the cause when an OSError told it (ENOSPC, EROFS, ...); it survives pickling (a pool worker's
+    error reaches the parent with it)."""
 
     exit_code = EXIT_OUTPUT
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    @property
+    def stops_every_output(self) -> bool:
+        """A full disk, a quota or a read-only file system: no other output of the stage could be written either,
+        so a per-scene stage stops instead of trying every other scene (a forbidden folder may be one scene's)."""
+        return self.errno in STOPPING_ERRNOS
 
 
 USER_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                errno.EPERM: "operation not permitted"}
+STOPPING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def output_error(exc: OSError, target: object, needed: int | None = None) -> OutputError | None:
@@ -55,4 +69,4 @@ def output_error(exc: OSError, target: object, needed: int | None = None) -> Out
         fix = "free space there or point the config's paths at a larger disk"
     else:
         fix = "make the folder writable for you or point the config's paths elsewhere"
-    return OutputError(f"cannot write {where}: {reason}{size}; {fix}")
+    return OutputError(f"cannot write {where}: {reason}{size}; {fix}", exc.errno)

@@ -301,3 +301,42 @@ def test_a_folder_the_user_may_not_write_to_is_one_line(tmp_path):
         assert (folder / "record.json").read_text() == '{"stage": "annotate"}\n'
     finally:
         shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_stops_a_per_scene_stage_with_74_naming_the_folder_and_tries_no_further_scene(tmp_path, workers):
+    """The real annotate stage onto a full disk used to fail every scene in turn (exit 1, "the other scenes
+    finished"), with libtiff's `_tiffSeekProc: No space left on device.` lines printed above the message."""
+    import yaml
+
+    from tests.builders import TILE, write_auxiliary, write_scene
+
+    size = 240
+    dates = ["20220301T102309", "20220302T102309", "20220303T102309"]
+    write_auxiliary(tmp_path, size)
+    rng = np.random.default_rng(0)
+    for date in dates:  # snow and background at random: a mask that does not compress to nothing
+        write_scene(tmp_path, date, size, exolabs=rng.choice(np.array([4, 5], np.uint8), (size, size)))
+    config = tmp_path / "pipeline-config.yml"
+    config.write_text(yaml.safe_dump({
+        "tile_id": TILE, "annotation": {"clouds": False, "workers": workers},
+        "paths": {"extracted_data": ".", "annotated_masks": "masks", "dataset": "dataset", "results": "results"}}))
+    masks = tmp_path / "masks"
+    mount_tmpfs(masks, "64k")
+    try:
+        fill(masks, leave=4096)  # room for the locks and folders, not for a mask
+        done = subprocess.run([sys.executable, "-m", "pipeline", "stage", "annotate", str(config)],
+                              capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 74, done.stderr
+        assert lines[-1].startswith(f"error: annotate stopped at scene {dates[0] if workers == 1 else ''}")
+        assert f"cannot write {masks}" in lines[-1] and FULL in lines[-1] and "free space there" in lines[-1]
+        assert ".partial-" not in lines[-1]  # the folder the user knows, not the private one already removed
+        assert not [line for line in lines if "tiff" in line.lower() or "FAILED" in line], done.stderr
+        assert "Traceback" not in done.stderr and "finished" not in done.stderr
+        if workers == 1:
+            assert "(2 other scene(s) not done)" in lines[-1]
+            assert not [date for date in dates[1:] if date in done.stderr]  # never tried
+        assert leftovers(masks) == []  # nothing published, no partial folder, no lock
+    finally:
+        unmount(masks)

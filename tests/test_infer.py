@@ -299,3 +299,25 @@ def test_predictions_are_written_behind_in_order_and_a_write_error_reaches_the_c
     with pytest.raises(OSError, match="No space left"):
         write_behind(windows(), full_disk, depth=2)
     assert len(produced) < 20  # the predictions stop soon after the failed write
+
+
+@pytest.mark.parametrize("decode_once", [False, True], ids=["jpeg2000-per-window", "decoded-once"])
+def test_a_failed_write_leaves_no_thread_behind(demo, tmp_path, monkeypatch, decode_once):
+    """The window generator was never closed: its reading threads outlived a failed mask write (and kept
+    reading the scene) for as long as anything held the error. The decoding lanes and the quicklooks' thread
+    end too."""
+    import errno
+
+    def failing_disk(mask_out, result):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(infer, "_write_window", failing_disk)
+    config = config_for(demo, tmp_path, window=64, halo=16, batch_size=1, decode_once=decode_once,
+                        quicklooks=True)  # 25 windows, two waiting at most
+    before = set(threading.enumerate())
+    with pytest.raises(OSError, match="Input/output error"):
+        infer.run(config)
+    # still inside the error's lifetime (pytest holds its traceback, as the CLI does while it reports it)
+    assert [t.name for t in threading.enumerate() if t not in before] == []
+    folder = prediction(config, demo.date).parent
+    assert not folder.exists() and not list(folder.parent.glob(".*.partial-*"))

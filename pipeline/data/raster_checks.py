@@ -6,6 +6,7 @@ writer (pipeline/data/writer.py) renames it into place.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import threading
@@ -89,6 +90,35 @@ class _GdalErrorLog(logging.Handler):
 
 
 GDAL_ERRORS = _GdalErrorLog()
+
+
+def _silence_libtiff_stderr() -> bool:
+    """Stop libtiff's process-wide error handler from printing straight to stderr; True when done.
+
+    GDAL gives each TIFF it opens handlers of its own (its errors reach GDAL_ERRORS), but its file I/O
+    callbacks report through libtiff's global handler, whose default prints: a full disk printed ~90
+    `_tiffSeekProc: No space left on device.` lines above snowpipe's one line. Those failures also fail the
+    write through GDAL, so nothing is lost. Finds the libtiff this process loaded (with GDAL); elsewhere a no-op.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libtiff" in line}
+    except OSError:
+        return False
+    done = False
+    for path in sorted(paths):
+        try:
+            libtiff = ctypes.CDLL(path)
+            libtiff.TIFFSetErrorHandler.restype = ctypes.c_void_p
+            libtiff.TIFFSetErrorHandler.argtypes = [ctypes.c_void_p]
+            libtiff.TIFFSetErrorHandler(None)
+            done = True
+        except (OSError, AttributeError):
+            continue
+    return done
+
+
+LIBTIFF_QUIET = _silence_libtiff_stderr()
 
 
 def is_gdal_failure(exc: BaseException) -> bool:

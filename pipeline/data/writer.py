@@ -30,6 +30,7 @@ from pipeline import faults
 from pipeline.data.mask_style import cog_problems, raster_style, write_cog
 from pipeline.data.raster_checks import GDAL_ERRORS, CheckedDataset, is_gdal_failure, uncompressed_bytes, verify_raster
 from pipeline.errors import OutputError, SnowpipeError, output_error
+from pipeline.progress import say
 
 
 def _current_umask() -> int:
@@ -284,12 +285,20 @@ def _npy_header(header: dict[str, Any]) -> bytes:
 def swap_folder(new: Path, target: Path) -> None:
     """Put a finished folder in place of `target`: the old one is moved aside and removed only afterwards,
     so a crash leaves either the old complete folder or the new one, never a mix. If the swap fails (a
-    read-only mount, another filesystem), the old folder is put back and `new` is left as it was."""
+    read-only mount, another filesystem), the old folder is put back and `new` is left as it was.
+
+    A symlinked `target` is replaced as a link (what it points to is never touched). An old folder that cannot
+    be removed (an immutable file, a file still open on NFS, `.nfs*`) is named with the file that holds it:
+    after a swap in a warning (the new folder is published), before one as an OutputError, `target` kept as
+    it was (the aside name is taken)."""
     old = target.with_name(f".{target.name}.old.tmp")
     try:
-        shutil.rmtree(old, ignore_errors=True)
+        stuck = remove_folder(old)
+        if stuck is not None:
+            raise OutputError(f"cannot replace {target}: {held(old, *stuck)}; {target} is kept as it was",
+                              stuck[1].errno)
         moved = False
-        if target.exists():
+        if os.path.lexists(target):
             target.rename(old)
             moved = True
             faults.reached(f"moved aside {target.name}")
@@ -305,7 +314,53 @@ def swap_folder(new: Path, target: Path) -> None:
             raise
         raise error from exc
     faults.reached(f"swapped {target.name}")
-    shutil.rmtree(old, ignore_errors=True)
+    stuck = remove_folder(old)
+    if stuck is not None:
+        say(f"  warning: {target} is published, but {held(old, *stuck)}")
+
+
+def remove_folder(path: Path) -> tuple[Path, OSError] | None:
+    """Delete a folder snowpipe made, or a symlink (never what it points to); None once nothing is left, else
+    the entry that holds it and why, found by removing what remains deepest first."""
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink() or not path.is_dir():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return path, exc
+        return None
+    shutil.rmtree(path, ignore_errors=True)
+    for root, folders, files in os.walk(path, topdown=False):
+        for name in [*files, *folders]:
+            entry = Path(root) / name
+            try:
+                entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                return entry, exc
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return path, exc
+    return None
+
+
+def held(folder: Path, entry: Path, exc: OSError) -> str:
+    """Why `folder` is still there, naming the file that holds it and what to do."""
+    reason = exc.strerror or str(exc)
+    if entry.name.startswith(".nfs"):
+        fix = "a file still open by some process on an NFS client; end it (lsof, fuser) and delete the folder"
+    elif exc.errno == errno.EPERM:
+        fix = "an immutable or append-only file (lsattr shows it); chattr -i it and delete the folder"
+    else:
+        fix = "delete the folder by hand"
+    return f"the old copy {folder} cannot be removed: {entry}: {reason} ({fix})"
 
 
 def remove_temporaries(folder: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import numpy as np
 from rasterio.windows import Window
@@ -19,10 +19,11 @@ _DONE = object()
 
 
 def read_ahead(open_input: OpenInput, windows: list[Window], readers: int = 1,
-               depth: int = 2) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+               depth: int = 2) -> Generator[tuple[int, np.ndarray, np.ndarray], None, None]:
     """Yield (index, inputs, valid) for every window; one reader keeps the order, several may not.
 
-    An error in a reader is raised here, in the caller's thread; leaving the loop early stops the readers.
+    An error in a reader is raised here, in the caller's thread; closing the generator (or leaving the loop and
+    dropping it) stops and joins the readers.
     """
     jobs: queue.SimpleQueue[int] = queue.SimpleQueue()
     for index in range(len(windows)):

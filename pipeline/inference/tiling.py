@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,12 +87,13 @@ def _predict_batch(items: list[tuple[Tile, Any, Any]], predictor: Predictor,
 
 def predict_windows(open_input: OpenInput, height: int, width: int, predictor: Predictor, window: int = 1024,
                     halo: int = 64, batch_size: int = 4, readers: int = 1, probabilities: bool = False,
-                    on_window: Callable[[int, int], None] | None = None) -> Iterator[WindowPrediction]:
+                    on_window: Callable[[int, int], None] | None = None) -> Generator[WindowPrediction, None, None]:
     """Predictions of every core window of a height x width scene, `batch_size` windows per forward pass.
 
     Windows of one padded shape are batched together. A shape whose windows are all read is flushed, and
     when more than `batch_size` windows wait, the other shapes' partial batches go first (the edge windows
-    of a row), so at most about two batches of windows wait, whatever the scene size.
+    of a row), so at most about two batches of windows wait, whatever the scene size. Closing the generator
+    (`contextlib.closing`) stops and joins the reading threads.
     """
     tiles = window_tiles(height, width, window, halo)
     remaining = Counter((int(t.padded.height), int(t.padded.width)) for t in tiles)
@@ -106,12 +108,14 @@ def predict_windows(open_input: OpenInput, height: int, width: int, predictor: P
             if on_window:
                 on_window(done, len(tiles))
 
-    for index, x, valid in read_ahead(open_input, [t.padded for t in tiles], readers, depth=2 * batch_size):
-        shape = (int(x.shape[-2]), int(x.shape[-1]))
-        pending.setdefault(shape, []).append((tiles[index], x, valid))
-        remaining[shape] -= 1
-        if len(pending[shape]) == batch_size or remaining[shape] == 0:
-            yield from flush(shape)
-        if sum(len(group) for group in pending.values()) > batch_size:
-            for other in [key for key in pending if key != shape]:
-                yield from flush(other)
+    # Closed with this generator (however it ends: a failed write closes it), so the readers stop with it.
+    with closing(read_ahead(open_input, [t.padded for t in tiles], readers, depth=2 * batch_size)) as inputs:
+        for index, x, valid in inputs:
+            shape = (int(x.shape[-2]), int(x.shape[-1]))
+            pending.setdefault(shape, []).append((tiles[index], x, valid))
+            remaining[shape] -= 1
+            if len(pending[shape]) == batch_size or remaining[shape] == 0:
+                yield from flush(shape)
+            if sum(len(group) for group in pending.values()) > batch_size:
+                for other in [key for key in pending if key != shape]:
+                    yield from flush(other)

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.data.writer import swap_folder
+from pipeline.data.writer import held, remove_folder, swap_folder
+from pipeline.errors import OutputError
 from pipeline.processes import bytes_under
 from pipeline.progress import say
 
@@ -34,7 +35,8 @@ def partial_folder(target: Path) -> Path:
 def reclaim_partials(target: Path) -> int:
     """Remove build folders that interrupted runs left beside `target`; call only while holding its lock.
 
-    Returns the bytes freed and says it when anything was freed.
+    Returns the bytes really freed and says it when anything was freed; a folder that cannot be removed whole
+    (an immutable file, a busy `.nfs*` file) is named with the file that holds it, and only what went counts.
     """
     if not target.parent.is_dir():
         return 0
@@ -45,11 +47,18 @@ def reclaim_partials(target: Path) -> int:
     freed = 0
     # Only the names partial_folder gives (`.NAME.partial-HOST-PID`): a user's `.NAME.partial-notes` stays.
     ours = re.compile(re.escape(f".{target.name}{PARTIAL}") + r".+-[0-9]+")
-    leftovers = [*(entry for entry in target.parent.iterdir() if ours.fullmatch(entry.name)), aside]
-    for stale in leftovers:
-        if stale.is_dir() and not stale.is_symlink():
-            freed += bytes_under(stale)
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in [*(entry for entry in target.parent.iterdir() if ours.fullmatch(entry.name)), aside]:
+        if stale.is_symlink():
+            if stale == aside and target.exists():  # a symlinked folder a swap replaced: the link, not its folder
+                remove_folder(stale)
+            continue
+        if not stale.is_dir():
+            continue
+        before = bytes_under(stale)
+        stuck = remove_folder(stale)
+        freed += before - (bytes_under(stale) if stuck else 0)
+        if stuck is not None and stale != aside:  # the aside is named by the swap that needs its name
+            say(f"  warning: {held(stale, *stuck)}")
     if freed:
         say(f"  reclaimed {freed / 1e6:.1f} MB left by an interrupted run beside {target}")
     return freed
@@ -88,6 +97,9 @@ def building(target: Path, owned: tuple[str, ...] = ()) -> Iterator[Path]:
         yield partial
         _keep_foreign_files(target, partial, owned)
         swap_folder(partial, target)
+    except OutputError as exc:  # name the file where the user will look for it, not in the removed private folder
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OutputError(str(exc).replace(str(partial), str(target)), exc.errno) from exc
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -8,9 +8,8 @@ is used), are 255 in mask.tif and 0 in coverage.tif.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +34,13 @@ from pipeline.stages.base import (
     enforce_policy,
     failure_message,
     run_scenes,
+    stage_stopped,
+    stops_the_stage,
     worker_threads,
 )
 from pipeline.stages.clouds import CloudDetector
 from pipeline.stages.decode import discover_readable, release_if_used
-from pipeline.workers import die_with_parent
+from pipeline.workers import pool_processes, run_task, stop_pool, worker_pool
 
 INFO = STAGES["annotate"]
 
@@ -149,7 +150,36 @@ def _annotate_in_worker(scene: Scene, config: PipelineConfig, force: bool, threa
     try:
         return annotate_scene(scene, config, force, threads)
     except SnowpipeError as exc:
+        if stops_the_stage(exc):  # a full disk: the parent stops every worker
+            raise
         return SceneOutcome(scene.date, "failed", message=failure_message(exc))
+
+
+def _annotate_in_pool(report: StageReport, scenes: list[Scene], config: PipelineConfig, force: bool, workers: int,
+                      threads: int) -> None:
+    """Annotate scenes in `workers` spawned processes. Ctrl-C, SIGTERM, SIGHUP or a full disk stops them all at
+    once (pipeline/workers.py: the scenes not started are not started, the running ones unwind and remove their
+    partial folders) before the interrupt or the error goes on."""
+    before = set(multiprocessing.active_children())
+    with make_progress() as progress, worker_pool(workers) as pool:
+        try:
+            scene_bar = progress.add_task("annotate: scenes", total=len(scenes))
+            futures: dict[Future, Scene] = {pool.submit(run_task, _annotate_in_worker, s, config, force, threads): s
+                                            for s in scenes}
+            for future in as_completed(futures):
+                try:
+                    outcome = future.result()
+                except SnowpipeError as exc:
+                    if not stops_the_stage(exc):
+                        raise
+                    left = len(scenes) - len(report.outcomes) - 1
+                    raise stage_stopped(report, futures[future].date, exc, left) from exc
+                report.outcomes.append(outcome)
+                say(describe(outcome))
+                progress.advance(scene_bar)
+        except BaseException:
+            stop_pool(pool, pool_processes(before))
+            raise
 
 
 def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False,
@@ -164,17 +194,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     if workers <= 1:
         run_scenes(report, scenes, lambda scene, on_window: annotate_scene(scene, config, force, threads, on_window))
     else:
-        context = multiprocessing.get_context("spawn")
-        with make_progress() as progress, ProcessPoolExecutor(workers, mp_context=context,
-                                                                          initializer=die_with_parent,
-                                                                          initargs=(os.getpid(),)) as pool:
-            scene_bar = progress.add_task("annotate: scenes", total=len(scenes))
-            futures = [pool.submit(_annotate_in_worker, s, config, force, threads) for s in scenes]
-            for future in as_completed(futures):
-                outcome = future.result()
-                report.outcomes.append(outcome)
-                say(describe(outcome))
-                progress.advance(scene_bar)
+        _annotate_in_pool(report, scenes, config, force, workers, threads)
     report.outcomes.sort(key=lambda o: o.date)
     report.seconds = time.perf_counter() - start
     enforce_policy(report, settings.on_scene_error, "annotation")

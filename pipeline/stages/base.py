@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from rich.progress import Progress, TaskID
 
 from pipeline.data.layout import Scene
-from pipeline.errors import SceneError, SnowpipeError
+from pipeline.errors import OutputError, SceneError, SnowpipeError
 from pipeline.progress import make_progress, say
 from pipeline.registry import StageInfo
 
@@ -54,13 +55,22 @@ class StageFailed(SnowpipeError):
     """Some scenes failed and the config says to fail (on_scene_error: fail)."""
 
 
+def _others(report: StageReport) -> str:
+    """What became of the scenes that did not fail, said only when true ("the other scenes finished" was said
+    when none did)."""
+    others = len(report.outcomes) - len(report.failed)
+    if not others:
+        return "no scene finished"
+    return f"the other {others} scene(s) finished" if others > 1 else "the other scene finished"
+
+
 def enforce_policy(report: StageReport, on_scene_error: str, section: str) -> None:
     if report.failed and on_scene_error == "fail":
         lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
-        raise StageFailed(
-            f"{report.stage} failed for {len(report.failed)} scene(s):\n  {lines}\n"
-            f"(the other scenes finished; set {section}.on_scene_error: skip to continue without them)"
-        )
+        hint = (f"; set {section}.on_scene_error: skip to continue without them"
+                if len(report.failed) < len(report.outcomes) else "")
+        raise StageFailed(f"{report.stage} failed for {len(report.failed)} scene(s):\n  {lines}\n"
+                          f"({_others(report)}{hint})")
 
 
 def raise_if_failed(report: StageReport) -> None:
@@ -68,7 +78,18 @@ def raise_if_failed(report: StageReport) -> None:
     if report.failed:
         lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
         raise StageFailed(f"{report.stage} failed for {len(report.failed)} scene(s):\n  {lines}\n"
-                          f"(the other scenes finished; rerun to retry only the missing ones)")
+                          f"({_others(report)}; rerun to retry only the missing ones)")
+
+
+def stops_the_stage(exc: BaseException) -> TypeGuard[OutputError]:
+    """A full disk, a quota or a read-only file system under the outputs: every other scene would fail alike."""
+    return isinstance(exc, OutputError) and exc.stops_every_output
+
+
+def stage_stopped(report: StageReport, date: str, exc: OutputError, left: int) -> OutputError:
+    """The one line (exit 74) of a per-scene stage stopped by `exc` at scene `date`, `left` other scenes not done."""
+    untried = f" ({left} other scene(s) not done)" if left else ""
+    return OutputError(f"{report.stage} stopped at scene {date}{untried}: {exc}", exc.errno)
 
 
 def failure_message(exc: SnowpipeError) -> str:
@@ -107,7 +128,8 @@ def run_scenes(report: StageReport, scenes: list[Scene], work: Callable[[Scene, 
                progress: Progress | None = None) -> None:
     """Process scenes one after the other in this process, with a bar per scene's windows.
 
-    A scene's SnowpipeError becomes its failed outcome, so the other scenes still run.
+    A scene's SnowpipeError becomes its failed outcome, so the other scenes still run; except a full disk, a
+    quota or a read-only file system (`stops_the_stage`), which stops the stage at once with one OutputError.
     """
     with progress or make_progress() as bars:
         scene_bar = bars.add_task(f"{report.stage}: scenes", total=len(scenes))
@@ -120,6 +142,9 @@ def run_scenes(report: StageReport, scenes: list[Scene], work: Callable[[Scene, 
             try:
                 outcome = work(scene, on_window)
             except SnowpipeError as exc:
+                if stops_the_stage(exc):
+                    left = len(scenes) - len(report.outcomes) - 1
+                    raise stage_stopped(report, scene.date, exc, left) from exc
                 outcome = SceneOutcome(scene.date, "failed", message=failure_message(exc))
             bars.remove_task(window_bar)
             report.outcomes.append(outcome)

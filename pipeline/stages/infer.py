@@ -9,7 +9,7 @@ then the completion record.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,14 +138,16 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
         else:
             source = scene_input(scene, config.tile_id, auxiliary, loaded.normaliser, decoded)
         window = window_for(settings.window, grid.height, grid.width, settings.halo)
-        windows = predict_windows(
+        # closed on every way out (a failed write, an error, Ctrl-C): its reading threads end with the scene
+        windows = closing(predict_windows(
             source, grid.height, grid.width, predictor, window, settings.halo,
             settings.batch_size or loaded.batch_for(window, settings.halo, grid.height, grid.width),
             loaded.readers, probabilities=settings.save_probabilities, on_window=on_window,
-        )
+        ))
         probabilities = atomic_raster(out_dir / "probabilities.tif", grid.geotiff_profile(
             "uint8", None, count=classes)) if settings.save_probabilities else nullcontext()
-        with atomic_raster(out_dir / "mask.tif", grid.geotiff_profile("uint8", NODATA)) as mask_out, \
+        with windows as predictions, \
+                atomic_raster(out_dir / "mask.tif", grid.geotiff_profile("uint8", NODATA)) as mask_out, \
                 probabilities as prob_out:
 
             def write(result: WindowPrediction) -> None:
@@ -156,7 +158,7 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
                     result.probabilities[:, ~result.valid] = 0
                     prob_out.write(result.probabilities, window=result.core)
 
-            write_behind(windows, write)
+            write_behind(predictions, write)
         if quicklooks is not None:
             quicklooks.finish(out_dir / "mask.tif")
     valid = counts[:classes].sum()
