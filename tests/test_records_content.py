@@ -22,7 +22,7 @@ from pipeline.config import load_config
 from pipeline.data.layout import discover_scenes, find_auxiliary
 from pipeline.demo import generate_demo
 from pipeline.demo.config_file import write_demo_config
-from pipeline.records import content
+from pipeline.records import annotation, content
 from pipeline.stages import annotate, decode
 
 TILE = "32TNS"
@@ -70,8 +70,13 @@ def test_a_decoded_band_damaged_with_its_size_kept_is_found_named_and_decoded_ag
     assert main(["verify", str(project / "pipeline-config.yml")]) == 1
     out = said(capsys)
     assert f"{band}: its content changed since it was written" in out and "1 damaged or missing" in out
-    # the band-reading stages no longer take the folder for decoded rasters; the decode stage redoes it
-    assert not decode.with_decoded(config, [scene])[0].decoded
+    # a GPU stage is told, naming the file; a CPU stage decodes the scene again; the decode stage redoes it too
+    gpu = decode.with_decoded(config, [scene], redecode=False)[0]
+    assert not gpu.decoded and str(band) in gpu.decoded_problem and "--force" in gpu.decoded_problem
+    assert decode.with_decoded(config, [scene])[0].decoded
+    assert "decoding the scene again" in said(capsys)
+    assert main(["verify", str(project / "pipeline-config.yml")]) == 0
+    damage_in_place(band)
     assert decode.run(config).count("done") == 1
     assert main(["verify", str(project / "pipeline-config.yml")]) == 0
 
@@ -99,7 +104,7 @@ def test_a_damaged_annotated_mask_is_not_trusted_by_the_dataset_and_annotate_red
     assert annotate.run(config).count("done") == 2
     mask = config.path("annotated_masks") / discover_scenes(config.path("extracted_data"), TILE)[1].date / "mask.tif"
     damage_in_place(mask, length=512)
-    key = annotate.record_key(discover_scenes(config.path("extracted_data"), TILE)[1], config,
+    key = annotation.record_key(discover_scenes(config.path("extracted_data"), TILE)[1], config,
                               find_auxiliary(config.path("extracted_data"), TILE))
     assert not records.is_complete(mask.parent, key)  # what the dataset stage asks before it takes the masks
     assert main(["verify", str(project / "pipeline-config.yml")]) == 1
@@ -134,7 +139,7 @@ def test_a_record_of_the_previous_schema_is_upgraded_in_place_without_redoing(pr
     assert annotate.run(config).count("done") == 2
     scene = discover_scenes(config.path("extracted_data"), TILE)[0]
     folder = config.path("annotated_masks") / scene.date
-    key = annotate.record_key(scene, config, find_auxiliary(config.path("extracted_data"), TILE))
+    key = annotation.record_key(scene, config, find_auxiliary(config.path("extracted_data"), TILE))
     record = json.loads((folder / records.RECORD_NAME).read_text())
     old = {**record, "schema": 2, "inputs": key.sampled_inputs,
            "outputs": {name: entry["size"] for name, entry in record["outputs"].items()}}

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from pipeline import records
+from pipeline.records import annotation
 
 pytestmark = pytest.mark.slow
 
@@ -134,11 +135,10 @@ def test_old_records_that_still_match_are_upgraded_in_place(project):
     record = json.loads((folder / records.RECORD_NAME).read_text())
     from pipeline.config import load_config
     from pipeline.data.layout import discover_scenes, find_auxiliary
-    from pipeline.stages import annotate
 
     loaded = load_config(config)
     scene = discover_scenes(loaded.path("extracted_data"), loaded.tile_id, [date])[0]
-    key = annotate.record_key(scene, loaded, find_auxiliary(loaded.path("extracted_data"), loaded.tile_id))
+    key = annotation.record_key(scene, loaded, find_auxiliary(loaded.path("extracted_data"), loaded.tile_id))
     old = {k: v for k, v in record.items() if k not in ("schema", "outputs")} | {"inputs": key.legacy_inputs}
     (folder / records.RECORD_NAME).write_text(json.dumps(old))
     result = snowpipe("stage", "annotate", config, "--scene", date)

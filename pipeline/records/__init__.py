@@ -240,6 +240,11 @@ def write_record(folder: Path, key: RecordKey, outputs: Iterable[str], **summary
     })
 
 
+def write_record_data(folder: Path, data: dict[str, Any]) -> None:
+    """Put back a record as it was read (a release that found readers after removing it)."""
+    write_json(folder / RECORD_NAME, data)
+
+
 def read_record(folder: Path) -> dict[str, Any] | None:
     """The record's contents, for later stages that must trust only complete inputs."""
     return _read(folder)

@@ -17,12 +17,14 @@ Build = Callable[[Path], dict[str, Any]]  # fills the private folder; returns th
 
 
 def produce(folder: Path, key: records.RecordKey, build: Build, *, what: str, required: Sequence[str],
-            owned: Sequence[str], outputs: Sequence[str] | None = None, force: bool = False) -> dict[str, Any] | None:
+            owned: Sequence[str], outputs: Sequence[str] | None = None, force: bool = False,
+            before_publish: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Make `folder` a complete output for `key`; return the record's summary, or None when it already was.
 
     `what` names the writer in the lock (who is waiting for whom); `required`: the files a complete output has;
     `owned`: name patterns of the files the stage writes (never carried over from an old folder); `outputs`:
-    the files the record vouches for (None: every file `build` wrote). Completeness is checked inside the lock,
+    the files the record vouches for (None: every file `build` wrote); `before_publish`: called once the folder
+    is built, before it replaces the old one (to wait for its readers). Completeness is checked inside the lock,
     so of two runs on one output the second finds the first one's work and skips it.
     """
     with output_lock(folder, what):
@@ -34,4 +36,6 @@ def produce(folder: Path, key: records.RecordKey, build: Build, *, what: str, re
             names = list(outputs) if outputs is not None else sorted(
                 entry.name for entry in partial.iterdir() if entry.is_file() and not entry.name.startswith("."))
             records.write_record(partial, key, names, **summary)
+            if before_publish is not None:
+                before_publish()
     return summary

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import records
 from pipeline.bands import CLOUDS, EXO_NO_DATA, EXO_SNOW, NODATA, SNOW, WATER
 from pipeline.config import Annotation, PipelineConfig
 from pipeline.data.grid import Tile, iter_tiles
@@ -24,6 +23,7 @@ from pipeline.data.reader import SceneReader
 from pipeline.data.writer import atomic_raster
 from pipeline.errors import SceneError, SnowpipeError
 from pipeline.progress import make_progress, say
+from pipeline.records.annotation import mask_folder, record_key
 from pipeline.records.per_output import produce
 from pipeline.registry import STAGES, stage_dates
 from pipeline.stages.base import (
@@ -43,17 +43,6 @@ from pipeline.stages.decode import discover_readable, release_if_used
 from pipeline.workers import pool_processes, run_task, stop_pool, worker_pool
 
 INFO = STAGES["annotate"]
-
-
-def _inputs(scene: Scene, auxiliary: Auxiliary, settings: Annotation) -> list[Path | None]:
-    layers: list[Path | None] = [*scene.bands.values()]
-    if settings.water:
-        layers += [auxiliary.layers.get("lakes"), auxiliary.layers.get("surface_water")]
-    if settings.glacier:
-        layers.append(auxiliary.layers.get("glacier"))
-    if settings.exolabs_snow:
-        layers.append(scene.exolabs)
-    return layers
 
 
 def annotate_window(reader: SceneReader, tile: Tile, settings: Annotation,
@@ -85,18 +74,13 @@ MIN_COVERAGE = 0.001  # below this share of valid pixels a scene is an error, ne
 OUTPUTS = ("mask.tif", "coverage.tif", "preview.png")
 
 
-def record_key(scene: Scene, config: PipelineConfig, auxiliary: Auxiliary) -> records.RecordKey:
-    """What a scene's masks depend on (the dataset stage checks it too, to trust only complete masks)."""
-    return records.key_for(INFO.name, config, _inputs(scene, auxiliary, config.annotation), "annotation")
-
-
 def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, threads: int = 0,
                    on_window: ProgressCallback | None = None) -> SceneOutcome:
     """Write {annotated_masks}/{date}/mask.tif, coverage.tif, preview.png and the completion record,
     built in a private folder and published in one swap, under the scene's lock."""
     start = time.perf_counter()
     auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
-    details = produce(config.path("annotated_masks") / scene.date, record_key(scene, config, auxiliary),
+    details = produce(mask_folder(config, scene.date), record_key(scene, config, auxiliary),
                       lambda partial: _write_masks(scene, config, auxiliary, partial, threads, on_window),
                       what=f"annotate {scene.date}", required=("mask.tif", "coverage.tif"), owned=OUTPUTS,
                       outputs=OUTPUTS, force=force)

@@ -30,9 +30,10 @@ from pipeline.data.writer import allocate_npy, write_json
 from pipeline.errors import DataError, SceneError, SnowpipeError
 from pipeline.locks import output_lock
 from pipeline.progress import make_progress, say
+from pipeline.records import annotation
 from pipeline.records.publish import building, reclaim_partials
 from pipeline.registry import STAGES, stage_dates
-from pipeline.stages import annotate, sampling
+from pipeline.stages import sampling
 from pipeline.stages.base import SceneOutcome, StageReport, enforce_policy, failure_message
 from pipeline.stages.decode import discover_readable, release_if_used
 
@@ -188,7 +189,7 @@ def _mask_problem(config: PipelineConfig, scene: Scene, auxiliary: Auxiliary, fi
         return (f"no annotated mask in {folder} (mask.tif and coverage.tif): run the annotate stage or add "
                 f"the mask")
     if config.annotation.enable:
-        key = annotate.record_key(scene, config, auxiliary)
+        key = annotation.record_key(scene, config, auxiliary)
         if not records.is_complete(folder, key, required=("mask.tif", "coverage.tif")):
             return (f"the masks in {folder} are not a complete annotate output for this data and config "
                     f"(interrupted, outdated or made by hand): run the annotate stage for this scene, or set "

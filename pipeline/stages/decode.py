@@ -23,6 +23,8 @@ Scene.read_path). See docs/architecture.md ("Decoded rasters").
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +40,7 @@ from pipeline import records
 from pipeline.bands import BAND_RESOLUTION, BANDS
 from pipeline.config import PipelineConfig
 from pipeline.data.band_reads import decoding
-from pipeline.data.layout import Scene, discover_scenes
+from pipeline.data.layout import Scene, discover_scenes, find_auxiliary
 from pipeline.data.raster_checks import GDAL_ERRORS
 from pipeline.data.reader import BLOCK_CACHE_BYTES, SceneReader
 from pipeline.data.writer import atomic_raster
@@ -46,9 +48,10 @@ from pipeline.errors import SceneError
 from pipeline.faults import reached
 from pipeline.locks import output_lock
 from pipeline.progress import say
+from pipeline.records.annotation import masks_complete
 from pipeline.records.per_output import produce
-from pipeline.records.prediction import STAGE as INFER_STAGE
-from pipeline.records.prediction import prediction_folder
+from pipeline.records.prediction import prediction_trusted
+from pipeline.records.readers import other_readers, start_reading, stop_reading, wait_for_readers
 from pipeline.registry import STAGES, inference_dates, stage_dates
 from pipeline.stages.base import ProgressCallback, SceneOutcome, StageReport, raise_if_failed, run_scenes, usable_cpus
 
@@ -93,6 +96,7 @@ def with_decoded(config: PipelineConfig, scenes: list[Scene], redecode: bool = T
     for scene in scenes:
         folder = decoded_folder(config, scene)
         if scene.missing_bands or scene.odd_bands or not (folder / records.RECORD_NAME).is_file():
+            _tell_if_released(folder, scene)
             found.append(scene)
             continue
         key = record_key(config, scene)
@@ -103,8 +107,10 @@ def with_decoded(config: PipelineConfig, scenes: list[Scene], redecode: bool = T
             decode_scene(scene, config, force=True)
             complete = records.is_complete(folder, key, required=OUTPUTS)
             problem = "" if complete else _damage(folder, key)
-        if complete:
+        if complete and _still_there_for(folder, scene):
             found.append(dataclasses.replace(scene, decoded={band: folder / band_file(band) for band in BANDS}))
+        elif complete:
+            found.append(scene)
         elif problem:
             found.append(dataclasses.replace(scene, decoded_problem=(
                 f"the decoded rasters are damaged ({problem}): run `snowpipe stage decode CONFIG --scene "
@@ -112,6 +118,27 @@ def with_decoded(config: PipelineConfig, scenes: list[Scene], redecode: bool = T
         else:
             found.append(scene)  # decoded from other JPEG 2000 files: the decode stage redoes it
     return found
+
+
+def _still_there_for(folder: Path, scene: Scene) -> bool:
+    """Register this process as a reader of the folder, then make sure it was not freed meanwhile (the order
+    that makes freeing safe: pipeline/records/readers.py)."""
+    start_reading(folder)
+    if (folder / records.RECORD_NAME).is_file():
+        return True
+    stop_reading(folder)
+    _tell_if_released(folder, scene)
+    return False
+
+
+def _released_mark(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.released")
+
+
+def _tell_if_released(folder: Path, scene: Scene) -> None:
+    if _released_mark(folder).is_file():
+        say(f"  {scene.date}: its decoded rasters were freed once every stage had used them (decode.keep: "
+            f"until_used): reading the JPEG 2000 files")
 
 
 def _damage(folder: Path, key: records.RecordKey) -> str:
@@ -242,9 +269,12 @@ def decode_scene(scene: Scene, config: PipelineConfig, force: bool = False, thre
         pass
     details = produce(folder, record_key(config, scene),
                       lambda partial: decode_bands(scene, partial, threads or usable_cpus(), on_strip),
-                      what=f"decode {scene.date}", required=OUTPUTS, owned=("*.tif",), outputs=OUTPUTS, force=force)
+                      what=f"decode {scene.date}", required=OUTPUTS, owned=("*.tif",), outputs=OUTPUTS, force=force,
+                      before_publish=lambda: wait_for_readers(folder, f"decode {scene.date}",
+                                                              ignore_pids=(os.getppid(),)))
     if details is None:
         return SceneOutcome(scene.date, "skipped")
+    _released_mark(folder).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     details["summary"] = (f"13 bands decoded, {folder_bytes(folder) / 1e6:.0f} MB "
                           f"({details['pixels'] / seconds / 1e6:.1f} Mpx/s on {details['threads']} thread(s))")
@@ -253,53 +283,72 @@ def decode_scene(scene: Scene, config: PipelineConfig, force: bool = False, thre
 
 # ---- the space policy ----------------------------------------------------------------------------------------------
 
-def _finished(folder: Path, stage: str) -> bool:
-    record = records.read_record(folder)
-    return record is not None and record.get("stage") == stage and records.vouches(folder)
-
-
-def _finished_by_every_reader(config: PipelineConfig, scene: Scene) -> bool:
-    """Whether annotate, dataset and infer, where enabled and covering the scene, have published it."""
-    covered_by_dates = not config.dates or scene.date in config.dates
-    if config.annotation.enable and covered_by_dates and \
-            not _finished(config.path("annotated_masks") / scene.date, "annotate"):
+def _in_dataset(config: PipelineConfig, scene: Scene) -> bool:
+    """Whether the dataset for the current dataset settings is complete and holds patches of the scene."""
+    folder = config.path("dataset")
+    try:
+        manifest = json.loads((folder / records.DATASET_MANIFEST).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
         return False
-    if config.dataset.enable and covered_by_dates and not (config.path("dataset") / "manifest.json").is_file():
+    if not isinstance(manifest, dict) or manifest.get("schema") != records.SCHEMA or \
+            manifest.get("config") != config.section_hash("dataset"):
+        return False
+    dates = {date for split in (manifest.get("splits") or {}).values() if isinstance(split, dict)
+             for date in split.get("dates", [])}
+    return scene.date in dates and not records.output_problems(folder, manifest.get("outputs", {}))
+
+
+def finished_by_every_reader(config: PipelineConfig, scene: Scene) -> bool:
+    """Whether annotate, dataset and infer, where enabled and covering the scene, have a complete output of it
+    for the current config (a record of other settings or data does not count)."""
+    covered_by_dates = not config.dates or scene.date in config.dates
+    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    if config.annotation.enable and covered_by_dates and not masks_complete(config, scene, auxiliary):
+        return False
+    if config.dataset.enable and covered_by_dates and not _in_dataset(config, scene):
         return False
     infer_dates = inference_dates(config)
     if config.inference.enable and (not infer_dates or scene.date in infer_dates) and \
-            not _finished(prediction_folder(config, scene.date), INFER_STAGE):
+            not prediction_trusted(config, scene, auxiliary):
         return False
     return True
 
 
 def release_if_used(config: PipelineConfig, scene: Scene) -> None:
     """With decode.keep: until_used, delete a scene's decoded rasters once every enabled stage that reads them
-    has a complete output for the scene. Called by those stages after each scene; cheap when keep: always.
+    has a complete output of the scene for the current config, and no other process reads them. Called by those
+    stages after each scene (this process's own reading ends here); cheap when keep: always.
 
     Deletes only what decode wrote: the band files its record lists, the record, then the folder if that left it
     empty. A folder without decode's record is not touched, so `paths.decoded` pointing at other data (the
     config check refuses that, docs/reliability.md) never costs a file that decode did not write."""
     if config.decode.keep != "until_used" or not scene.decoded:
         return
-    if not _finished_by_every_reader(config, scene):
-        return
     folder = decoded_folder(config, scene)
+    stop_reading(folder)
+    if not finished_by_every_reader(config, scene):
+        return
     with output_lock(folder, f"release decoded {scene.date}"):
         record = records.read_record(folder)
         if record is None or record.get("stage") != INFO.name:
+            return
+        records.clear(folder)  # first: a reader that registers from now on sees no record and reads JPEG 2000
+        readers = other_readers(folder, ignore_pids=(os.getppid(),))
+        if readers:  # registered before the record went: they read these files; the last one frees them
+            records.write_record_data(folder, record)
+            say(f"  {scene.date}: decoded rasters kept for now: {', '.join(readers)} still read them")
             return
         listed = record.get("outputs") or OUTPUTS
         ours = [folder / name for name in OUTPUTS if name in listed]
         ours = [path for path in ours if path.is_file() and not path.is_symlink()]
         freed = sum(path.stat().st_size for path in ours)
-        records.clear(folder)  # first: a reader never trusts a half-deleted folder
         for path in ours:
             path.unlink(missing_ok=True)
         try:
             folder.rmdir()
         except OSError:
             pass  # files decode did not write stay, and their folder with them
+        _released_mark(folder).write_text(f"{scene.date}\n")
     say(f"  {scene.date}: freed {freed / 1e6:.0f} MB of decoded rasters (decode.keep: until_used)")
 
 
@@ -309,6 +358,12 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     scenes = discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, INFO.name, dates))
     threads = config.decode.workers or usable_cpus()
     report = StageReport(INFO.name, output=str(config.path("decoded")), note=f"{threads} thread(s)")
+    if config.decode.keep == "until_used" and not force:  # a rerun decodes nothing it would free at once
+        used = [scene for scene in scenes if not (decoded_folder(config, scene) / records.RECORD_NAME).is_file()
+                and finished_by_every_reader(config, scene)]
+        report.outcomes += [SceneOutcome(scene.date, "skipped", details={"summary": "every stage that reads it "
+                                         "has finished (decode.keep: until_used)"}) for scene in used]
+        scenes = [scene for scene in scenes if scene not in used]
     run_scenes(report, scenes, lambda scene, on_strip: decode_scene(scene, config, force, threads, on_strip))
     report.seconds = time.perf_counter() - start
     raise_if_failed(report)
