@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.localcluster.commands import add_cluster_parser
     from pipeline.monitor.resubmission import add_check_parser
     from pipeline.monitor.tools import add_tool_parsers
-    from pipeline.records.verify import add_verify_parser
     from pipeline.submit.plan_command import add_plan_parser
+    from pipeline.verify import add_verify_parser
 
     add_plan_parser(sub)
     add_verify_parser(sub)

@@ -69,7 +69,7 @@ def test_a_decoded_band_damaged_with_its_size_kept_is_found_named_and_decoded_ag
 
     assert main(["verify", str(project / "pipeline-config.yml")]) == 1
     out = said(capsys)
-    assert f"{band}: its content changed since it was written" in out and "1 damaged or missing" in out
+    assert f"{band}: its content changed since it was written" in out and "1 damaged, missing or out-of-date" in out
     # a GPU stage is told, naming the file; a CPU stage decodes the scene again; the decode stage redoes it too
     gpu = decode.with_decoded(config, [scene], redecode=False)[0]
     assert not gpu.decoded and str(band) in gpu.decoded_problem and "--force" in gpu.decoded_problem
@@ -81,7 +81,7 @@ def test_a_decoded_band_damaged_with_its_size_kept_is_found_named_and_decoded_ag
     assert main(["verify", str(project / "pipeline-config.yml")]) == 0
 
 
-def test_an_input_changed_in_place_with_its_size_kept_is_seen_by_every_stage(project):
+def test_an_input_changed_in_place_with_its_size_kept_is_seen_by_every_stage(project, capsys):
     """Rows of a lakes raster redrawn in place (an uncompressed file: same size): the old identity read three
     64 KiB samples and missed such changes in a large file; the full content sees them anywhere."""
     config = config_of(project)
@@ -96,7 +96,12 @@ def test_an_input_changed_in_place_with_its_size_kept_is_seen_by_every_stage(pro
     with rasterio.open(lakes, "r+") as target:
         target.write(np.ones((20, data.shape[1]), data.dtype), 1, window=Window(0, 70, data.shape[1], 20))
     assert lakes.stat().st_size == size
+    assert main(["verify", str(project / "pipeline-config.yml")]) == 1
+    text = said(capsys)
+    for scene in discover_scenes(config.path("extracted_data"), TILE):
+        assert f"{config.path('annotated_masks') / scene.date}: out of date: its inputs changed" in text
     assert annotate.run(config).count("done") == 2  # both scenes read the lakes: both redone
+    assert main(["verify", str(project / "pipeline-config.yml")]) == 0
 
 
 def test_a_damaged_annotated_mask_is_not_trusted_by_the_dataset_and_annotate_redoes_it(project, capsys):

@@ -1,10 +1,13 @@
-"""`snowpipe verify CONFIG [--full]`: is every finished output still what its record vouches for?
+"""`snowpipe verify CONFIG [--full]`: is every finished output still what its record vouches for, and made
+from the inputs that are there now?
 
 Walks the outputs a config's stages publish (decoded rasters, annotated masks, predictions, test metrics, the
 dataset) and checks each record's files: size and samples, and the full content through the hash cache (a file
-whose stat changed is hashed again); `--full` hashes every byte. Lists every damaged or missing file; exit 0
-when all are intact, 1 otherwise. `snowpipe verify-data` stays the batch jobs' check that synced data is what
-was submitted: the one looks at outputs, the other at inputs.
+whose stat changed is hashed again); `--full` hashes every byte. A scene's decoded rasters, masks and
+predictions made with the current settings are also checked against their inputs as they are now (a band, an
+auxiliary raster or the checkpoint changed or damaged since: out of date). Lists every damaged, missing or
+out-of-date output; exit 0 when all are intact, 1 otherwise. `snowpipe verify-data` stays the batch jobs'
+check that synced data is what was submitted: the one looks at outputs, the other at inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from pathlib import Path
 
 from pipeline import records
 from pipeline.config import PipelineConfig, apply_settings, load_config
+from pipeline.data.layout import discover_scenes, find_auxiliary
 from pipeline.progress import make_progress, say
+from pipeline.records import annotation, prediction
+from pipeline.stages import decode
 
 
 def record_folders(config: PipelineConfig) -> Iterator[Path]:
@@ -59,7 +65,35 @@ def verify(config: PipelineConfig, full: bool = False) -> tuple[int, list[str]]:
             else:
                 problems += records.output_problems(folder, outputs, full=full)
             progress.advance(bar)
-    return len(folders), problems
+    return len(folders), problems + out_of_date(config)
+
+
+def out_of_date(config: PipelineConfig) -> list[str]:
+    """Per scene, the outputs made with the current settings whose inputs are no longer what they were made
+    from (changed, damaged or re-extracted since): one line each, naming the stage to rerun."""
+    if not config.path("extracted_data").is_dir():
+        return []
+    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    checkpoint = prediction.checkpoint_path(config).is_file()
+    lines = []
+    for scene in discover_scenes(config.path("extracted_data"), config.tile_id):
+        if scene.missing_bands or scene.odd_bands:
+            continue  # the stages name those
+        candidates = [(decode.decoded_folder(config, scene), "decode", lambda s=scene: decode.record_key(config, s)),
+                      (annotation.mask_folder(config, scene.date), "annotate",
+                       lambda s=scene: annotation.record_key(s, config, auxiliary))]
+        if checkpoint:
+            candidates.append((prediction.prediction_folder(config, scene.date), "infer",
+                               lambda s=scene: prediction.record_key(config, s, auxiliary)))
+        for folder, stage, key_of in candidates:
+            record = records.read_record(folder)
+            if record is None or record.get("stage") != stage or record.get("schema") != records.SCHEMA:
+                continue
+            key = key_of()
+            if record.get("config") == key.config and record.get("inputs") != key.inputs:
+                lines.append(f"{folder}: out of date: its inputs changed since it was made "
+                             f"(rerun `snowpipe stage {stage} CONFIG --scene {scene.date}`)")
+    return lines
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -67,7 +101,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     checked, problems = verify(config, full=args.full)
     how = "every byte hashed" if args.full else "sizes, samples and changed files hashed"
     if problems:
-        say(f"verify: {len(problems)} damaged or missing file(s) in {checked} output folder(s) ({how}):")
+        say(f"verify: {len(problems)} damaged, missing or out-of-date output(s) in {checked} output folder(s) "
+            f"({how}):")
         for line in problems:
             say(f"  {line}")
         say("rerun the stage that wrote each (it redoes damaged outputs: `snowpipe run` or `snowpipe stage NAME`)")
