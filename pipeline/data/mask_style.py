@@ -101,7 +101,8 @@ def cog_problems(path: Path) -> list[str]:
     with rasterio.open(path) as ds:
         if ds.driver != "GTiff":
             problems.append(f"it is {ds.driver}, not a GeoTIFF")
-        if not ds.profile.get("tiled"):
+        # One tile as large as the raster (a 512 px mask in 512 px tiles) is tiled too, though GDAL reports it not.
+        if not ds.profile.get("tiled") and ds.block_shapes[0] != (ds.height, ds.width):
             problems.append("it is not tiled")
         layout = ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT")
         if layout != "COG":
