@@ -197,11 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.localcluster.commands import add_cluster_parser
     from pipeline.monitor.resubmission import add_check_parser
     from pipeline.monitor.tools import add_tool_parsers
+    from pipeline.stages.cloud_backend import add_build_parser
     from pipeline.submit.plan_command import add_plan_parser
     from pipeline.verify import add_verify_parser
 
     add_plan_parser(sub)
     add_verify_parser(sub)
+    add_build_parser(sub)
     add_cluster_parser(sub)
     add_tool_parsers(sub)
     add_check_parser(sub)

@@ -27,6 +27,7 @@ from pipeline.registry import STAGES, Access, folder_uses
 DATE_KEY = re.compile(r"^\d{8}T\d{6}$")
 DEFAULT_CONFIG = "pipeline-config.yml"
 RUNTIME_KEYS = {"enable", "workers", "on_scene_error", "tensorboard"}
+NESTED_RUNTIME_KEYS = {"cloud_detection": {"backend"}}  # the same, one level down
 SEED_LIMIT = 2**32  # numpy's legacy seeding and many tools take 32-bit seeds
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 
@@ -118,6 +119,10 @@ class CloudDetection(Section):
     # 20 m: a quarter of the detector's cost, as close to the demo's truth as 10 m (docs/benchmarks.md, "Annotate")
     resolution: Literal[10, 20, 60] = 20
     window: Annotated[int, Field(ge=16, le=8192)] = 1024
+    # auto: the compiled model when it is built or can be built here, else LightGBM; compiled: required;
+    # lightgbm: never compiled. The same masks either way (pipeline/stages/cloud_backend.py), so not in the
+    # record's config hash.
+    backend: Literal["auto", "compiled", "lightgbm"] = "auto"
 
 
 class Annotation(Section):
@@ -308,6 +313,9 @@ class PipelineConfig(Section):
         picked = {name: data[name] for name in ("tile_id", *sections)}
         for name in sections:
             picked[name] = {k: v for k, v in picked[name].items() if k not in RUNTIME_KEYS}
+            for sub, keys in NESTED_RUNTIME_KEYS.items():
+                if isinstance(picked[name].get(sub), dict):
+                    picked[name][sub] = {k: v for k, v in picked[name][sub].items() if k not in keys}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 

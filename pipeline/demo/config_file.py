@@ -40,6 +40,8 @@ annotation:
     dilation_size: 2
     resolution: 10              # metres: 10 as the thesis, or 20 / 60 (faster)
     window: 512
+    backend: lightgbm           # the demo's scenes are small: compiling the model (minutes, once) would cost
+                                # more than it saves here; auto (the default) compiles it (README)
 
 dataset:
   enable: true

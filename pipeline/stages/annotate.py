@@ -98,7 +98,7 @@ def _write_masks(scene: Scene, config: PipelineConfig, auxiliary: Auxiliary, out
         grid = reader.grid
         detector = None
         if settings.clouds:
-            detector = CloudDetector(settings.cloud_detection, grid.resolution, threads)
+            detector = CloudDetector(settings.cloud_detection, grid.resolution, threads, say=say)
         block, halo, align = (detector.block, detector.halo, detector.factor) if detector else (2048, 0, 1)
         tiles = list(iter_tiles(grid.height, grid.width, block, halo, align))
         counts = np.zeros(256, np.int64)
@@ -119,6 +119,7 @@ def _write_masks(scene: Scene, config: PipelineConfig, auxiliary: Auxiliary, out
     return {
         "coverage": round(float(valid / counts.sum()), 4),
         "class_fraction": [round(float(c / max(valid, 1)), 4) for c in counts[:4]],
+        **({"cloud_detector": detector.model.name} if detector else {}),
     }
 
 
