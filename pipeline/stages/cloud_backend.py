@@ -54,6 +54,7 @@ PROBE_ROWS = 4096
 # trees split into this many C files, compiled in parallel on as many threads as the build is given.
 CODEGEN = {"quantize": 1, "parallel_comp": 8}
 LIBRARY = "model.so"
+CHUNK_ROWS = 1 << 18  # feature rows handed to the compiled model at once
 
 
 class DetectorBackendError(SnowpipeError):
@@ -134,11 +135,13 @@ class CompiledModel:
         self._predictor = tl2cgen.Predictor(str(library), nthread=threads or None)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        if not len(features):
-            return np.zeros(0, np.float32)
-        # float64: LightGBM widens float32 features to double too; tl2cgen's float32 path fails with numpy 2.
-        matrix = self._tl2cgen.DMatrix(np.ascontiguousarray(features, np.float64))
-        return np.asarray(self._predictor.predict(matrix), np.float32).reshape(-1)
+        out = np.empty(len(features), np.float32)
+        for start in range(0, len(features), CHUNK_ROWS):  # the float64 copy stays small (16 MB)
+            # float64: LightGBM widens float32 features to double too; tl2cgen's float32 path fails with numpy 2.
+            chunk = np.ascontiguousarray(features[start:start + CHUNK_ROWS], np.float64)
+            probability = self._predictor.predict(self._tl2cgen.DMatrix(chunk))
+            out[start:start + len(chunk)] = np.asarray(probability).reshape(-1)  # to float32, as LightGBM's
+        return out
 
 
 def probe_features(rows: int = PROBE_ROWS, seed: int = 0) -> np.ndarray:
