@@ -2,11 +2,12 @@
 
 `compiled`: treelite reads the LightGBM model file and tl2cgen translates its 170 trees to C, compiled with
 gcc -O3 for the machine's architecture (portable, no -march: any node of the same architecture runs it) into
-a shared library. It compares the same float64 features against the same float64 thresholds and adds the same
-leaf values in the same order as LightGBM, so the probabilities are the same (bit-identical for the real model
-after the float32 cast; docs/benchmarks.md, "Annotate"), 1.7x (random reflectance) to 5.6x (the demo's
-pixels) faster on one thread. Compiling the real model takes minutes (5.4 on one core, its 8 C files in
-parallel on more), so the library is built once into a cache shared by every run:
+a shared library. It takes the same branches as LightGBM (float64 features against float64 thresholds,
+looked up as bin indices with quantize 1) and adds the same leaf values in the same order, so the
+probabilities are the same (bit-identical for the real model after the float32 cast; docs/benchmarks.md,
+"Annotate"), 1.7x (random reflectance) to 5.6x (the demo's pixels) faster on one thread. Compiling the real
+model takes minutes (3 to 5.5 on one core, its 8 C files in parallel on more), so the library is built once
+into a cache shared by every run:
 
     {cache}/cloud-detector/{key}/model.so, probe.npz, build.json
 
@@ -189,7 +190,7 @@ def build(model_file: Path, threads: int = 1, say: Callable[[str], None] = print
 
         start = time.perf_counter()
         say(f"compiling the cloud detector's model {model_file.name} to {folder} on {threads} thread(s) "
-            f"(once per model, compiler and architecture; minutes for s2cloudless's model)")
+            f"(once per model, treelite/tl2cgen version and architecture; minutes for s2cloudless's model)")
         partial = folder.with_name(f".{folder.name}.partial-{platform.node()}-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
