@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline import records
 from pipeline.config import PipelineConfig, apply_settings, load_config
 from pipeline.data.layout import discover_scenes, find_auxiliary
+from pipeline.model.checkpoint import checkpoint_problem
 from pipeline.progress import make_progress, say
 from pipeline.records import annotation, prediction
 from pipeline.stages import decode
@@ -65,7 +66,14 @@ def verify(config: PipelineConfig, full: bool = False) -> tuple[int, list[str]]:
             else:
                 problems += records.output_problems(folder, outputs, full=full)
             progress.advance(bar)
-    return len(folders), problems + out_of_date(config)
+    return len(folders), problems + checkpoint_problems(config, full) + out_of_date(config)
+
+
+def checkpoint_problems(config: PipelineConfig, full: bool = False) -> list[str]:
+    """The training's checkpoints that are not what training wrote (their hashes beside them)."""
+    folder = config.path("results") / "training"
+    return [f"{path}: {problem}" for path in sorted(folder.glob("*.pt"))
+            if (problem := checkpoint_problem(path, full))]
 
 
 def out_of_date(config: PipelineConfig) -> list[str]:

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from pipeline.errors import DataError
-from pipeline.model.checkpoint import FORMAT, load_model, read_checkpoint
+from pipeline.model.checkpoint import CHECKPOINT_HASHES, FORMAT, load_model, read_checkpoint
 from pipeline.stages import train
 from pipeline.training.data import PatchDataset
 from pipeline.training.loop import SET_FILES, Trainer, TrainingInterrupted
@@ -123,7 +123,7 @@ def test_a_corrupt_last_pt_is_one_line_naming_it_and_the_fix_and_force_trains_an
     assert len(errors) == 1 and f"cannot read checkpoint {last}" in errors[0]
     assert "delete it, or run the train stage with --force" in errors[0]
     last.write_bytes(random.Random(1).randbytes(4096))  # random bytes: the same one line
-    with pytest.raises(DataError, match=r"damaged or not a checkpoint.*--force") as error:
+    with pytest.raises(DataError, match=r"damaged.*--force") as error:
         train.run(config_for(tmp_path, epochs=1))
     assert "\n" not in str(error.value)
     report = train.run(config_for(tmp_path, epochs=1), force=True)
@@ -163,7 +163,7 @@ def test_a_damaged_checkpoint_is_only_the_one_line_without_torchs_warning_before
                                                  f"is damaged"), job.stderr
 
     recwarn.clear()  # in this process too: the DataError, and no warning left behind
-    with pytest.raises(DataError, match="damaged or not a checkpoint"):
+    with pytest.raises(DataError, match="the file is damaged"):
         read_checkpoint(folder / "last.pt")
     assert [str(w.message) for w in recwarn] == []
     real_load = torch.load
@@ -267,6 +267,7 @@ def test_a_checkpoint_of_the_previous_format_still_loads_and_resumes(tmp_path):
                          **{k: state["progress"][k] for k in ("bad_epochs", "finished")}}
     for name in ("last.pt", "best.pt"):
         torch.save(state, folder / name)
+    (folder / CHECKPOINT_HASHES).unlink()  # that version recorded no content hashes
     assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(folder / "last.pt")
     model, _ = load_model(folder / "best.pt")
     assert model(torch.zeros(1, 14, 32, 32)).shape == (1, 4, 32, 32)
@@ -356,3 +357,27 @@ def test_a_loading_worker_dying_while_scancel_stops_the_job_still_saves_the_step
     assert train.run(config_for(tmp_path, epochs=3, batch_size=4)).count("done") == 1
     assert [r["epoch"] for r in history(tmp_path)] == [1, 2, 3]
     assert history(tmp_path)[0]["steps"] == 4
+
+
+def test_a_checkpoint_damaged_in_its_middle_is_refused_though_torch_would_load_it(tmp_path):
+    """torch reads a tensor's damaged bytes as numbers: the checkpoint loads, the model predicts garbage. Its
+    content hash, recorded as training wrote it, is checked before it is used: infer, train and verify name it."""
+    from pipeline.cli import main
+    from pipeline.model.checkpoint import checkpoint_problem
+
+    write_dataset(tmp_path / "dataset", train=8, validation=4)
+    config = write_config_file(tmp_path, epochs=1)
+    train.run(config_for(tmp_path, epochs=1))
+    best = training(tmp_path) / "best.pt"
+    data = bytearray(best.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    best.write_bytes(bytes(data))
+    assert torch.load(best, weights_only=True)  # torch alone would take it
+    assert checkpoint_problem(best) == "the file is damaged: its content changed since training wrote it"
+    with pytest.raises(DataError, match=rf"cannot read checkpoint {best}: the file is damaged"):
+        read_checkpoint(best)
+    assert main(["verify", str(config)]) == 1
+    job = snowpipe_train(config)  # last.pt is intact and of the best epoch: best.pt is repaired from it
+    assert job.returncode == 0 and "repaired best.pt" in job.stderr, job.stderr
+    assert checkpoint_problem(best) is None and read_checkpoint(best)["epoch"] == 1

@@ -15,8 +15,10 @@ allow-listed for loading, nothing else.
 from __future__ import annotations
 
 import errno
+import hashlib
 import importlib
 import io
+import json
 import pickle
 import random
 import re
@@ -27,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.writer import atomic_path
+from pipeline.data.writer import atomic_path, write_json
 from pipeline.errors import DataError
 from pipeline.model.unet import ModelSpec, UNet
+from pipeline.records.content import content_hash
 
 FORMAT = "snowpipe-unet-1"
 DEFAULT_FIX = "point inference.checkpoint at a checkpoint written by the train stage, or train again"
@@ -48,16 +51,58 @@ def _numpy_globals() -> list[Any]:
 LEGACY_GLOBALS = _numpy_globals()
 
 
+# Beside the checkpoints: per file name, the content hashes (records/content.py's blake2b) a complete save may
+# have left there. A checkpoint damaged in place often still loads (torch reads damaged tensors as numbers), so
+# its content is checked against this before it is used; a checkpoint without an entry (an older snowpipe, a
+# file brought from elsewhere) is read as it is.
+CHECKPOINT_HASHES = ".snowpipe-checkpoints.json"
+
+
+def _recorded_hashes(path: Path) -> dict[str, list[str]]:
+    try:
+        data = json.loads((path.parent / CHECKPOINT_HASHES).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return {k: [str(h) for h in v] for k, v in data.items() if isinstance(v, list)} if isinstance(data, dict) else {}
+
+
+def _record_hashes(path: Path, hashes: list[str]) -> None:
+    recorded = _recorded_hashes(path)
+    recorded[path.name] = hashes
+    write_json(path.parent / CHECKPOINT_HASHES, recorded)
+
+
+def vouch_for(path: Path) -> None:
+    """Record a checkpoint file's content as complete (one copied into place whole, e.g. best.pt from last.pt)."""
+    _record_hashes(path, [content_hash(path)])
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write atomically: a job killed while saving never leaves a truncated checkpoint.
 
     Serialised in memory first: torch's own file writer reports a full disk as an opaque RuntimeError
-    ("unexpected pos ..."), a plain write as ENOSPC, which the atomic writer names with its fix.
+    ("unexpected pos ..."), a plain write as ENOSPC, which the atomic writer names with its fix. Its content
+    hash, computed from that buffer, is recorded before the rename (beside the previous file's, so whichever of
+    the two a crash leaves is vouched for) and alone after it.
     """
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
+    digest = hashlib.blake2b(buffer.getbuffer(), digest_size=16).hexdigest()
+    previous = _recorded_hashes(path).get(path.name, []) if path.is_file() else []
+    _record_hashes(path, [*previous, digest])
     with atomic_path(path, needed=buffer.getbuffer().nbytes) as tmp:
         tmp.write_bytes(buffer.getbuffer())
+    _record_hashes(path, [digest])
+
+
+def checkpoint_problem(path: Path, full: bool = False) -> str | None:
+    """Why a checkpoint file is not what training wrote (None: it is, or nothing vouches for it)."""
+    allowed = _recorded_hashes(path).get(path.name)
+    if not allowed or not path.is_file():
+        return None
+    if content_hash(path, trust_cache=not full) not in allowed:
+        return "the file is damaged: its content changed since training wrote it"
+    return None
 
 
 def _why(exc: BaseException) -> str:
@@ -83,6 +128,9 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu", fix: str = D
     """
     if not path.is_file():
         raise DataError(f"checkpoint {path} not found: run the train stage first, or set the checkpoint path")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise DataError(f"cannot read checkpoint {path}: {problem}; {fix}")
     # torch warns about what it meets in a damaged file ("Detected pickle protocol 4 ...") before it fails: held
     # back, so a damaged file is the one line below; a file that loads gets its warnings as torch gave them.
     with warnings.catch_warnings(record=True) as held:

@@ -34,7 +34,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.writer import atomic_path, write_json
 from pipeline.errors import DataError, SnowpipeError
 from pipeline.metrics import class_scores, json_number
-from pipeline.model.checkpoint import read_checkpoint, restore_rng, rng_state, save_checkpoint
+from pipeline.model.checkpoint import read_checkpoint, restore_rng, rng_state, save_checkpoint, vouch_for
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.plots import plot_training_curves
 from pipeline.progress import make_progress, say
@@ -224,6 +224,7 @@ class Trainer:
             if saved["epoch"] == best and not saved["progress"].get("step"):
                 with atomic_path(self.out / "best.pt") as tmp:
                     shutil.copyfile(last, tmp)
+                vouch_for(self.out / "best.pt")  # a copy of last.pt, which was just read and checked
                 fixed.append("best.pt")
             else:
                 say(f"train: warning: {self.out / 'best.pt'} does not hold epoch {best} of this training and "
