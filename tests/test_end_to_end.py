@@ -99,7 +99,7 @@ def test_unknown_stages_and_dates_are_plain_errors(demo):
     result = snowpipe("run", config, "--stages", "annotate,upload")
     assert result.returncode == 2 and "unknown stage 'upload'; stages: download, decode, annotate" in result.stderr
     result = snowpipe("stage", "annotate", config, "--scene", "20990101T000000")
-    assert result.returncode == 1 and "20990101T000000 in the config match no scene" in result.stderr
+    assert result.returncode == 2 and "--scene 20990101T000000: no such scene of tile" in result.stderr  # usage
 
 
 def test_a_cancelled_job_leaves_no_file_that_looks_complete(demo):
