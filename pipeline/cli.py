@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.config import apply_settings, check_data_folders, check_scenes, invalid, load_config
+from pipeline.config import apply_settings, check_data_folders, checked_scenes, invalid, load_config
 from pipeline.contract.formats import EXIT_INTERRUPTED
-from pipeline.data.layout import discover_scenes
+from pipeline.data.layout import select_dates
 from pipeline.data.writer import write_json
 from pipeline.errors import ConfigError, SnowpipeError, output_error
 from pipeline.progress import say
@@ -26,13 +26,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.runner import select_stages
 
     stages = select_stages(config)
-    problems = check_data_folders(config, stages) + check_scenes(config, stages)
+    scenes, scene_problems = checked_scenes(config, stages)  # one discovery: the checks and the count
+    problems = check_data_folders(config, stages) + scene_problems
     if problems:
         raise invalid(args.config or "pipeline-config.yml", problems)
     found = ""
-    if config.path("extracted_data").is_dir() and "download" not in stages:
-        scenes = discover_scenes(config.path("extracted_data"), config.tile_id, config.dates)
-        found = f", {len(scenes)} scene(s)"
+    if scenes:  # found where extracted_data is there and download does not run: at least one, or a problem
+        found = f", {len(select_dates(scenes, config.path('extracted_data'), config.dates))} scene(s)"
     from pipeline.submit.jobspec import load_jobs
     from pipeline.submit.plan import REPO_ROOT
 

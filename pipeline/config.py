@@ -544,13 +544,19 @@ def check_scenes(config: PipelineConfig, stages: list[str]) -> list[str]:
     Skipped when the download stage runs (it fetches the scenes) or extracted_data does not exist
     (check_data_folders names that).
     """
+    return checked_scenes(config, stages)[1]
+
+
+def checked_scenes(config: PipelineConfig, stages: list[str]) -> tuple[list[Scene], list[str]]:
+    """check_scenes and the scenes it found, from one discovery (none where it is skipped or fails)."""
     extracted = config.path("extracted_data")
     if "download" in stages or not extracted.is_dir():
-        return []
+        return [], []
     try:
-        scenes = {scene.date: scene for scene in discover_scenes(extracted, config.tile_id)}
+        found = discover_scenes(extracted, config.tile_id)
     except DataError as exc:
-        return [f"paths.extracted_data: {exc}"]
+        return [], [f"paths.extracted_data: {exc}"]
+    scenes = {scene.date: scene for scene in found}
     lists = {"dates": config.dates, "inference.dates": config.inference.dates,
              "testing.dates": config.testing.dates, "dataset.validation_dates": config.dataset.validation_dates}
     problems = []
@@ -569,4 +575,4 @@ def check_scenes(config: PipelineConfig, stages: list[str]) -> list[str]:
         if missing:
             problems.append(f"{scenes[date].safe_dir}: band(s) {', '.join(missing)} missing (expected "
                             f"*_{missing[0]}.jp2 in GRANULE/*/IMG_DATA); re-extract the product zip")
-    return problems
+    return found, problems

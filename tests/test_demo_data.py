@@ -14,7 +14,7 @@ from pipeline.bands import AUX_FILES, BAND_RESOLUTION, BANDS, BASELINE_04_OFFSET
 from pipeline.data.tiles import tile_crs, tile_origin
 from pipeline.demo import generate_demo
 from pipeline.demo.render import band_reflectance, band_valid, make_fields
-from pipeline.demo.scenes import plan_scenes
+from pipeline.demo.scenes import plan_scenes, safe_name
 from pipeline.demo.terrain import make_terrain
 from pipeline.errors import SnowpipeError
 
@@ -235,3 +235,17 @@ def test_arguments_are_checked(tmp_path):
     for kwargs in (dict(scenes=0), dict(size=10), dict(tile="nope")):
         with pytest.raises(SnowpipeError):
             generate_demo(tmp_path, **kwargs)
+
+
+def test_any_number_of_scenes_gets_distinct_sensing_days():
+    """Past one season's days (161), one scene a day and on into the next seasons: none overwrites another."""
+    specs = plan_scenes(400, 0)
+    days = [spec.sensing.date() for spec in specs]
+    assert len(set(days)) == len(set(spec.date_key for spec in specs)) == 400
+    assert days == sorted(days)
+    assert len({safe_name(spec, TILE) for spec in specs}) == 400
+    season = plan_scenes(161, 0)  # one a day fills the season: the 400 begin with it, then a year later
+    assert [s.date_key for s in specs[:161]] == [s.date_key for s in season]
+    assert (season[-1].sensing.date() - season[0].sensing.date()).days == 160
+    assert specs[161].sensing.date() == season[0].sensing.date().replace(year=2022)
+    assert [s.date_key[:8] for s in plan_scenes(3, 0)] == ["20211220", "20220113", "20220206"]  # as ever

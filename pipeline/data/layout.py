@@ -135,6 +135,28 @@ def find_exolabs(extracted: Path, tile: str, day: str) -> Path | None:
     return hits[0] if hits else None
 
 
+def exolabs_by_day(extracted: Path, tile: str) -> dict[str, Path]:
+    """find_exolabs for every calendar day from one listing of the ExoLabs folder: day -> its raster.
+
+    The same rule as find_exolabs' glob, S2_{TILE}_{YYYY-MM-DD}*.tif matched on names, the first by name where a
+    day has several; one listing instead of one glob of the whole folder per scene (that grew with scenes^2).
+    """
+    folder = extracted / EXOLABS_FOLDER
+    prefix = f"S2_{tile}_"
+    start, end = len(prefix), len(prefix) + len("YYYY-MM-DD")
+    first: dict[str, str] = {}
+    try:
+        names = [entry.name for entry in os.scandir(folder)] if folder.is_dir() else []
+    except OSError:  # unreadable: as the glob, which finds nothing there
+        names = []
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tif") and len(name) >= end + len(".tif"):
+            day = name[start:end]
+            if day not in first or name < first[day]:
+                first[day] = name
+    return {day: folder / name for day, name in first.items()}
+
+
 def find_auxiliary(extracted: Path, tile: str) -> Auxiliary:
     """Accept both {TILE}_auxiliary_data (what the code used) and {TILE}-auxiliary_data (the docs)."""
     folder = next(
@@ -157,6 +179,7 @@ def discover_scenes(extracted: Path, tile: str, dates: list[str] | None = None) 
             f"or create demo data with `snowpipe demo-data OUT`"
         )
     scenes: dict[str, Scene] = {}
+    exolabs = exolabs_by_day(extracted, tile)
     for safe_dir in sorted(extracted.iterdir()):
         match = SAFE_NAME.match(safe_dir.name)
         if not match or not safe_dir.is_dir() or match["tile"] != tile:
@@ -171,7 +194,7 @@ def discover_scenes(extracted: Path, tile: str, dates: list[str] | None = None) 
             bands=bands,
             missing_bands=tuple(b for b in BANDS if b not in bands and b not in odd),
             odd_bands=odd,
-            exolabs=find_exolabs(extracted, tile, f"{date[0:4]}-{date[4:6]}-{date[6:8]}"),
+            exolabs=exolabs.get(f"{date[0:4]}-{date[4:6]}-{date[6:8]}"),
         )
     if not scenes:
         zips = sorted(extracted.glob(f"S2*_MSIL1C_*_T{tile}_*.zip"))
@@ -180,12 +203,19 @@ def discover_scenes(extracted: Path, tile: str, dates: list[str] | None = None) 
             f"no Sentinel-2 L1C scenes of tile {tile} (S2?_MSIL1C_*_T{tile}_*.SAFE folders) "
             f"in {extracted}{hint}"
         )
-    if dates:
-        unknown = [d for d in dates if d not in scenes]
-        if unknown:
-            raise DataError(
-                f"date(s) {', '.join(unknown)} in the config match no scene in {extracted}; "
-                f"available: {', '.join(sorted(scenes))}"
-            )
-        return [scenes[d] for d in sorted(dates)]
-    return [scenes[d] for d in sorted(scenes)]
+    return select_dates([scenes[d] for d in sorted(scenes)], extracted, dates)
+
+
+def select_dates(found: list[Scene], extracted: Path, dates: list[str] | None) -> list[Scene]:
+    """The scenes of `dates` (all of `found` when none), as discover_scenes returns them: what one discovery
+    serves to several date lists (a plan's stages, validate's checks) without listing the folders again."""
+    if not dates:
+        return list(found)
+    scenes = {scene.date: scene for scene in found}
+    unknown = [d for d in dates if d not in scenes]
+    if unknown:
+        raise DataError(
+            f"date(s) {', '.join(unknown)} in the config match no scene in {extracted}; "
+            f"available: {', '.join(sorted(scenes))}"
+        )
+    return [scenes[d] for d in sorted(dates)]

@@ -37,13 +37,19 @@ MAX_SIZE = 10980
 
 
 def plan_scenes(count: int, seed: int) -> list[SceneSpec]:
-    """Scenes every ~3 weeks from late December: both processing baselines, a snow line rising into spring."""
-    step = min(24, SEASON_DAYS // max(1, count - 1))
+    """Scenes every ~3 weeks from late December: both processing baselines, a snow line rising into spring.
+
+    At least a day apart: past SEASON_DAYS + 1 scenes, one a day and the next ones in the following seasons
+    (a year later each), so that no two scenes share a date (they would overwrite each other)."""
+    per_season = SEASON_DAYS + 1
+    step = max(1, min(24, SEASON_DAYS // max(1, count - 1)))
     specs = []
     for index in range(count):
         rng = np.random.default_rng([seed, index])
-        sensing = FIRST_SENSING + timedelta(days=index * step, seconds=int(rng.integers(0, 120)))
-        spring = min(1.0, max(0.0, (sensing - datetime(2022, 1, 15)).days / 120))
+        season, day = divmod(index, per_season) if count > per_season else (0, index)
+        start = FIRST_SENSING.replace(year=FIRST_SENSING.year + season)
+        sensing = start + timedelta(days=day * step, seconds=int(rng.integers(0, 120)))
+        spring = min(1.0, max(0.0, (sensing - datetime(2022 + season, 1, 15)).days / 120))
         fraction, ratio = rng.uniform(0.05, 0.25), math.exp(rng.uniform(math.log(0.5), math.log(2)))
         specs.append(
             SceneSpec(

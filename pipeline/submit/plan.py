@@ -37,7 +37,7 @@ from pipeline.contract.plan import (
     StagedFolder,
     SyncedFolder,
 )
-from pipeline.data.layout import EXOLABS_FOLDER, Scene, discover_scenes, find_auxiliary
+from pipeline.data.layout import EXOLABS_FOLDER, Scene, discover_scenes, find_auxiliary, select_dates
 from pipeline.errors import ConfigError, DataError, SceneError
 from pipeline.registry import STAGES, enabled, stage_dates
 from pipeline.submit.jobspec import Job, Resources, load_jobs, parse_resources
@@ -153,13 +153,13 @@ SceneScan = Callable[[list[str]], list[Scene]]
 
 
 def scene_scanner(config: PipelineConfig) -> SceneScan:
-    """discover_scenes for a date list, scanning extracted_data once per distinct list."""
-    found: dict[tuple[str, ...], list[Scene]] = {}
+    """discover_scenes for a date list, scanning extracted_data once for every list (each picks from it)."""
+    found: list[list[Scene]] = []
 
     def scan(dates: list[str]) -> list[Scene]:
-        if tuple(dates) not in found:
-            found[tuple(dates)] = discover_scenes(config.path("extracted_data"), config.tile_id, dates)
-        return found[tuple(dates)]
+        if not found:
+            found.append(discover_scenes(config.path("extracted_data"), config.tile_id))
+        return select_dates(found[0], config.path("extracted_data"), dates)
 
     return scan
 
