@@ -406,11 +406,13 @@ def test_a_job_no_source_lists_yet_is_submitted_not_failed_and_one_forgotten_lon
 
 
 def test_accounting_right_after_submission_never_makes_a_running_array_failed():
-    """The recorded lag (sacct: one PENDING range; the queue runs two tasks): pending, never failed."""
+    """The recorded lag (sacct: one PENDING range; the queue runs two tasks): running and pending as the queue
+    says, never failed."""
     arr = capture("sacct_accounting_lags.txt").jobs["arr"]
     remote = Replay("sacct_accounting_lags.txt", "squeue_accounting_lags.txt", None)
     rows, _ = status_of(remote, {"arr": arr}, {"arr": "0-3%2"})
-    assert {row.state for row in rows.values()} == {"PENDING"} and jobstate.exit_code(list(rows.values())) == 3
+    states = sorted(row.state for row in rows.values())
+    assert states == ["PENDING", "PENDING", "RUNNING", "RUNNING"] and jobstate.exit_code(list(rows.values())) == 3
 
 
 def test_a_job_accounting_calls_ended_but_the_queue_holds_again_is_pending():

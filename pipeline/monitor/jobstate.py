@@ -106,17 +106,18 @@ def from_sacct(remote: ClusterConnection, rows: list[TaskState]) -> bool:
 
 
 def from_squeue(remote: ClusterConnection, rows: list[TaskState]) -> bool:
-    """Fill the tasks still unknown, and those another source called ended: the queue lists only tasks that have
-    not ended, so a task it lists is back in it (a requeue) or accounting is behind. False when squeue fails."""
+    """Fill every task the queue lists: it lists only tasks that have not ended, so one that another source
+    called ended is back in it (a requeue) or accounting is behind, and a pending one gets the queue's reason.
+    False when squeue fails."""
     result = remote.run(slurm_parsers.squeue_command(sorted({row.id for row in rows})))
     if result.code != 0 and "Invalid job id" not in result.stderr:
         return False
-    open_rows = [row for row in rows if row.state == "UNKNOWN" or row.done]
-    grouped = _by_job(open_rows)
+    called_ended = {row.key for row in rows if row.done}
+    grouped = _by_job(rows)  # the queue is the fresher word on every task it lists (state, and why one waits)
     for record in slurm_parsers.parse_squeue(result.stdout):
         _apply(grouped, record)
-    for row in open_rows:
-        if row.state in NOT_DONE:
+    for row in rows:
+        if row.key in called_ended and row.state in NOT_DONE:
             row.exit_code = ""  # the exit code of an earlier start, not of this one
     return True
 
@@ -233,7 +234,9 @@ def query(remote: ClusterConnection, record: RunRecord, use_sacct: bool = True, 
     if not (use_sacct and from_sacct(remote, rows)):
         source = "squeue"
     # No accounting; or it lags behind a fresh job, or calls ended one the queue holds again (a requeue).
-    if any(row.state == "UNKNOWN" or (row.done and row.state != "COMPLETED") for row in rows):
+    # A pending task's reason (Dependency, Resources) is the queue's: accounting often leaves it empty.
+    if any(row.state == "UNKNOWN" or (row.done and row.state != "COMPLETED") or
+           (row.state == "PENDING" and not row.reason) for row in rows):
         if not from_squeue(remote, rows) and source == "squeue":
             raise SnowpipeError(f"neither sacct nor squeue works on {record.host}: is it a SLURM login node? "
                                 f"(check with: ssh {record.login_address} squeue)")
