@@ -121,9 +121,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def add_verify_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check every finished output against its completion record",
-                       description="List every damaged or missing output file of the config's stages (decoded "
-                                   "rasters, masks, predictions, metrics, the dataset); exit 0 when all are intact, "
-                                   "1 otherwise.")
+                       description="List every damaged, missing or out-of-date output of the config's stages "
+                                   "(decoded rasters, masks, predictions, metrics, the dataset, the checkpoints; out "
+                                   "of date: its inputs changed since); exit 0 when all are intact, 1 otherwise.")
     p.add_argument("config", nargs="?", help="config file (default: ./pipeline-config.yml)")
     p.add_argument("--full", action="store_true", help="hash every byte, not only files whose stat changed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
