@@ -17,11 +17,12 @@ otherwise the stage says once why it redoes them. See docs/architecture.md ("Com
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,7 @@ def config_roots(config: PipelineConfig) -> list[Path]:
 
 def key_of_files(stage: str, files: Sequence[Path | None], roots: Sequence[Path], config_hash: str) -> RecordKey:
     """The record key of an output made from `files`, with the identities older records used for them."""
-    return RecordKey(stage, fingerprint(files, roots), config_hash, legacy_fingerprint(files),
-                     fingerprint(files, roots, sampled=True))
+    return RecordKey(stage, fingerprint(files, roots), config_hash, tuple(files), tuple(roots))
 
 
 def key_for(stage: str, config: PipelineConfig, files: Sequence[Path | None], section: str) -> RecordKey:
@@ -120,13 +120,24 @@ def legacy_fingerprint(paths: Iterable[Path | None]) -> str:
 
 @dataclass(frozen=True)
 class RecordKey:
-    """What a stage's output depends on: its inputs and its config section."""
+    """What a stage's output depends on: its inputs and its config section. The identities older records gave
+    the same files are computed only when such a record is met (they read samples and stat every file)."""
 
     stage: str
     inputs: str  # fingerprint()
     config: str  # PipelineConfig.section_hash()
-    legacy_inputs: str | None = None  # legacy_fingerprint() of the same files, to upgrade schema 1 records
-    sampled_inputs: str | None = None  # fingerprint(sampled=True) of the same files, to upgrade schema 2 records
+    files: tuple[Path | None, ...] = field(default=(), compare=False, repr=False)
+    roots: tuple[Path, ...] = field(default=(), compare=False, repr=False)
+
+    @functools.cached_property
+    def legacy_inputs(self) -> str | None:
+        """legacy_fingerprint() of the same files, to upgrade schema 1 records."""
+        return legacy_fingerprint(self.files) if self.files else None
+
+    @functools.cached_property
+    def sampled_inputs(self) -> str | None:
+        """fingerprint(sampled=True) of the same files, to upgrade schema 2 records."""
+        return fingerprint(self.files, self.roots, sampled=True) if self.files else None
 
 
 def _read(folder: Path) -> dict[str, Any] | None:
