@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 RUN_ID      ?= demo-$(shell date +%Y%m%d-%H%M%S)
 # The embedded local cluster (snowpipe cluster up) and the batch-script checks (shellcheck) need these too;
 # gcc compiles the cloud detector's model (snowpipe build-detector; tests compile a small one).
-SYSTEM_PACKAGES := python3 python3-venv python3-dev rsync openssh-client openssh-server \
+SYSTEM_PACKAGES := python3 python3-venv python3-dev rsync openssh-client openssh-server e2fsprogs \
                    slurmctld slurmd slurm-client munge slurmdbd mariadb-server shellcheck git gcc
 
 .PHONY: setup system-deps demo demo-local test lint bench clean

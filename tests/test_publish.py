@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.records.publish import building, partial_folder, reclaim_partials
 from tests.builders import TILE, write_auxiliary, write_scene
+from tests.requirements import need
 
 
 def test_a_rebuilt_folder_keeps_the_users_files_but_not_the_stages_old_outputs(tmp_path):
@@ -84,8 +85,7 @@ def chattr(path: Path, flag: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def immutable_ok(tmp_path):
     """A folder where root can make a file immutable (`chattr +i`): tmp_path itself, else a small ext4 image."""
-    if os.geteuid() != 0 or shutil.which("chattr") is None:
-        pytest.skip("chattr +i needs root and e2fsprogs")
+    need(os.geteuid() == 0 and shutil.which("chattr") is not None, "chattr +i needs root and e2fsprogs")
     probe = tmp_path / "probe"
     probe.write_text("")
     if chattr(probe, "+i").returncode == 0:
@@ -98,9 +98,9 @@ def immutable_ok(tmp_path):
     with image.open("wb") as handle:
         handle.truncate(32 << 20)
     made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
-    if made.returncode or subprocess.run(["mount", "-o", "loop", str(image), str(mounted)],
-                                         capture_output=True).returncode:
-        pytest.skip("this filesystem cannot hold immutable files and no ext4 image could be mounted")
+    need(not made.returncode and not subprocess.run(["mount", "-o", "loop", str(image), str(mounted)],
+                                                     capture_output=True).returncode,
+         "this filesystem cannot hold immutable files and no ext4 image could be mounted")
     yield mounted / "project"
     subprocess.run(["umount", "--lazy", str(mounted)], check=True)
 
