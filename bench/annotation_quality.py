@@ -28,17 +28,17 @@ def scene_matrix(mask_path: Path, truth_path: Path) -> np.ndarray:
 
 def main(demo: Path, predictions: bool = False, results: Path | None = None) -> int:
     overall = np.zeros((4, 4), np.int64)
-    print(f"{'scene':<17}" + "".join(f"{name:>12}" for name in CLASS_NAMES) + "   (IoU vs truth)")
+    print(f"{"scene":<23}" + "".join(f"{name:>12}" for name in CLASS_NAMES) + "   (IoU vs truth)")
     for truth_path in sorted((demo / "truth").glob("*.tif")):
         folder = (results or demo / "results") / "predictions" if predictions else demo / "annotated_masks"
         mask_path = folder / truth_path.stem / "mask.tif"
         if not mask_path.is_file():
-            print(f"{truth_path.stem:<17} no mask ({mask_path} is missing)")
+            print(f"{truth_path.stem:<23} no mask ({mask_path} is missing)")
             continue
         matrix = scene_matrix(mask_path, truth_path)
         overall += matrix
         scores = class_scores(matrix)
-        print(f"{truth_path.stem:<17}" + "".join(f"{scores[n]['iou']:>12.3f}" for n in CLASS_NAMES))
+        print(f"{truth_path.stem:<23}" + "".join(f"{scores[n]['iou']:>12.3f}" for n in CLASS_NAMES))
     scores = class_scores(overall)
     print(f"{'all scenes':<17}" + "".join(f"{scores[n]['iou']:>12.3f}" for n in CLASS_NAMES))
     return 0

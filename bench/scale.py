@@ -80,7 +80,7 @@ def main() -> int:
     root = args.keep or Path(tempfile.mkdtemp(prefix="snowpipe-bench-scale-"))
     print(machine())
     try:
-        write_demo_config(generate_demo(root / "template", scenes=1, size=60, tile=TILE))
+        write_demo_config(generate_demo(root / "template", scenes=1, size=60, tiles=[TILE]))
         per_scene: dict[str, dict[int, tuple[float, float]]] = {"validate": {}, "plan": {}}
         start_up: dict[str, float] = {}
         for count in [1, *counts]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import apply_settings, check_data_folders, checked_scenes, invalid, load_config
 from pipeline.contract.formats import EXIT_INTERRUPTED
-from pipeline.data.layout import select_dates
+from pipeline.data.layout import select_dates, superseded_notes
 from pipeline.data.writer import write_json
 from pipeline.errors import ConfigError, SnowpipeError, output_error
 from pipeline.progress import say
@@ -40,7 +40,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for spec in specs:  # a broken job spec fails here, not at submission
         load_jobs(spec.parent, spec.stem)
     found += f", {len(specs)} job spec(s) valid" if specs else ""
-    print(f"{args.config or 'pipeline-config.yml'} is valid: tile {config.tile_id}{found}, "
+    for note in superseded_notes(scenes):
+        say(f"note: {note}")
+    tiles = f"{len(config.tiles)} tiles" if len(config.tiles) > 1 else f"tile {config.tiles[0]}"
+    print(f"{args.config or 'pipeline-config.yml'} is valid: {tiles}{found}, "
           f"stages: {', '.join(stages) or 'none'}")
     if args.freeze:
         write_json(Path(args.freeze), config.frozen())
@@ -71,15 +74,16 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
     check_demo_folder(Path(args.out), args.force)
     with make_progress() as progress:
-        bar = progress.add_task("demo-data: scenes", total=args.scenes)
+        bar = progress.add_task("demo-data: scenes", total=args.scenes * len(args.tiles))
 
-        def on_scene(done: int, total: int, date: str) -> None:
-            progress.update(bar, completed=done, description=f"demo-data: {date}")
+        def on_scene(done: int, total: int, scene: str) -> None:
+            progress.update(bar, completed=done, description=f"demo-data: {scene}")
 
-        summary = generate_demo(Path(args.out), scenes=args.scenes, size=args.size, tile=args.tile,
+        summary = generate_demo(Path(args.out), scenes=args.scenes, size=args.size, tiles=args.tiles,
                                 seed=args.seed, progress=on_scene)
     config_path = write_demo_config(summary)
-    say(f"demo-data: {len(summary.dates)} scene(s) of {args.size} px, tile {args.tile} -> {args.out}")
+    say(f"demo-data: {len(summary.scene_ids)} scene(s) of {args.size} px, tile {', '.join(summary.tiles)} "
+        f"-> {args.out}")
     say(f"next: snowpipe run {config_path}")
     return 0
 
@@ -125,7 +129,7 @@ def cmd_verify_data(args: argparse.Namespace) -> int:
     if not folders:
         say(f"data check: stage {args.stage} reads no synced data")
         return 0
-    scene = (config.tile_id, args.scene) if args.scene and stage.per_scene else None
+    scene = (config.tiles, args.scene) if args.scene and stage.per_scene else None
     resubmit = (f"resubmit: ansible-playbook submit.yml -e run_id={args.run} -e job={args.job}" if args.run
                 else "submit again")
     say(verify(Path(args.manifest), folders, scene, resubmit))
@@ -154,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write synthetic extracted_data (13-band JPEG 2000 SAFE products, ExoLabs, "
                                    "auxiliary rasters), OUT/truth/ and OUT/pipeline-config.yml.")
     p.add_argument("out", help="output folder")
-    p.add_argument("--scenes", type=int, default=3, help="number of scenes (default 3)")
+    p.add_argument("--scenes", type=int, default=3, help="number of scenes per tile (default 3)")
     p.add_argument("--size", type=int, default=480, help="scene size in 10 m pixels (10980 = a full tile)")
-    p.add_argument("--tile", default="32TNS", help="Sentinel-2 tile id (default 32TNS)")
+    p.add_argument("--tiles", "--tile", type=_stage_list, default=["32TNS"], metavar="T1,T2",
+                   help="Sentinel-2 tile ids, comma-separated (default 32TNS); the tiles share their sensing "
+                        "times, as one pass's tiles do, and --scenes are written for each")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same data")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty folder (replaces its pipeline-config.yml and demo files)")

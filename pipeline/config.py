@@ -19,7 +19,7 @@ from pydantic_core import ErrorDetails
 
 from pipeline.config_yaml import check_config_file, invalid, load_yaml, read_config_text
 from pipeline.contract.formats import CONFIG_SCHEMA, SCHEMA_KEY
-from pipeline.data.layout import Scene, discover_scenes
+from pipeline.data.layout import SCENE_ID, Scene, available, discover_scenes, find_auxiliary
 from pipeline.data.tiles import is_tile_id
 from pipeline.errors import ConfigError, DataError
 from pipeline.registry import STAGES, Access, folder_uses
@@ -39,9 +39,11 @@ class Section(BaseModel):
 
 
 def _check_dates(dates: list[str]) -> list[str]:
+    """A date list holds sensing times (that time in every tile) or scene ids (one tile's scene)."""
     for date in dates:
-        if not DATE_KEY.match(date):
-            raise ValueError(f"expected dates like 20210111T102309 (YYYYMMDDTHHMMSS), got {date!r}")
+        if not (DATE_KEY.match(date) or SCENE_ID.match(date)):
+            raise ValueError(f"expected sensing times like 20210111T102309 (YYYYMMDDTHHMMSS, every tile) or "
+                             f"scene ids like 32TNS_20210111T102309 (one tile), got {date!r}")
     if len(set(dates)) != len(dates):
         raise ValueError("lists a date twice")
     return dates
@@ -257,7 +259,7 @@ class Testing(Section):
 
 
 class PipelineConfig(Section):
-    tile_id: str
+    tiles: list[str]  # `tile_id: X` in a file is read as `tiles: [X]`
     dates: list[str] = []
     paths: Paths = Paths()
     download: Download = Download()
@@ -282,12 +284,35 @@ class PipelineConfig(Section):
                              f"{CONFIG_SCHEMA}: run the job with the code the run was planned with (runs/RUN/code)")
         return version
 
-    @field_validator("tile_id")
+    @model_validator(mode="before")
     @classmethod
-    def _tile(cls, tile: str) -> str:
-        if not is_tile_id(tile):
-            raise ValueError(f"expected a Sentinel-2 tile id such as 32TNS, got {tile!r}")
-        return tile
+    def _one_tile(cls, data: Any) -> Any:
+        """`tile_id: X` (the one-tile form, older configs and frozen config.json) is `tiles: [X]`."""
+        if isinstance(data, dict) and isinstance(data.get("tiles"), str):
+            data = {**data, "tiles": [data["tiles"]]}  # `tiles: 32TNS`, as one would write one tile
+        if isinstance(data, dict) and "tile_id" in data:
+            if "tiles" in data:
+                raise ValueError("give `tiles` (a list) or `tile_id` (one tile), not both; keep `tiles`")
+            data = {("tiles" if key == "tile_id" else key): ([value] if key == "tile_id" else value)
+                    for key, value in data.items()}
+        return data
+
+    @field_validator("tiles")
+    @classmethod
+    def _tiles(cls, tiles: list[str]) -> list[str]:
+        if not tiles:
+            raise ValueError("lists no tile: give at least one Sentinel-2 tile id such as 32TNS")
+        for tile in tiles:
+            if not isinstance(tile, str) or not is_tile_id(tile):
+                raise ValueError(f"expected Sentinel-2 tile ids such as 32TNS, got {tile!r}")
+        if len(set(tiles)) != len(tiles):
+            raise ValueError("lists a tile twice")
+        return tiles
+
+    @property
+    def tile_names(self) -> str:
+        """The tiles for a message: "32TNS" or "32TNS, 32TMS"."""
+        return ", ".join(self.tiles)
 
     def path(self, name: str) -> Path:
         """An absolute data path: relative entries resolve against the config file's folder."""
@@ -304,13 +329,16 @@ class PipelineConfig(Section):
         """`resolved()` stamped with the frozen-config format version: the content of a run's config.json."""
         return {SCHEMA_KEY: CONFIG_SCHEMA, **self.resolved()}
 
-    def section_hash(self, *sections: str) -> str:
-        """Hash of the given sections (and the tile): a stage's outputs depend on nothing else.
+    def section_hash(self, *sections: str, tile: str | None = None) -> str:
+        """Hash of the given sections and the tile: a stage's outputs depend on nothing else.
 
-        Keys that change how a stage runs but not what it writes (workers, error policy) are left out.
+        A per-scene output depends on its own scene's `tile` only, so adding a tile to the config redoes no other
+        tile's scenes; a whole-run output (dataset, model) on every tile of the config. Keys that change how a
+        stage runs but not what it writes (workers, error policy) are left out.
         """
         data = self.resolved()
-        picked = {name: data[name] for name in ("tile_id", *sections)}
+        picked = {name: data[name] for name in sections}
+        picked["tile_id"] = tile or ",".join(self.tiles)  # one tile: the key and value of one-tile records
         for name in sections:
             picked[name] = {k: v for k, v in picked[name].items() if k not in RUNTIME_KEYS}
             for sub, keys in NESTED_RUNTIME_KEYS.items():
@@ -412,7 +440,7 @@ def load_config(path: str | Path | None = None) -> PipelineConfig:
         )
     data = load_yaml(read_config_text(config_path), str(config_path))
     if data is None:
-        raise ConfigError(f"{config_path} is empty: it needs at least tile_id")
+        raise ConfigError(f"{config_path} is empty: it needs at least tiles (e.g. tiles: [32TNS])")
     return parse_config(data, config_path.resolve().parent, source=str(config_path))
 
 
@@ -533,11 +561,6 @@ def _apply_setting(data: dict[str, Any], setting: str) -> None:
     node[leaf] = load_yaml(raw, f"--set {setting!r}", lines=False, prefix=".".join(parts)) if raw else ""
 
 
-def _available(scenes: dict[str, Scene]) -> str:
-    dates = sorted(scenes)
-    return ", ".join(dates[:6]) + (f" and {len(dates) - 6} more" if len(dates) > 6 else "")
-
-
 def check_scenes(config: PipelineConfig, stages: list[str]) -> list[str]:
     """What a run would find wrong with the scenes: dates that match no scene, SAFE folders without bands.
 
@@ -553,26 +576,32 @@ def checked_scenes(config: PipelineConfig, stages: list[str]) -> tuple[list[Scen
     if "download" in stages or not extracted.is_dir():
         return [], []
     try:
-        found = discover_scenes(extracted, config.tile_id)
+        found = discover_scenes(extracted, config.tiles)
     except DataError as exc:
         return [], [f"paths.extracted_data: {exc}"]
-    scenes = {scene.date: scene for scene in found}
+    ids = {scene.id: scene for scene in found}
+    times = {scene.id for scene in found}
     lists = {"dates": config.dates, "inference.dates": config.inference.dates,
              "testing.dates": config.testing.dates, "dataset.validation_dates": config.dataset.validation_dates}
     problems = []
     for key, dates in lists.items():
-        unknown = [date for date in dates if date not in scenes]
+        unknown = [date for date in dates if date not in ids and date not in times]
         if unknown:
-            problems.append(f"{key}: {', '.join(unknown)} match(es) no scene of tile {config.tile_id} in "
-                            f"{extracted} (available: {_available(scenes)}); fix the date or add the product")
-    outside = sorted(set(config.dataset.validation_dates) & (set(scenes) - set(config.dates or scenes)))
+            problems.append(f"{key}: {', '.join(unknown)} match(es) no scene of tile {config.tile_names} in "
+                            f"{extracted} (available: {available(found)}); fix the date or add the product")
+    trained = {scene.id for scene in found if not config.dates or scene.selected_by(config.dates)}
+    outside = sorted(scene.id for scene in found
+                     if scene.selected_by(config.dataset.validation_dates) and scene.id not in trained)
     if outside:
         problems.append(f"dataset.validation_dates: {', '.join(outside)} not among dates; add them to dates "
                         f"or drop them from dataset.validation_dates")
-    wanted = set(config.dates or scenes) | set(config.inference.dates) | set(config.testing.dates)
-    for date in sorted(wanted & set(scenes)):
-        missing = scenes[date].missing_bands
-        if missing:
-            problems.append(f"{scenes[date].safe_dir}: band(s) {', '.join(missing)} missing (expected "
-                            f"*_{missing[0]}.jp2 in GRANULE/*/IMG_DATA); re-extract the product zip")
+    wanted = (config.dates or list(ids)) + config.inference.dates + config.testing.dates
+    for scene in found:
+        if scene.missing_bands and scene.selected_by(wanted):
+            problems.append(f"{scene.safe_dir}: band(s) {', '.join(scene.missing_bands)} missing (expected "
+                            f"*_{scene.missing_bands[0]}.jp2 in GRANULE/*/IMG_DATA); re-extract the product zip")
+    if "annotate" in stages:
+        problems += [f"tile {tile}: no {tile}_auxiliary_data/ folder in {extracted} (the lakes and surface "
+                     f"water layers annotation reads); add it or drop the tile from `tiles`"
+                     for tile in config.tiles if find_auxiliary(extracted, tile).folder is None]
     return found, problems

@@ -27,9 +27,9 @@ class DataError(SnowpipeError):
 class SceneError(DataError):
     """One scene cannot be processed; with several scenes the others still run."""
 
-    def __init__(self, date: str, message: str) -> None:
-        super().__init__(f"scene {date}: {message}")
-        self.date = date
+    def __init__(self, scene: str, message: str) -> None:
+        super().__init__(f"scene {scene}: {message}")
+        self.scene = scene  # the scene id, {TILE}_{YYYYMMDDTHHMMSS}
         self.detail = message
 
 

@@ -9,7 +9,7 @@ import os
 import re
 
 from pipeline.config import DATE_KEY, PipelineConfig, check_data_folders
-from pipeline.data.layout import discover_scenes
+from pipeline.data.layout import SCENE_ID, available, discover_scenes
 from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import say
 from pipeline.registry import STAGES, enabled, stage_dates
@@ -34,39 +34,39 @@ def select_stages(config: PipelineConfig, requested: list[str] | None = None) ->
 
 
 def scene_for_task(config: PipelineConfig, scene: str | None, name: str) -> list[str] | None:
-    """--scene DATE[,DATE...] (an array task's scenes), or the SLURM array task's scene (index into the
-    stage's sorted scenes), or all."""
+    """--scene ID[,ID...] (an array task's scenes: scene ids, or sensing times meaning every tile's scene then),
+    or the SLURM array task's scene (index into the stage's sorted scenes), or all."""
     if scene is not None:  # "" must not mean "every scene"
-        dates = list(dict.fromkeys(scene.split(",")))  # A,A is A once
-        if not all(DATE_KEY.fullmatch(date) for date in dates):
-            raise ConfigError(f"--scene {scene!r}: expected a scene date key YYYYMMDDTHHMMSS such as "
-                              f"20210111T102309 (or several, comma-separated); leave --scene out to process "
-                              f"every scene")
-        check_scenes_exist(config, dates)
-        return dates
+        ids = list(dict.fromkeys(scene.split(",")))  # A,A is A once
+        if not all(DATE_KEY.fullmatch(entry) or SCENE_ID.fullmatch(entry) for entry in ids):
+            raise ConfigError(f"--scene {scene!r}: expected a scene id such as 32TNS_20210111T102309 or a sensing "
+                              f"time such as 20210111T102309 (or several, comma-separated); leave --scene out to "
+                              f"process every scene")
+        check_scenes_exist(config, ids)
+        return ids
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     if task is None:
         return None
     index = array_index(task)
-    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, name))
+    scenes = discover_scenes(config.path("extracted_data"), config.tiles, stage_dates(config, name))
     if index >= len(scenes):
         raise DataError(f"SLURM_ARRAY_TASK_ID={index} but only {len(scenes)} scene(s) exist "
                         f"(array indices 0-{len(scenes) - 1}); submit with --array=0-{len(scenes) - 1}")
-    return [scenes[index].date]
+    return [scenes[index].id]
 
 
-def check_scenes_exist(config: PipelineConfig, dates: list[str]) -> None:
-    """--scene dates that match no scene are a usage error (exit 2) naming them and the scenes found. Without an
-    extracted_data folder the stage's own check names the folder."""
+def check_scenes_exist(config: PipelineConfig, ids: list[str]) -> None:
+    """--scene entries that match no scene are a usage error (exit 2) naming them and the scenes found. Without
+    an extracted_data folder the stage's own check names the folder."""
     extracted = config.path("extracted_data")
     if not extracted.is_dir():
         return
-    found = [scene.date for scene in discover_scenes(extracted, config.tile_id)]
-    unknown = [date for date in dates if date not in found]
+    found = discover_scenes(extracted, config.tiles)
+    known = {scene.id for scene in found} | {scene.date for scene in found}
+    unknown = [entry for entry in ids if entry not in known]
     if unknown:
-        shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
-        raise ConfigError(f"--scene {', '.join(unknown)}: no such scene of tile {config.tile_id} in {extracted}; "
-                          f"scenes found: {shown}")
+        raise ConfigError(f"--scene {', '.join(unknown)}: no such scene of tile {config.tile_names} in "
+                          f"{extracted}; scenes found: {available(found)}")
 
 
 def array_index(task: str) -> int:

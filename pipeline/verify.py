@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 from pipeline import records
 from pipeline.config import PipelineConfig, apply_settings, load_config
-from pipeline.data.layout import discover_scenes, find_auxiliary
+from pipeline.data.layout import discover_scenes, find_auxiliaries
 from pipeline.model.checkpoint import checkpoint_problem
 from pipeline.progress import make_progress, say
 from pipeline.records import annotation, prediction
@@ -81,18 +82,20 @@ def out_of_date(config: PipelineConfig) -> list[str]:
     from (changed, damaged or re-extracted since): one line each, naming the stage to rerun."""
     if not config.path("extracted_data").is_dir():
         return []
-    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    auxiliaries = find_auxiliaries(config.path("extracted_data"), config.tiles)
     checkpoint = prediction.checkpoint_path(config).is_file()
     lines = []
-    for scene in discover_scenes(config.path("extracted_data"), config.tile_id):
+    for scene in discover_scenes(config.path("extracted_data"), config.tiles):
+        auxiliary = auxiliaries[scene.tile]
         if scene.missing_bands or scene.odd_bands:
             continue  # the stages name those
-        candidates = [(decode.decoded_folder(config, scene), "decode", lambda s=scene: decode.record_key(config, s)),
-                      (annotation.mask_folder(config, scene.date), "annotate",
-                       lambda s=scene: annotation.record_key(s, config, auxiliary))]
+        candidates: list[tuple[Path, str, Callable[[], records.RecordKey]]] = [
+            (decode.decoded_folder(config, scene), "decode", partial(decode.record_key, config, scene)),
+            (annotation.mask_folder(config, scene), "annotate",
+             partial(annotation.record_key, scene, config, auxiliary))]
         if checkpoint:
-            candidates.append((prediction.prediction_folder(config, scene.date), "infer",
-                               lambda s=scene: prediction.record_key(config, s, auxiliary)))
+            candidates.append((prediction.prediction_folder(config, scene), "infer",
+                               partial(prediction.record_key, config, scene, auxiliary)))
         for folder, stage, key_of in candidates:
             record = records.read_record(folder)
             if record is None or record.get("stage") != stage or record.get("schema") != records.SCHEMA:
@@ -100,7 +103,7 @@ def out_of_date(config: PipelineConfig) -> list[str]:
             key = key_of()
             if record.get("config") == key.config and record.get("inputs") != key.inputs:
                 lines.append(f"{folder}: out of date: its inputs changed since it was made "
-                             f"(rerun `snowpipe stage {stage} CONFIG --scene {scene.date}`)")
+                             f"(rerun `snowpipe stage {stage} CONFIG --scene {scene.id}`)")
     return lines
 
 

@@ -37,7 +37,7 @@ def damage_fix(scene: Scene, path: Path | str) -> str:
     decoded = next((p for p in scene.decoded.values() if str(p) == str(path)), None)
     if decoded is None:
         return DAMAGED_PRODUCT
-    return (f"the decoded file is damaged: run `snowpipe stage decode CONFIG --scene {scene.date} --force`, "
+    return (f"the decoded file is damaged: run `snowpipe stage decode CONFIG --scene {scene.id} --force`, "
             f"or delete {decoded.parent} to read the JPEG 2000 files")
 
 
@@ -67,5 +67,5 @@ def decoding(scene: Scene, path: Path | str, where: str = "") -> Iterator[None]:
     said = problems[0] if problems else _gdal_message(failure) if failure is not None else ""
     said = " ".join(said.split())  # one line, whatever GDAL put in its message
     detail = f" ({where})" if where else ""
-    raise SceneError(scene.date, f"cannot decode {path}{detail}: {said} ({damage_fix(scene, path)})") from None
+    raise SceneError(scene.id, f"cannot decode {path}{detail}: {said} ({damage_fix(scene, path)})") from None
 

@@ -107,9 +107,9 @@ class DecodedScene:
         self._fds: dict[str, int] = {}
         self._lanes: list[threading.Thread] = []
         try:
-            self.folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{scene.date}-{owner_tag()}-", dir=scratch))
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{scene.id}-{owner_tag()}-", dir=scratch))
         except OSError as exc:
-            raise SceneError(scene.date, self._no_scratch(scratch or tempfile.gettempdir(), exc)) from None
+            raise SceneError(scene.id, self._no_scratch(scratch or tempfile.gettempdir(), exc)) from None
         try:  # also on KeyboardInterrupt (SIGTERM from scancel): no scratch outlives a failed start
             for band in BANDS:
                 path = self.folder / f"{band}.u16"
@@ -140,7 +140,7 @@ class DecodedScene:
                         self._changed.notify_all()
                     reached("decoded strip")
         except OSError as exc:
-            error: BaseException = SceneError(self.scene.date, self._no_scratch(self.folder, exc, band))
+            error: BaseException = SceneError(self.scene.id, self._no_scratch(self.folder, exc, band))
             with self._changed:
                 self._error = error
                 self._changed.notify_all()
@@ -167,7 +167,7 @@ class DecodedScene:
             if self._error is not None:
                 raise self._error
             if self._closed:
-                raise SceneError(self.scene.date, "the decoded bands were closed while being read")
+                raise SceneError(self.scene.id, "the decoded bands were closed while being read")
 
     def read_dn(self, window: Window) -> np.ndarray:
         """Digital numbers (13, h, w) uint16 of a window, once every band has decoded its rows."""
@@ -181,7 +181,7 @@ class DecodedScene:
             for r in range(height):
                 offset = (row0 + r) * stride + col0 * DN.itemsize
                 if os.preadv(fd, [out[i, r]], offset) != width * DN.itemsize:
-                    raise SceneError(self.scene.date, f"decoded band {band} is short at row {row0 + r} "
+                    raise SceneError(self.scene.id, f"decoded band {band} is short at row {row0 + r} "
                                                       f"(is the scratch folder {self.folder} full?)")
         return out
 

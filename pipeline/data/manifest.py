@@ -55,18 +55,22 @@ def build_manifest(folders: dict[str, Path]) -> dict[str, object]:
     return {"schema": SCHEMA, "files": files}
 
 
-def needed_by_scene(entries: Iterable[str], extracted: Path, tile: str, date: str) -> list[str]:
+def needed_by_scene(entries: Iterable[str], extracted: Path, tiles: list[str], scene: str) -> list[str]:
     """The extracted_data entries one array task reads: its SAFE folder, its day's ExoLabs file, the auxiliary
     layers (the same selection as the task's staging filters)."""
     prefixes = []
-    scenes = discover_scenes(extracted, tile, [date]) if extracted.is_dir() else []
-    for scene in scenes:
-        prefixes.append(f"extracted_data/{scene.safe_dir.name}/")
-        if scene.exolabs is not None:
-            prefixes.append(f"extracted_data/{EXOLABS_FOLDER}/{scene.exolabs.name}")
-    auxiliary = find_auxiliary(extracted, tile).folder if extracted.is_dir() else None
-    if auxiliary is not None:
-        prefixes.append(f"extracted_data/{auxiliary.name}/")
+    try:
+        scenes = discover_scenes(extracted, tiles, [scene]) if extracted.is_dir() else []
+    except DataError:  # the scene is gone from the cluster's copy: the entries naming it are checked below
+        scenes = []
+    for found in scenes:
+        prefixes.append(f"extracted_data/{found.safe_dir.name}/")
+        if found.exolabs is not None:
+            prefixes.append(f"extracted_data/{EXOLABS_FOLDER}/{found.exolabs.name}")
+        auxiliary = find_auxiliary(extracted, found.tile).folder
+        if auxiliary is not None:
+            prefixes.append(f"extracted_data/{auxiliary.name}/")
+    date = scene.rpartition("_")[2]
     day = f"{date[:4]}-{date[4:6]}-{date[6:8]}"
     return [entry for entry in entries if entry.startswith(tuple(prefixes))
             or (not scenes and date in entry) or (not scenes and day in entry)]
@@ -93,11 +97,11 @@ def check(manifest: dict[str, object], folders: dict[str, Path], entries: list[s
     return problems
 
 
-def verify(manifest_path: Path, folders: dict[str, Path], scene: tuple[str, str] | None = None,
+def verify(manifest_path: Path, folders: dict[str, Path], scene: tuple[list[str], str] | None = None,
            resubmit: str = "submit again") -> str:
     """Check what a stage reads against the manifest; DataError naming the files, else a one-line summary.
 
-    `scene` = (tile, date) limits extracted_data to one array task's files."""
+    `scene` = (the config's tiles, scene ids) limits extracted_data to one array task's files."""
     started = time.monotonic()
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -108,10 +112,10 @@ def verify(manifest_path: Path, folders: dict[str, Path], scene: tuple[str, str]
         raise DataError(f"{manifest_path} is damaged; {resubmit}") from None
     entries = [entry for entry in manifest.get("files", {}) if entry.partition("/")[0] in folders]
     if scene is not None and "extracted_data" in folders:
-        tile, dates = scene  # one date, or an array task's comma-separated dates
+        tiles, ids = scene  # one scene id, or an array task's comma-separated ids
         others = [entry for entry in entries if not entry.startswith("extracted_data/")]
-        needed = {entry for date in dates.split(",")
-                  for entry in needed_by_scene(entries, folders["extracted_data"], tile, date)}
+        needed = {entry for one in ids.split(",")
+                  for entry in needed_by_scene(entries, folders["extracted_data"], tiles, one)}
         entries = sorted(needed) + others
     problems = check(manifest, folders, entries)
     if problems:

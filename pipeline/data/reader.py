@@ -83,10 +83,10 @@ class SceneReader:
         self._sources: dict[str, rasterio.DatasetReader] = {}
         self._views: dict[tuple[str, int], rasterio.DatasetReader | WarpedVRT] = {}
         if scene.odd_bands:  # a folder, FIFO or device: never opened (a FIFO would block for ever)
-            raise SceneError(scene.date, f"{'; '.join(scene.odd_bands.values())} (re-extract the product zip)")
+            raise SceneError(scene.id, f"{'; '.join(scene.odd_bands.values())} (re-extract the product zip)")
         if scene.missing_bands:
             raise SceneError(
-                scene.date,
+                scene.id,
                 f"band(s) {', '.join(scene.missing_bands)} missing in {scene.safe_dir}/GRANULE/*/IMG_DATA "
                 f"(re-extract the product zip)",
             )
@@ -105,7 +105,7 @@ class SceneReader:
             if source.crs != expected:
                 self.close()
                 raise SceneError(
-                    scene.date,
+                    scene.id,
                     f"{Path(source.name).name} is in {source.crs}, but tile {tile} is in {expected}: "
                     f"this file belongs to another tile or was reprojected; re-extract the product",
                 )
@@ -113,7 +113,7 @@ class SceneReader:
             problem = self._off_grid(band, self._sources[band])
             if problem:
                 self.close()
-                raise SceneError(scene.date, f"{problem}; re-extract the product zip")
+                raise SceneError(scene.id, f"{problem}; re-extract the product zip")
 
     def _scene_extent(self) -> str:
         grid = self.grid
@@ -148,7 +148,7 @@ class SceneReader:
         try:
             return self._stack.enter_context(rasterio.open(path))
         except RasterioError as exc:
-            raise SceneError(self.scene.date, f"cannot read {path}: {' '.join(str(exc).split())}{fix}") from None
+            raise SceneError(self.scene.id, f"cannot read {path}: {' '.join(str(exc).split())}{fix}") from None
 
     def close(self) -> None:
         self._stack.close()
@@ -181,7 +181,7 @@ class SceneReader:
         try:
             return view.read(1, window=window)
         except RasterioError as exc:
-            raise SceneError(self.scene.date, f"cannot read {label}: {exc}") from None
+            raise SceneError(self.scene.id, f"cannot read {label}: {exc}") from None
 
     def _read_pixels(self, band: str, view: rasterio.DatasetReader | WarpedVRT, window: Window) -> np.ndarray:
         """A band's window under the damage policy (pipeline/data/band_reads.py)."""
@@ -258,7 +258,7 @@ class SceneReader:
             path = self.scene.exolabs
             if path is None:
                 raise SceneError(
-                    self.scene.date,
+                    self.scene.id,
                     f"no ExoLabs file S2_*_{self.scene.day}*.tif in extracted_data/ExoLabs_classification_S2 "
                     f"(add it, or set annotation.exolabs_snow: false)",
                 )
@@ -290,7 +290,7 @@ class SceneReader:
 
     def _check_covers(self, name: str, path: Path, source: rasterio.DatasetReader) -> None:
         """The raster covers the scene's extent (in the scene's CRS), give or take one of its own pixels."""
-        date = self.scene.date
+        date = self.scene.id
         if source.crs is None:
             raise SceneError(date, f"{path} has no coordinate reference system (re-download it)")
         bounds: Bounds = tuple(source.bounds)

@@ -13,7 +13,7 @@ TEMPLATE = """\
 # Every key is explained in the pipeline-config.yml at the root of the snowpipe repository.
 # Paths are relative to this file's folder. Settings are small so that the whole pipeline runs on a
 # 2-core CPU in a few minutes.
-tile_id: {tile}
+tiles: [{tiles}]
 dates: []                       # [] = every scene found in extracted_data
 
 paths:
@@ -91,7 +91,7 @@ testing:
 
 class DemoLike(Protocol):
     out: Path
-    tile: str
+    tiles: list[str]
     size: int
     dates: list[str]
 
@@ -100,7 +100,8 @@ def demo_config_text(summary: DemoLike) -> str:
     patch = 64 if summary.size < 1024 else 256
     patches = max(8, min(512, (summary.size // patch) ** 2 * 2))
     return TEMPLATE.format(
-        scenes=len(summary.dates), size=summary.size, tile=summary.tile, patch=patch, patches=patches
+        scenes=len(summary.dates) * len(summary.tiles), size=summary.size, tiles=", ".join(summary.tiles),
+        patch=patch, patches=patches
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline.bands import AUX_FILES, BAND_RESOLUTION, BANDS, NODATA
+from pipeline.data.layout import scene_id
 from pipeline.data.tiles import is_tile_id
 from pipeline.demo.rasters import write_geotiff, write_jp2
 from pipeline.demo.render import (
@@ -72,9 +73,13 @@ def plan_scenes(count: int, seed: int) -> list[SceneSpec]:
 @dataclass
 class DemoSummary:
     out: Path
-    tile: str
+    tiles: list[str]
     size: int
-    dates: list[str]
+    dates: list[str]  # the sensing times, shared by every tile (as one pass's tiles share them)
+
+    @property
+    def scene_ids(self) -> list[str]:
+        return [scene_id(tile, date) for tile in self.tiles for date in self.dates]
 
 
 def generate_demo(
@@ -82,12 +87,15 @@ def generate_demo(
     *,
     scenes: int = 3,
     size: int = 480,
-    tile: str = "32TNS",
+    tiles: Sequence[str] = ("32TNS",),
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
     band_format: Literal["jp2", "tif"] = "jp2",
 ) -> DemoSummary:
     """Write OUT/extracted_data (auxiliary layers, ExoLabs, L1C SAFE folders) and OUT/truth/.
+
+    Every tile gets `scenes` scenes on the same sensing times (one pass covers neighbouring tiles at once) over
+    terrain of its own; `progress` is called per scene written, with its scene id.
 
     band_format "tif" writes the bands as GeoTIFFs instead of JPEG 2000 (what readers accept too): minutes
     faster for full tiles, for benchmarks of what comes after decoding (bench/infer_efficiency.py on a GPU).
@@ -98,18 +106,24 @@ def generate_demo(
         raise SnowpipeError(
             f"demo-data: --size must be between 60 and {MAX_SIZE} px (a full tile), got {size}"
         )
-    if not is_tile_id(tile):
-        raise SnowpipeError(f"demo-data: --tile must be a Sentinel-2 tile id such as 32TNS, got {tile!r}")
+    tiles = list(tiles)
+    wrong = [tile for tile in tiles if not is_tile_id(tile)]
+    if wrong or not tiles or len(set(tiles)) != len(tiles):
+        raise SnowpipeError(f"demo-data: --tiles must be distinct Sentinel-2 tile ids such as 32TNS,32TMS, got "
+                            f"{','.join(tiles)!r}")
     out = Path(out)
     extracted = out / "extracted_data"
-    terrain = make_terrain(size, seed)
-    _write_auxiliary(extracted / f"{tile}_auxiliary_data", terrain, tile)
     specs = plan_scenes(scenes, seed)
-    for done, spec in enumerate(specs, start=1):
-        _write_scene(out, terrain, spec, tile, band_format)
-        if progress is not None:
-            progress(done, len(specs), spec.date_key)
-    return DemoSummary(out=out, tile=tile, size=size, dates=[spec.date_key for spec in specs])
+    done = 0
+    for number, tile in enumerate(tiles):
+        terrain = make_terrain(size, seed + 7919 * number)  # the first tile keeps the one-tile demo's terrain
+        _write_auxiliary(extracted / f"{tile}_auxiliary_data", terrain, tile)
+        for spec in specs:
+            _write_scene(out, terrain, spec, tile, band_format)
+            done += 1
+            if progress is not None:
+                progress(done, len(specs) * len(tiles), scene_id(tile, spec.date_key))
+    return DemoSummary(out=out, tiles=tiles, size=size, dates=[spec.date_key for spec in specs])
 
 
 def _write_auxiliary(folder: Path, terrain: Terrain, tile: str) -> None:
@@ -124,7 +138,7 @@ def _write_auxiliary(folder: Path, terrain: Terrain, tile: str) -> None:
 def _write_scene(out: Path, terrain: Terrain, spec: SceneSpec, tile: str, band_format: str = "jp2") -> None:
     """Truth and ExoLabs first, the SAFE folder last and in one rename: a visible SAFE means a whole scene."""
     fields = make_fields(terrain, spec)
-    write_geotiff(out / "truth" / f"{spec.date_key}.tif", truth_map(fields), tile, 10, nodata=NODATA)
+    write_geotiff(out / "truth" / f"{scene_id(tile, spec.date_key)}.tif", truth_map(fields), tile, 10, nodata=NODATA)
     day = spec.sensing.strftime("%Y-%m-%d")
     exo_path = out / "extracted_data" / "ExoLabs_classification_S2" / f"S2_{tile}_{day}_classification.tif"
     write_geotiff(exo_path, exolabs_map(fields), tile, 20)

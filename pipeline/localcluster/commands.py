@@ -56,7 +56,7 @@ def add_cluster_parser(sub: argparse._SubParsersAction) -> None:
     """Add `cluster up|down|status` to the `snowpipe` command's subparsers."""
     cluster = sub.add_parser(
         "cluster", help="start/stop the embedded local SLURM cluster (sshd + munge + slurmctld + slurmd, "
-                        "optionally slurmdbd + MariaDB for sacct)",
+                        "and slurmdbd + MariaDB for sacct unless --no-accounting)",
         description="This machine as a one-node SLURM cluster reachable over SSH on 127.0.0.1:2222, the default "
                     "target of ansible/submit.yml. Files live in .cluster/ at the repository root "
                     "(or $SNOWPIPE_CLUSTER_DIR).")
@@ -66,14 +66,15 @@ def add_cluster_parser(sub: argparse._SubParsersAction) -> None:
         "up", help="start the cluster (idempotent); installs missing Debian packages when root",
         description="Write config and keys under .cluster/ (existing keys are kept), start munged, slurmctld, "
                     "slurmd and sshd, and wait until the node is idle and ssh with host-key checking works. "
-                    "Daemons that already run are left alone. With --accounting also a MariaDB of the cluster's "
-                    "own (.cluster/mysql/, 127.0.0.1:3307) and slurmdbd (port 6819), so sacct works; the choice "
-                    "is kept in .cluster/accounting for later `up`s, and switching it on a running cluster "
-                    "restarts slurmctld and slurmd (jobs are kept).")
+                    "Daemons that already run are left alone. Unless --no-accounting, also a MariaDB of the "
+                    "cluster's own (.cluster/mysql/, 127.0.0.1:3307) and slurmdbd (port 6819), so sacct and "
+                    "`snowpipe report` work; switching it on a running cluster restarts slurmctld and slurmd "
+                    "(jobs are kept).")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the node and ssh (default 60)")
-    p.add_argument("--accounting", action=argparse.BooleanOptionalAction, default=None,
-                   help="run slurmdbd + MariaDB so sacct works (installs slurmdbd and mariadb-server when missing); "
-                        "--no-accounting stops them; neither keeps the cluster's current choice (off at first)")
+    p.add_argument("--accounting", action=argparse.BooleanOptionalAction, default=True,
+                   help="run slurmdbd + MariaDB so sacct and `snowpipe report` work (the default; installs slurmdbd "
+                        "and mariadb-server when missing); --no-accounting starts quicker without them (and stops "
+                        "them on a running cluster)")
     p.set_defaults(func=cmd_cluster_up)
 
     p = actions.add_parser(

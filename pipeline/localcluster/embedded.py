@@ -3,8 +3,8 @@
 Four daemons (munged, slurmctld, slurmd, sshd) run from files under `cluster_dir()`, each with its own pid file,
 so `down()` stops exactly what `up()` started and never touches the machine's own services. `up()` is idempotent:
 it writes what is missing, keeps existing keys (known_hosts stays valid) and starts only daemons that are not
-running. With accounting (`up(accounting=True)`, persisted in `.cluster/accounting`) two more run before
-slurmctld: a MariaDB of the cluster's own and slurmdbd, so that `sacct` works (see `embedded_accounting.py`).
+running. With accounting (the default; `up(accounting=False)` for a quick start, persisted in `.cluster/accounting`)
+two more run before slurmctld: a MariaDB of the cluster's own and slurmdbd, so that `sacct` works (see `embedded_accounting.py`).
 """
 
 from __future__ import annotations
@@ -120,12 +120,13 @@ class ClusterStatus:
 
 
 def accounting_enabled(paths: ClusterPaths | None = None) -> bool:
-    """The persisted choice: whether `up()` without `accounting=` runs slurmdbd + MariaDB (off for a new cluster)."""
+    """The persisted choice: whether `up()` without `accounting=` runs slurmdbd + MariaDB (on for a new cluster:
+    without it a finished run leaves nothing for `sacct` and `snowpipe report`)."""
     paths = paths or ClusterPaths.default()
     try:
-        return paths.accounting_choice.read_text().strip() == "on"
+        return paths.accounting_choice.read_text().strip() != "off"
     except OSError:
-        return False
+        return True
 
 
 def cluster_info(paths: ClusterPaths | None = None) -> ClusterInfo:
@@ -302,7 +303,7 @@ def _apply_changes(paths: ClusterPaths, info: ClusterInfo, changed: list[str], r
 def accounting_line(accounting: bool, sacct_works: bool = True) -> str:
     """`accounting: on (sacct works)` / `accounting: off`, as `up` and `status` say it."""
     if not accounting:
-        return "accounting: off (sacct unavailable; `snowpipe cluster up --accounting` turns it on)"
+        return "accounting: off (sacct unavailable; `snowpipe cluster up` turns it on)"
     return "accounting: on (sacct works)" if sacct_works else \
         "accounting: on, but slurmdbd or MariaDB is stopped (sacct fails; `snowpipe cluster up` starts them)"
 
@@ -314,7 +315,8 @@ def up(*, accounting: bool | None = None, min_job_age: int = 300, timeout: float
 
     `accounting=True` also runs MariaDB and slurmdbd (sacct works), `False` runs without them (and stops them);
     on a running cluster a switch restarts slurmctld and slurmd (jobs and queue survive). `None`, the default,
-    keeps the cluster's choice, stored in `.cluster/accounting` (off for a new cluster).
+    keeps the cluster's choice, stored in `.cluster/accounting` (on for a new cluster; `snowpipe cluster up`
+    passes True unless told --no-accounting).
     """
     paths = paths or ClusterPaths.default()
     before = accounting_enabled(paths)

@@ -35,7 +35,7 @@ PACKAGES = {  # Debian package -> a program it installs
     "slurmctld": "slurmctld", "slurmd": "slurmd", "slurm-client": "sbatch", "munge": "munged",
     "openssh-server": "sshd", "rsync": "rsync",
 }
-ACCOUNTING_PACKAGES = {"slurmdbd": "slurmdbd", "mariadb-server": "mariadbd"}  # only for `up --accounting`
+ACCOUNTING_PACKAGES = {"slurmdbd": "slurmdbd", "mariadb-server": "mariadbd"}  # not for `up --no-accounting`
 CLUSTER_NAME = "snowpipe-local"
 GPUS = 2
 BANNER = ("# rendered by snowpipe (pipeline/localcluster/embedded_files.py) — do not edit; "
@@ -204,6 +204,8 @@ def render_slurm_conf(paths: ClusterPaths, node: str, cpus: int, memory_mib: int
             f"# slurmdbd on {HOST}:{SLURMDBD_PORT} (MariaDB behind it): sacct works",
             "JobAcctGatherType=jobacct_gather/linux",
             "AccountingStorageType=accounting_storage/slurmdbd",
+            "# GPUs in AllocTRES (sacct): what `snowpipe report` turns into GPU-hours",
+            "AccountingStorageTRES=gres/gpu",
             f"AccountingStorageHost={HOST}",
             f"AccountingStoragePort={SLURMDBD_PORT}",
             "# for slurmdbd connections the munge socket is AccountingStoragePass (AuthInfo is not used there)",

@@ -101,9 +101,11 @@ def key_of_files(stage: str, files: Sequence[Path | None], roots: Sequence[Path]
     return RecordKey(stage, fingerprint(files, roots), config_hash, tuple(files), tuple(roots))
 
 
-def key_for(stage: str, config: PipelineConfig, files: Sequence[Path | None], section: str) -> RecordKey:
-    """The record key of a stage's output from its input files and its config section."""
-    return key_of_files(stage, files, config_roots(config), config.section_hash(section))
+def key_for(stage: str, config: PipelineConfig, files: Sequence[Path | None], section: str,
+            tile: str | None = None) -> RecordKey:
+    """The record key of a stage's output from its input files and its config section; a per-scene output
+    gives its scene's `tile` (its key then does not change when the config gains or loses another tile)."""
+    return key_of_files(stage, files, config_roots(config), config.section_hash(section, tile=tile))
 
 
 def legacy_fingerprint(paths: Iterable[Path | None]) -> str:

@@ -9,13 +9,14 @@ from pathlib import Path
 from pipeline import records
 from pipeline.config import Annotation, PipelineConfig
 from pipeline.data.layout import Auxiliary, Scene
+from pipeline.data.scene_folders import scene_folder
 
 STAGE = "annotate"
 OUTPUTS_REQUIRED = ("mask.tif", "coverage.tif")
 
 
-def mask_folder(config: PipelineConfig, date: str) -> Path:
-    return config.path("annotated_masks") / date
+def mask_folder(config: PipelineConfig, scene: Scene) -> Path:
+    return scene_folder(config.path("annotated_masks"), scene, config.tiles)
 
 
 def inputs(scene: Scene, auxiliary: Auxiliary, settings: Annotation) -> list[Path | None]:
@@ -32,9 +33,9 @@ def inputs(scene: Scene, auxiliary: Auxiliary, settings: Annotation) -> list[Pat
 
 def record_key(scene: Scene, config: PipelineConfig, auxiliary: Auxiliary) -> records.RecordKey:
     """The record key of a scene's masks: their input files and the annotation section."""
-    return records.key_for(STAGE, config, inputs(scene, auxiliary, config.annotation), "annotation")
+    return records.key_for(STAGE, config, inputs(scene, auxiliary, config.annotation), "annotation", scene.tile)
 
 
 def masks_complete(config: PipelineConfig, scene: Scene, auxiliary: Auxiliary) -> bool:
-    return records.is_complete(mask_folder(config, scene.date), record_key(scene, config, auxiliary),
+    return records.is_complete(mask_folder(config, scene), record_key(scene, config, auxiliary),
                                required=OUTPUTS_REQUIRED)

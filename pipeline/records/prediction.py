@@ -9,6 +9,7 @@ from pipeline import records
 from pipeline.bands import BANDS
 from pipeline.config import PipelineConfig
 from pipeline.data.layout import Auxiliary, Scene
+from pipeline.data.scene_folders import scene_folder
 
 STAGE = "infer"
 OUTPUTS_REQUIRED = ("mask.tif",)
@@ -28,8 +29,8 @@ def data_channels(config: PipelineConfig) -> list[str]:
     return [*BANDS, "DEM"] if config.dataset.include_dem else list(BANDS)
 
 
-def prediction_folder(config: PipelineConfig, date: str) -> Path:
-    return config.path("results") / "predictions" / date
+def prediction_folder(config: PipelineConfig, scene: Scene) -> Path:
+    return scene_folder(config.path("results") / "predictions", scene, config.tiles)
 
 
 def record_key(config: PipelineConfig, scene: Scene, auxiliary: Auxiliary) -> records.RecordKey:
@@ -37,16 +38,16 @@ def record_key(config: PipelineConfig, scene: Scene, auxiliary: Auxiliary) -> re
     files: list[Path | None] = [*scene.bands.values(), checkpoint_path(config)]
     if config.dataset.include_dem:
         files.append(auxiliary.layers.get("dem"))
-    return records.key_for(STAGE, config, files, "inference")
+    return records.key_for(STAGE, config, files, "inference", scene.tile)
 
 
 def prediction_trusted(config: PipelineConfig, scene: Scene, auxiliary: Auxiliary) -> bool:
     """Whether the scene's predictions are the infer stage's complete output for this data, config and
     checkpoint. Where the checkpoint is not at hand (a test job that staged only the predictions), the record
     must still be an infer record of this config that vouches for its files."""
-    folder = prediction_folder(config, scene.date)
+    folder = prediction_folder(config, scene)
     if checkpoint_path(config).is_file():
         return records.is_complete(folder, record_key(config, scene, auxiliary), required=OUTPUTS_REQUIRED)
     record = records.read_record(folder)
     return record is not None and record.get("stage") == STAGE and \
-        record.get("config") == config.section_hash("inference") and records.vouches(folder)
+        record.get("config") == config.section_hash("inference", tile=scene.tile) and records.vouches(folder)

@@ -79,13 +79,13 @@ def annotate_scene(scene: Scene, config: PipelineConfig, force: bool = False, th
     """Write {annotated_masks}/{date}/mask.tif, coverage.tif, preview.png and the completion record,
     built in a private folder and published in one swap, under the scene's lock."""
     start = time.perf_counter()
-    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
-    details = produce(mask_folder(config, scene.date), record_key(scene, config, auxiliary),
+    auxiliary = find_auxiliary(config.path("extracted_data"), scene.tile)
+    details = produce(mask_folder(config, scene), record_key(scene, config, auxiliary),
                       lambda partial: _write_masks(scene, config, auxiliary, partial, threads, on_window),
-                      what=f"annotate {scene.date}", required=("mask.tif", "coverage.tif"), owned=OUTPUTS,
+                      what=f"annotate {scene.id}", required=("mask.tif", "coverage.tif"), owned=OUTPUTS,
                       outputs=OUTPUTS, force=force)
-    outcome = SceneOutcome(scene.date, "skipped") if details is None else \
-        SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+    outcome = SceneOutcome(scene.id, "skipped") if details is None else \
+        SceneOutcome(scene.id, "done", time.perf_counter() - start, details=details)
     release_if_used(config, scene)
     return outcome
 
@@ -94,7 +94,7 @@ def _write_masks(scene: Scene, config: PipelineConfig, auxiliary: Auxiliary, out
                  on_window: ProgressCallback | None) -> dict:
     """mask.tif, coverage.tif and preview.png of one scene into `out_dir`; the class shares for the record."""
     settings = config.annotation
-    with SceneReader(scene, config.tile_id, auxiliary) as reader:
+    with SceneReader(scene, scene.tile, auxiliary) as reader:
         grid = reader.grid
         detector = None
         if settings.clouds:
@@ -113,7 +113,7 @@ def _write_masks(scene: Scene, config: PipelineConfig, auxiliary: Auxiliary, out
                     on_window(done, len(tiles))
             coverage_share = float(counts[:4].sum() / max(counts.sum(), 1))
             if coverage_share < MIN_COVERAGE:
-                raise SceneError(scene.date, _low_coverage(scene, coverage_share, settings))
+                raise SceneError(scene.id, _low_coverage(scene, coverage_share, settings))
         write_mask_preview(out_dir / "preview.png", reader, out_dir / "mask.tif")
     valid = counts[:4].sum()
     return {
@@ -137,7 +137,7 @@ def _annotate_in_worker(scene: Scene, config: PipelineConfig, force: bool, threa
     except SnowpipeError as exc:
         if stops_the_stage(exc):  # a full disk: the parent stops every worker
             raise
-        return SceneOutcome(scene.date, "failed", message=failure_message(exc))
+        return SceneOutcome(scene.id, "failed", message=failure_message(exc))
 
 
 def _annotate_in_pool(report: StageReport, scenes: list[Scene], config: PipelineConfig, force: bool, workers: int,
@@ -158,7 +158,7 @@ def _annotate_in_pool(report: StageReport, scenes: list[Scene], config: Pipeline
                     if not stops_the_stage(exc):
                         raise
                     left = len(scenes) - len(report.outcomes) - 1
-                    raise stage_stopped(report, futures[future].date, exc, left) from exc
+                    raise stage_stopped(report, futures[future].id, exc, left) from exc
                 report.outcomes.append(outcome)
                 say(describe(outcome))
                 progress.advance(scene_bar)
@@ -180,7 +180,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
         run_scenes(report, scenes, lambda scene, on_window: annotate_scene(scene, config, force, threads, on_window))
     else:
         _annotate_in_pool(report, scenes, config, force, workers, threads)
-    report.outcomes.sort(key=lambda o: o.date)
+    report.outcomes.sort(key=lambda o: o.scene)
     report.seconds = time.perf_counter() - start
     enforce_policy(report, settings.on_scene_error, "annotation")
     return report

@@ -19,7 +19,7 @@ __all__ = ["StageInfo", "SceneOutcome", "StageReport", "StageFailed", "enforce_p
 
 @dataclass
 class SceneOutcome:
-    date: str
+    scene: str  # the scene id (or "model" for train)
     status: str  # "done", "skipped" (already complete) or "failed"
     seconds: float = 0.0
     message: str = ""
@@ -66,7 +66,7 @@ def _others(report: StageReport) -> str:
 
 def enforce_policy(report: StageReport, on_scene_error: str, section: str) -> None:
     if report.failed and on_scene_error == "fail":
-        lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
+        lines = "\n  ".join(f"{o.scene}: {o.message}" for o in report.failed)
         hint = (f"; set {section}.on_scene_error: skip to continue without them"
                 if len(report.failed) < len(report.outcomes) else "")
         raise StageFailed(f"{report.stage} failed for {len(report.failed)} scene(s):\n  {lines}\n"
@@ -76,7 +76,7 @@ def enforce_policy(report: StageReport, on_scene_error: str, section: str) -> No
 def raise_if_failed(report: StageReport) -> None:
     """For stages without an error policy (decode, infer): every scene was tried; name the failed ones."""
     if report.failed:
-        lines = "\n  ".join(f"{o.date}: {o.message}" for o in report.failed)
+        lines = "\n  ".join(f"{o.scene}: {o.message}" for o in report.failed)
         raise StageFailed(f"{report.stage} failed for {len(report.failed)} scene(s):\n  {lines}\n"
                           f"({_others(report)}; rerun to retry only the missing ones)")
 
@@ -86,14 +86,14 @@ def stops_the_stage(exc: BaseException) -> TypeGuard[OutputError]:
     return isinstance(exc, OutputError) and exc.stops_every_output
 
 
-def stage_stopped(report: StageReport, date: str, exc: OutputError, left: int) -> OutputError:
-    """The one line (exit 74) of a per-scene stage stopped by `exc` at scene `date`, `left` other scenes not done."""
+def stage_stopped(report: StageReport, scene: str, exc: OutputError, left: int) -> OutputError:
+    """The one line (exit 74) of a per-scene stage stopped by `exc` at `scene`, `left` other scenes not done."""
     untried = f" ({left} other scene(s) not done)" if left else ""
-    return OutputError(f"{report.stage} stopped at scene {date}{untried}: {exc}", exc.errno)
+    return OutputError(f"{report.stage} stopped at scene {scene}{untried}: {exc}", exc.errno)
 
 
 def failure_message(exc: SnowpipeError) -> str:
-    """The error without the "scene DATE:" prefix, since outcomes are listed by date anyway."""
+    """The error without the "scene ID:" prefix, since outcomes are listed by scene anyway."""
     return exc.detail if isinstance(exc, SceneError) else str(exc)
 
 
@@ -113,13 +113,13 @@ ProgressCallback = Callable[[int, int], None]
 def describe(outcome: SceneOutcome) -> str:
     """One line per scene: what a per-scene stage found (coverage, class shares) or why it failed."""
     if outcome.status == "failed":
-        return f"  {outcome.date}: FAILED: {outcome.message}"
+        return f"  {outcome.scene}: FAILED: {outcome.message}"
     if outcome.status == "skipped":
-        return f"  {outcome.date}: already complete (use --force to redo)"
+        return f"  {outcome.scene}: already complete (use --force to redo)"
     if "class_fraction" not in outcome.details:
-        return f"  {outcome.date}: {outcome.details.get('summary', 'done')} ({outcome.seconds:.1f} s)"
+        return f"  {outcome.scene}: {outcome.details.get('summary', 'done')} ({outcome.seconds:.1f} s)"
     fractions = outcome.details["class_fraction"]
-    return (f"  {outcome.date}: coverage {outcome.details['coverage']:.0%}, background {fractions[0]:.1%}, "
+    return (f"  {outcome.scene}: coverage {outcome.details['coverage']:.0%}, background {fractions[0]:.1%}, "
             f"snow {fractions[1]:.1%}, clouds {fractions[2]:.1%}, water {fractions[3]:.1%} "
             f"({outcome.seconds:.1f} s)")
 
@@ -134,7 +134,7 @@ def run_scenes(report: StageReport, scenes: list[Scene], work: Callable[[Scene, 
     with progress or make_progress() as bars:
         scene_bar = bars.add_task(f"{report.stage}: scenes", total=len(scenes))
         for scene in scenes:
-            window_bar = bars.add_task(f"  {scene.date}", total=None)
+            window_bar = bars.add_task(f"  {scene.id}", total=None)
 
             def on_window(done: int, total: int, bar: TaskID = window_bar) -> None:
                 bars.update(bar, completed=done, total=total)
@@ -144,8 +144,8 @@ def run_scenes(report: StageReport, scenes: list[Scene], work: Callable[[Scene, 
             except SnowpipeError as exc:
                 if stops_the_stage(exc):
                     left = len(scenes) - len(report.outcomes) - 1
-                    raise stage_stopped(report, scene.date, exc, left) from exc
-                outcome = SceneOutcome(scene.date, "failed", message=failure_message(exc))
+                    raise stage_stopped(report, scene.id, exc, left) from exc
+                outcome = SceneOutcome(scene.id, "failed", message=failure_message(exc))
             bars.remove_task(window_bar)
             report.outcomes.append(outcome)
             say(describe(outcome))

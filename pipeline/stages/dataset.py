@@ -22,10 +22,11 @@ from rasterio.windows import Window
 from pipeline import records
 from pipeline.bands import BANDS, CLASS_NAMES
 from pipeline.config import Dataset, PipelineConfig
-from pipeline.data.layout import Auxiliary, Scene, find_auxiliary
+from pipeline.data.layout import Auxiliaries, Auxiliary, Scene, find_auxiliaries
 from pipeline.data.masks import MaskFiles, find_mask
 from pipeline.data.normalise import Normaliser
 from pipeline.data.reader import SceneReader
+from pipeline.data.scene_folders import read_folder
 from pipeline.data.writer import allocate_npy, write_json
 from pipeline.errors import DataError, SceneError, SnowpipeError
 from pipeline.locks import output_lock
@@ -55,20 +56,22 @@ class ScenePlan:
     @property
     def scanned(self) -> sampling.Candidates:
         """The candidates of a plan that _scan kept (it drops every plan whose scan failed)."""
-        assert self.candidates is not None, f"{self.scene.date}: scene not scanned"
+        assert self.candidates is not None, f"{self.scene.id}: scene not scanned"
         return self.candidates
 
 
 def split_scenes(dates: list[str], settings: Dataset) -> tuple[set[str], str]:
-    """Validation dates, and the split actually used (by scene unless only one scene exists)."""
+    """Validation scene ids, and the split actually used (by scene unless only one scene exists). Scenes of
+    every tile are split together: validation holds whole scenes of any tile."""
     if settings.split == "patch":
         return set(), "patch"
     if settings.validation_dates:
-        unknown = sorted(set(settings.validation_dates) - set(dates))
+        named = settings.validation_dates
+        unknown = sorted(entry for entry in named if not any(entry in (d, d.rpartition("_")[2]) for d in dates))
         if unknown:
             raise DataError(f"dataset.validation_dates: {', '.join(unknown)} not among the scenes "
                             f"with masks ({', '.join(dates)})")
-        return set(settings.validation_dates), "scene"
+        return {d for d in dates if d in named or d.rpartition("_")[2] in named}, "scene"
     if len(dates) < 2:
         return set(), "patch"
     rng = np.random.default_rng(settings.seed)
@@ -80,31 +83,32 @@ def _check_grid(plan: ScenePlan, reader: SceneReader, mask: rasterio.DatasetRead
     if (mask.width, mask.height) != (reader.grid.width, reader.grid.height) or \
             not mask.transform.almost_equals(reader.grid.transform):
         grid = reader.grid
-        raise SceneError(plan.scene.date, f"{plan.masks.mask} is not on the scene's 10 m grid "
+        raise SceneError(plan.scene.id, f"{plan.masks.mask} is not on the scene's 10 m grid "
                                           f"({mask.width}x{mask.height} vs {grid.width}x{grid.height})")
 
 
-def _plan_scene(plan: ScenePlan, config: PipelineConfig, auxiliary: Auxiliary) -> None:
+def _plan_scene(plan: ScenePlan, config: PipelineConfig, auxiliaries: Auxiliaries) -> None:
     """Open everything once (so broken scenes fail here, before any patch is written) and summarise."""
     settings = config.dataset
     block = max(8, settings.patch_size // 8)
-    with SceneReader(plan.scene, config.tile_id, auxiliary) as reader, \
+    with SceneReader(plan.scene, plan.scene.tile, auxiliaries[plan.scene.tile]) as reader, \
             rasterio.open(plan.masks.mask) as mask, rasterio.open(plan.masks.coverage) as coverage:
         _check_grid(plan, reader, mask)
         plan.candidates = sampling.candidates(sampling.summarise(mask, coverage, block), settings.patch_size)
     if len(plan.candidates.rows) == 0:
-        raise SceneError(plan.scene.date, f"no {settings.patch_size} px patch lies fully inside coverage "
+        raise SceneError(plan.scene.id, f"no {settings.patch_size} px patch lies fully inside coverage "
                                           f"(lower dataset.patch_size or check {plan.masks.coverage})")
 
 
-def _extract(plan: ScenePlan, config: PipelineConfig, auxiliary: Auxiliary, arrays: dict[str, tuple],
+def _extract(plan: ScenePlan, config: PipelineConfig, auxiliaries: Auxiliaries, arrays: dict[str, tuple],
              rng: np.random.Generator, stats: list, per_patch: int) -> None:
     """Cut the scene's patches (raw reflectance and DEM, float16) into their rows of the split arrays."""
     size = config.dataset.patch_size
     by_chunk: dict[tuple[int, int], list[int]] = {}
     for i, (row, col) in enumerate(plan.positions):
         by_chunk.setdefault((row // CHUNK, col // CHUNK), []).append(i)
-    with SceneReader(plan.scene, config.tile_id, auxiliary) as reader, rasterio.open(plan.masks.mask) as mask:
+    with SceneReader(plan.scene, plan.scene.tile, auxiliaries[plan.scene.tile]) as reader, \
+            rasterio.open(plan.masks.mask) as mask:
         for members in by_chunk.values():
             spots = [plan.positions[i] for i in members]
             r0, c0 = min(r for r, _ in spots), min(c for _, c in spots)
@@ -184,7 +188,7 @@ def _mask_problem(config: PipelineConfig, scene: Scene, auxiliary: Auxiliary, fi
     """Why a scene's masks cannot be trusted, or None: with annotation enabled they must be the annotate
     stage's complete output for this data and config; without, a snowpipe record must still vouch for them,
     and a folder without any record is the user's own."""
-    folder = config.path("annotated_masks") / scene.date
+    folder = read_folder(config.path("annotated_masks"), scene, config.tiles)
     if files.mask is None or files.coverage is None:
         return (f"no annotated mask in {folder} (mask.tif and coverage.tif): run the annotate stage or add "
                 f"the mask")
@@ -205,43 +209,43 @@ def _find_scenes(config: PipelineConfig, dates: list[str] | None, report: StageR
     """Scenes with an annotated mask; the others are reported as failed, by date."""
     plans: list[ScenePlan] = []
     masks_root = config.path("annotated_masks")
-    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    auxiliaries = find_auxiliaries(config.path("extracted_data"), config.tiles)
     for scene in discover_readable(config, stage_dates(config, INFO.name, dates)):
-        files = find_mask(masks_root, scene.date)
-        problem = _mask_problem(config, scene, auxiliary, files)
+        files = find_mask(masks_root, scene, config.tiles)
+        problem = _mask_problem(config, scene, auxiliaries[scene.tile], files)
         if problem:
-            report.outcomes.append(SceneOutcome(scene.date, "failed", message=problem))
+            report.outcomes.append(SceneOutcome(scene.id, "failed", message=problem))
         else:
             plans.append(ScenePlan(scene, files))
     return plans
 
 
-def _scan(plans: list[ScenePlan], config: PipelineConfig, auxiliary: Auxiliary, report: StageReport) -> None:
+def _scan(plans: list[ScenePlan], config: PipelineConfig, auxiliaries: Auxiliaries, report: StageReport) -> None:
     with make_progress() as progress:
         bar = progress.add_task("dataset: scanning masks", total=len(plans))
         for plan in list(plans):
             try:
-                _plan_scene(plan, config, auxiliary)
+                _plan_scene(plan, config, auxiliaries)
             except SnowpipeError as exc:
-                report.outcomes.append(SceneOutcome(plan.scene.date, "failed", message=failure_message(exc)))
+                report.outcomes.append(SceneOutcome(plan.scene.id, "failed", message=failure_message(exc)))
                 plans.remove(plan)
             progress.advance(bar)
 
 
 def _choose_positions(plans: list[ScenePlan], validation: set[str], settings: Dataset,
                       rng: np.random.Generator) -> None:
-    train_pixels = sum((p.scanned.counts.sum(0) for p in plans if p.scene.date not in validation),
+    train_pixels = sum((p.scanned.counts.sum(0) for p in plans if p.scene.id not in validation),
                        np.zeros(len(CLASS_NAMES), np.int64))
     weights = sampling.class_weights(train_pixels) if settings.sampling == "balanced" else None
     for plan in plans:
-        plan.split = "validation" if plan.scene.date in validation else "train"
+        plan.split = "validation" if plan.scene.id in validation else "train"
         # Validation patches are drawn uniformly, so validation metrics see the true class mix.
         use = weights if plan.split == "train" else None
         plan.positions = sampling.choose(rng, plan.scanned, settings.patches_per_scene, settings.patch_size, use)
 
 
 def _write_splits(partial: Path, plans: list[ScenePlan], counts: dict[str, int], config: PipelineConfig,
-                  auxiliary: Auxiliary, rng: np.random.Generator,
+                  auxiliaries: Auxiliaries, rng: np.random.Generator,
                   report: StageReport) -> tuple[Normaliser, dict[str, dict]]:
     """Cut all patches into the split arrays, fit the normalisation on the training ones, apply it."""
     settings = config.dataset
@@ -255,9 +259,9 @@ def _write_splits(partial: Path, plans: list[ScenePlan], counts: dict[str, int],
     with make_progress() as progress:
         bar = progress.add_task("dataset: cutting patches", total=sum(counts.values()))
         for plan in plans:
-            _extract(plan, config, auxiliary, arrays, rng, stats, per_patch)
+            _extract(plan, config, auxiliaries, arrays, rng, stats, per_patch)
             progress.advance(bar, len(plan.positions))
-            report.outcomes.append(SceneOutcome(plan.scene.date, "done", details={
+            report.outcomes.append(SceneOutcome(plan.scene.id, "done", details={
                 "split": plan.split, "patches": len(plan.positions)}))
     bands_sample = np.concatenate([s[0] for s in stats], axis=1).astype(np.float32)
     dem_sample = np.concatenate([s[1] for s in stats]).astype(np.float32) if settings.include_dem else None
@@ -269,7 +273,7 @@ def _write_splits(partial: Path, plans: list[ScenePlan], counts: dict[str, int],
         images.flush()
         masks.flush()
         pixels = _class_pixels(masks)
-        rows = sorted((plan.rows[i][1], plan.scene.date, *plan.positions[i])
+        rows = sorted((plan.rows[i][1], plan.scene.id, *plan.positions[i])
                       for plan in plans for i in range(len(plan.positions)) if plan.rows[i][0] == name)
         splits_info[name] = {
             "dates": sorted({date for _, date, _, _ in rows}),
@@ -288,13 +292,14 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     settings = config.dataset
     out = config.path("dataset")
     report = StageReport(INFO.name, output=str(out))
-    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
-    if settings.include_dem and auxiliary.layers.get("dem") is None:
-        folder = auxiliary.folder or config.path("extracted_data")
-        raise DataError(f"the dataset's DEM channel needs {config.tile_id}_30m_DEM_AW3D30.tif in {folder} "
-                        f"(or set dataset.include_dem: false)")
+    auxiliaries = find_auxiliaries(config.path("extracted_data"), config.tiles)
+    for tile, auxiliary in auxiliaries.items():
+        if settings.include_dem and auxiliary.layers.get("dem") is None:
+            folder = auxiliary.folder or config.path("extracted_data")
+            raise DataError(f"the dataset's DEM channel needs {tile}_30m_DEM_AW3D30.tif in {folder} "
+                            f"(or set dataset.include_dem: false)")
     with output_lock(out, "dataset"):
-        report = _build(config, dates, force, report, auxiliary, start)
+        report = _build(config, dates, force, report, auxiliaries, start)
     if config.decode.keep == "until_used":
         for scene in discover_readable(config, stage_dates(config, INFO.name, dates)):
             release_if_used(config, scene)
@@ -302,7 +307,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
 
 
 def _build(config: PipelineConfig, dates: list[str] | None, force: bool, report: StageReport,
-           auxiliary: Auxiliary, start: float) -> StageReport:
+           auxiliaries: Auxiliaries, start: float) -> StageReport:
     """Under the dataset's lock: skip a complete dataset, or build it in a private folder and swap it in."""
     settings = config.dataset
     out = config.path("dataset")
@@ -312,11 +317,11 @@ def _build(config: PipelineConfig, dates: list[str] | None, force: bool, report:
                                                                             plan.masks.mask, plan.masks.coverage)],
                           "dataset")
     if not force and plans and _is_complete(out, key):
-        report.outcomes += [SceneOutcome(p.scene.date, "skipped") for p in plans]
+        report.outcomes += [SceneOutcome(p.scene.id, "skipped") for p in plans]
     else:
-        _scan(plans, config, auxiliary, report)
+        _scan(plans, config, auxiliaries, report)
     for outcome in report.failed:
-        say(f"  {outcome.date}: FAILED: {outcome.message}")
+        say(f"  {outcome.scene}: FAILED: {outcome.message}")
     enforce_policy(report, settings.on_scene_error, "dataset")
     if report.count("skipped"):
         report.seconds = time.perf_counter() - start
@@ -324,19 +329,19 @@ def _build(config: PipelineConfig, dates: list[str] | None, force: bool, report:
     if not plans:
         raise DataError("no scene is usable for the dataset (see the messages above)")
 
-    validation, split = split_scenes([p.scene.date for p in plans], settings)
+    validation, split = split_scenes([p.scene.id for p in plans], settings)
     if split != settings.split:
         report.note = "one scene only: patches split at random instead of by scene"
     rng = np.random.default_rng(settings.seed)
     _choose_positions(plans, validation, settings, rng)
     counts = _assign_rows(plans, split, settings, rng)
     with building(out, owned=("*.npy", MANIFEST)) as partial:
-        normaliser, splits_info = _write_splits(partial, plans, counts, config, auxiliary, rng, report)
+        normaliser, splits_info = _write_splits(partial, plans, counts, config, auxiliaries, rng, report)
         arrays = [info[kind] for info in splits_info.values() for kind in ("images", "masks")]
         write_json(partial / MANIFEST, {
             "version": 1,
             "schema": records.SCHEMA,
-            "tile_id": config.tile_id,
+            "tiles": config.tiles,
             "patch_size": settings.patch_size,
             "channels": normaliser.channels,
             "classes": list(CLASS_NAMES),

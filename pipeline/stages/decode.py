@@ -103,7 +103,7 @@ def with_decoded(config: PipelineConfig, scenes: list[Scene], redecode: bool = T
         complete = records.is_complete(folder, key, required=OUTPUTS)
         problem = "" if complete else _damage(folder, key)
         if problem and redecode:
-            say(f"  {scene.date}: the decoded rasters are damaged ({problem}): decoding the scene again")
+            say(f"  {scene.id}: the decoded rasters are damaged ({problem}): decoding the scene again")
             decode_scene(scene, config, force=True)
             complete = records.is_complete(folder, key, required=OUTPUTS)
             problem = "" if complete else _damage(folder, key)
@@ -114,7 +114,7 @@ def with_decoded(config: PipelineConfig, scenes: list[Scene], redecode: bool = T
         elif problem:
             found.append(dataclasses.replace(scene, decoded_problem=(
                 f"the decoded rasters are damaged ({problem}): run `snowpipe stage decode CONFIG --scene "
-                f"{scene.date} --force` on a CPU node, then this stage again")))
+                f"{scene.id} --force` on a CPU node, then this stage again")))
         else:
             found.append(scene)  # decoded from other JPEG 2000 files: the decode stage redoes it
     return found
@@ -137,7 +137,7 @@ def _released_mark(folder: Path) -> Path:
 
 def _tell_if_released(folder: Path, scene: Scene) -> None:
     if _released_mark(folder).is_file():
-        say(f"  {scene.date}: its decoded rasters were freed once every stage had used them (decode.keep: "
+        say(f"  {scene.id}: its decoded rasters were freed once every stage had used them (decode.keep: "
             f"until_used): reading the JPEG 2000 files")
 
 
@@ -154,7 +154,7 @@ def _damage(folder: Path, key: records.RecordKey) -> str:
 
 def discover_readable(config: PipelineConfig, dates: list[str], redecode: bool = True) -> list[Scene]:
     """discover_scenes for a stage that reads bands: decoded rasters where valid (one scene source)."""
-    return with_decoded(config, discover_scenes(config.path("extracted_data"), config.tile_id, dates), redecode)
+    return with_decoded(config, discover_scenes(config.path("extracted_data"), config.tiles, dates), redecode)
 
 
 # ---- decoding one scene ------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCa
                     profile = _profile(source)
                     block_rows = int(source.block_shapes[0][0])
             except RasterioError as exc:
-                raise SceneError(scene.date, f"cannot read {path}: {exc} (re-extract the product zip)") from None
+                raise SceneError(scene.id, f"cannot read {path}: {exc} (re-extract the product zip)") from None
             pixels += profile["width"] * profile["height"]
             strips.extend(_strips(band, profile["height"], block_rows))
             writers[band] = (outputs.enter_context(atomic_raster(out_dir / band_file(band), profile)),
@@ -221,7 +221,7 @@ def decode_bands(scene: Scene, out_dir: Path, threads: int, on_strip: ProgressCa
                 dataset.write(dn, 1, window=Window(0, row, width, rows))
             return strip
 
-        _in_pool(strips, decode_strip, stop, threads, f"decode-{scene.date}", on_strip)
+        _in_pool(strips, decode_strip, stop, threads, f"decode-{scene.id}", on_strip)
     return {"bands": len(BANDS), "pixels": pixels, "format": FORMAT, "threads": threads}
 
 
@@ -265,20 +265,20 @@ def decode_scene(scene: Scene, config: PipelineConfig, force: bool = False, thre
     under the folder's lock (two runs on one product: the second waits, then finds it complete)."""
     start = time.perf_counter()
     folder = decoded_folder(config, scene)
-    with SceneReader(scene, config.tile_id):  # missing bands, wrong CRS or grid: one line naming the file
+    with SceneReader(scene, scene.tile):  # missing bands, wrong CRS or grid: one line naming the file
         pass
     details = produce(folder, record_key(config, scene),
                       lambda partial: decode_bands(scene, partial, threads or usable_cpus(), on_strip),
-                      what=f"decode {scene.date}", required=OUTPUTS, owned=("*.tif",), outputs=OUTPUTS, force=force,
-                      before_publish=lambda: wait_for_readers(folder, f"decode {scene.date}",
+                      what=f"decode {scene.id}", required=OUTPUTS, owned=("*.tif",), outputs=OUTPUTS, force=force,
+                      before_publish=lambda: wait_for_readers(folder, f"decode {scene.id}",
                                                               ignore_pids=(os.getppid(),)))
     if details is None:
-        return SceneOutcome(scene.date, "skipped")
+        return SceneOutcome(scene.id, "skipped")
     _released_mark(folder).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     details["summary"] = (f"13 bands decoded, {folder_bytes(folder) / 1e6:.0f} MB "
                           f"({details['pixels'] / seconds / 1e6:.1f} Mpx/s on {details['threads']} thread(s))")
-    return SceneOutcome(scene.date, "done", seconds, details=details)
+    return SceneOutcome(scene.id, "done", seconds, details=details)
 
 
 # ---- the space policy ----------------------------------------------------------------------------------------------
@@ -295,20 +295,20 @@ def _in_dataset(config: PipelineConfig, scene: Scene) -> bool:
         return False
     dates = {date for split in (manifest.get("splits") or {}).values() if isinstance(split, dict)
              for date in split.get("dates", [])}
-    return scene.date in dates and not records.output_problems(folder, manifest.get("outputs", {}))
+    return scene.id in dates and not records.output_problems(folder, manifest.get("outputs", {}))
 
 
 def finished_by_every_reader(config: PipelineConfig, scene: Scene) -> bool:
     """Whether annotate, dataset and infer, where enabled and covering the scene, have a complete output of it
     for the current config (a record of other settings or data does not count)."""
-    covered_by_dates = not config.dates or scene.date in config.dates
-    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    covered_by_dates = not config.dates or scene.selected_by(config.dates)
+    auxiliary = find_auxiliary(config.path("extracted_data"), scene.tile)
     if config.annotation.enable and covered_by_dates and not masks_complete(config, scene, auxiliary):
         return False
     if config.dataset.enable and covered_by_dates and not _in_dataset(config, scene):
         return False
     infer_dates = inference_dates(config)
-    if config.inference.enable and (not infer_dates or scene.date in infer_dates) and \
+    if config.inference.enable and (not infer_dates or scene.selected_by(infer_dates)) and \
             not prediction_trusted(config, scene, auxiliary):
         return False
     return True
@@ -328,7 +328,7 @@ def release_if_used(config: PipelineConfig, scene: Scene) -> None:
     stop_reading(folder)
     if not finished_by_every_reader(config, scene):
         return
-    with output_lock(folder, f"release decoded {scene.date}"):
+    with output_lock(folder, f"release decoded {scene.id}"):
         record = records.read_record(folder)
         if record is None or record.get("stage") != INFO.name:
             return
@@ -336,7 +336,7 @@ def release_if_used(config: PipelineConfig, scene: Scene) -> None:
         readers = other_readers(folder, ignore_pids=(os.getppid(),))
         if readers:  # registered before the record went: they read these files; the last one frees them
             records.write_record_data(folder, record)
-            say(f"  {scene.date}: decoded rasters kept for now: {', '.join(readers)} still read them")
+            say(f"  {scene.id}: decoded rasters kept for now: {', '.join(readers)} still read them")
             return
         listed = record.get("outputs") or OUTPUTS
         ours = [folder / name for name in OUTPUTS if name in listed]
@@ -348,20 +348,20 @@ def release_if_used(config: PipelineConfig, scene: Scene) -> None:
             folder.rmdir()
         except OSError:
             pass  # files decode did not write stay, and their folder with them
-        _released_mark(folder).write_text(f"{scene.date}\n")
-    say(f"  {scene.date}: freed {freed / 1e6:.0f} MB of decoded rasters (decode.keep: until_used)")
+        _released_mark(folder).write_text(f"{scene.id}\n")
+    say(f"  {scene.id}: freed {freed / 1e6:.0f} MB of decoded rasters (decode.keep: until_used)")
 
 
 def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = False) -> StageReport:
     """Decode the selected scenes: `dates`, else every scene a band-reading stage of the config covers."""
     start = time.perf_counter()
-    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, INFO.name, dates))
+    scenes = discover_scenes(config.path("extracted_data"), config.tiles, stage_dates(config, INFO.name, dates))
     threads = config.decode.workers or usable_cpus()
     report = StageReport(INFO.name, output=str(config.path("decoded")), note=f"{threads} thread(s)")
     if config.decode.keep == "until_used" and not force:  # a rerun decodes nothing it would free at once
         used = [scene for scene in scenes if not (decoded_folder(config, scene) / records.RECORD_NAME).is_file()
                 and finished_by_every_reader(config, scene)]
-        report.outcomes += [SceneOutcome(scene.date, "skipped", details={"summary": "every stage that reads it "
+        report.outcomes += [SceneOutcome(scene.id, "skipped", details={"summary": "every stage that reads it "
                                          "has finished (decode.keep: until_used)"}) for scene in used]
         scenes = [scene for scene in scenes if scene not in used]
     run_scenes(report, scenes, lambda scene, on_strip: decode_scene(scene, config, force, threads, on_strip))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.data.layout import EXOLABS_FOLDER, SAFE_NAME
+from pipeline.data.layout import EXOLABS_FOLDER, SAFE_NAME, scene_id
 from pipeline.data.writer import swap_folder
 from pipeline.errors import ConfigError, DataError, SnowpipeError
 from pipeline.progress import make_progress, say
@@ -40,7 +40,12 @@ MAX_LISTED = 5
 class Product:
     name: str  # as on the server: a .SAFE folder or a .zip
     date: str
+    tile: str
     form: str  # "SAFE" or "zip"
+
+    @property
+    def id(self) -> str:
+        return scene_id(self.tile, self.date)
 
     @property
     def folder(self) -> str:
@@ -84,29 +89,31 @@ def remote_of(config: PipelineConfig) -> DataServer:
                       key=key_file, known_hosts=_local_file(config, "known_hosts", settings.known_hosts))
 
 
-def pick_products(entries: list[Entry], tile: str, dates: list[str], where: str) -> list[Product]:
-    """The tile's products of `dates` ([] = all); a SAFE folder wins over a zip of the same product."""
+def pick_products(entries: list[Entry], tiles: list[str], dates: list[str], where: str) -> list[Product]:
+    """The tiles' products of `dates` (sensing times or scene ids; [] = all); a SAFE folder wins over a zip of
+    the same product. Every product of a scene is fetched (the scene's newest baseline is chosen at discovery)."""
     found: dict[str, Product] = {}
     for entry in entries:
         match = PRODUCT_NAME.match(entry.path)
         form = match["form"] if match else ""
-        if not match or match["tile"] != tile or (entry.kind != ("dir" if form == "SAFE" else "file")):
+        if not match or match["tile"] not in tiles or (entry.kind != ("dir" if form == "SAFE" else "file")):
             continue
-        product = Product(entry.path, match["date"], form)
+        product = Product(entry.path, match["date"], match["tile"], form)
         if product.folder not in found or form == "SAFE":
             found[product.folder] = product
-    products = sorted(found.values(), key=lambda p: (p.date, p.name))
-    if not products:
-        raise DataError(f"download: no product of tile {tile} (S2?_MSIL1C_*_T{tile}_*.SAFE or .zip) in {where}: "
-                        f"check tile_id and download.remote_path")
-    available = sorted({p.date for p in products})
+    products = sorted(found.values(), key=lambda p: (p.id, p.name))
+    empty = [tile for tile in tiles if not any(p.tile == tile for p in products)]
+    if empty:
+        raise DataError(f"download: no product of tile {', '.join(empty)} (S2?_MSIL1C_*_T{empty[0]}_*.SAFE or "
+                        f".zip) in {where}: check tiles and download.remote_path")
     if dates:
-        missing = [d for d in dates if d not in available]
+        missing = [d for d in dates if not any(d in (p.date, p.id) for p in products)]
         if missing:
+            available = sorted({p.id for p in products})
             shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "")
-            raise DataError(f"download: date(s) {', '.join(missing)} in the config match no product of tile {tile} "
-                            f"in {where}; available: {shown}")
-        products = [p for p in products if p.date in dates]
+            raise DataError(f"download: date(s) {', '.join(missing)} in the config match no product of tile "
+                            f"{', '.join(tiles)} in {where}; available: {shown}")
+        products = [p for p in products if p.date in dates or p.id in dates]
     return products
 
 
@@ -119,14 +126,17 @@ def _auxiliary(entries: list[Entry], tile: str) -> Entry | None:
     return zipped if zipped and zipped.kind == "file" else None
 
 
-def selection_filters(products: list[Product], tile: str, auxiliary: Entry | None, exolabs: bool) -> list[str]:
+def selection_filters(products: list[Product], auxiliaries: dict[str, Entry | None], exolabs: bool) -> list[str]:
     """rsync filter rules selecting exactly what the stage needs; everything else on the server is excluded."""
     rules = [f"--include=/{p.name}/***" if p.form == "SAFE" else f"--include=/{p.name}" for p in products]
-    if auxiliary is not None:
-        rules.append(f"--include=/{auxiliary.path}/***" if auxiliary.kind == "dir" else f"--include=/{auxiliary.path}")
+    for auxiliary in auxiliaries.values():
+        if auxiliary is not None:
+            rules.append(f"--include=/{auxiliary.path}/***" if auxiliary.kind == "dir"
+                         else f"--include=/{auxiliary.path}")
     if exolabs:
         rules.append(f"--include=/{EXOLABS_FOLDER}/")
-        rules += [f"--include=/{EXOLABS_FOLDER}/S2_{tile}_{day}*.tif" for day in sorted({p.day for p in products})]
+        rules += [f"--include=/{EXOLABS_FOLDER}/S2_{tile}_{day}*.tif"
+                  for tile, day in sorted({(p.tile, p.day) for p in products})]
     return [*rules, "--exclude=*"]
 
 
@@ -180,13 +190,14 @@ def unpack(zip_path: Path, target: Path, force: bool = False) -> bool:
     return True
 
 
-def _unpack_all(dest: Path, products: list[Product], auxiliary: Entry | None, tile: str,
+def _unpack_all(dest: Path, products: list[Product], auxiliaries: dict[str, Entry | None],
                 force: bool) -> set[str]:
-    """Unpack the zips received (products and a zipped auxiliary folder); the names of those unpacked."""
+    """Unpack the zips received (products and zipped auxiliary folders); the names of those unpacked."""
     unpacked: set[str] = set()
-    if auxiliary is not None and auxiliary.kind == "file" and \
-            unpack(dest / auxiliary.path, dest / f"{tile}_auxiliary_data", force):
-        unpacked.add(auxiliary.path)
+    for tile, auxiliary in auxiliaries.items():
+        if auxiliary is not None and auxiliary.kind == "file" and \
+                unpack(dest / auxiliary.path, dest / f"{tile}_auxiliary_data", force):
+            unpacked.add(auxiliary.path)
     zips = [p for p in products if p.form == "zip"]
     if zips:
         with make_progress() as progress:
@@ -198,17 +209,18 @@ def _unpack_all(dest: Path, products: list[Product], auxiliary: Entry | None, ti
     return unpacked
 
 
-def _summary(received: list[str], sizes: dict[str, int], products: list[Product], auxiliary: Entry | None,
-             listing: list[Entry], tile: str, unpacked: set[str]) -> str:
+def _summary(received: list[str], sizes: dict[str, int], products: list[Product],
+             auxiliaries: dict[str, Entry | None], listing: list[Entry], unpacked: set[str]) -> str:
     """The report's note: what moved, what was unpacked, what the server lacks."""
     moved = sum(sizes.get(path, 0) for path in received)
     notes = [f"{len(received)} file(s), {moved / 1e6:.1f} MB transferred"]
-    if any(p.form == "zip" for p in products) or (auxiliary is not None and auxiliary.kind == "file"):
+    zipped = any(a is not None and a.kind == "file" for a in auxiliaries.values())
+    if any(p.form == "zip" for p in products) or zipped:
         notes.append(f"{len(unpacked)} zip(s) unpacked (zips kept)")
-    if auxiliary is None:
-        notes.append(f"no {tile}_auxiliary_data on the server")
-    days = {Path(e.path).name[len(f"S2_{tile}_"):][:10] for e in listing if e.path.startswith(f"{EXOLABS_FOLDER}/")}
-    no_exolabs = sorted({p.day for p in products} - days)
+    notes += [f"no {tile}_auxiliary_data on the server" for tile, a in auxiliaries.items() if a is None]
+    names = {Path(e.path).name for e in listing if e.path.startswith(f"{EXOLABS_FOLDER}/")}
+    found = {(name[3:8], name[9:19]) for name in names}
+    no_exolabs = sorted(p.id for p in products if (p.tile, p.day) not in found)
     if no_exolabs:
         notes.append(f"no ExoLabs file for {', '.join(no_exolabs[:MAX_LISTED])}"
                      f"{' ...' if len(no_exolabs) > MAX_LISTED else ''}")
@@ -224,15 +236,14 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     start = time.perf_counter()
     remote = remote_of(config)
     dest = config.path("extracted_data")
-    tile = config.tile_id
     top = list_remote(remote)
-    products = pick_products(top, tile, stage_dates(config, INFO.name, dates), remote.where)
-    auxiliary = _auxiliary(top, tile)
+    products = pick_products(top, config.tiles, stage_dates(config, INFO.name, dates), remote.where)
+    auxiliaries = {tile: _auxiliary(top, tile) for tile in config.tiles}
     exolabs = any(e.path == EXOLABS_FOLDER and e.kind == "dir" for e in top)
-    filters = selection_filters(products, tile, auxiliary, exolabs)
+    filters = selection_filters(products, auxiliaries, exolabs)
     listing = list_remote(remote, filters, recursive=True)
     sizes = {e.path: e.size for e in listing}
-    say(f"download: {len(products)} product(s) of tile {tile} from {remote.where} -> {dest}")
+    say(f"download: {len(products)} product(s) of tile {config.tile_names} from {remote.where} -> {dest}")
 
     by_name = {p.name: i for i, p in enumerate(products)}
     with make_progress() as progress:
@@ -250,13 +261,13 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     verify_sizes(listing, dest, remote.where)
 
     received = received_files(items)
-    unpacked = _unpack_all(dest, products, auxiliary, tile, force)
+    unpacked = _unpack_all(dest, products, auxiliaries, force)
     report = StageReport(INFO.name, output=str(dest))
     for product in products:
         files = [path for path in received if path.split("/", 1)[0] == product.name]
         changed = bool(files) or product.name in unpacked
-        report.outcomes.append(SceneOutcome(product.date, "done" if changed else "skipped",
+        report.outcomes.append(SceneOutcome(product.id, "done" if changed else "skipped",
                                             details={"product": product.name, "files": len(files)}))
-    report.note = _summary(received, sizes, products, auxiliary, listing, tile, unpacked)
+    report.note = _summary(received, sizes, products, auxiliaries, listing, unpacked)
     report.seconds = time.perf_counter() - start
     return report

@@ -107,13 +107,13 @@ def infer_scene(scene: Scene, config: PipelineConfig, loaded: LoadedModel, force
     built in a private folder and published in one swap, under the scene's lock."""
     start = time.perf_counter()
     if scene.decoded_problem:
-        raise SceneError(scene.date, scene.decoded_problem)
-    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
-    details = produce(prediction_folder(config, scene.date), record_key(config, scene, auxiliary),
+        raise SceneError(scene.id, scene.decoded_problem)
+    auxiliary = find_auxiliary(config.path("extracted_data"), scene.tile)
+    details = produce(prediction_folder(config, scene), record_key(config, scene, auxiliary),
                       lambda partial: _predict(scene, config, loaded, auxiliary, partial, on_window),
-                      what=f"infer {scene.date}", required=OUTPUTS_REQUIRED, owned=("*.tif", "*.png"), force=force)
-    outcome = SceneOutcome(scene.date, "skipped") if details is None else \
-        SceneOutcome(scene.date, "done", time.perf_counter() - start, details=details)
+                      what=f"infer {scene.id}", required=OUTPUTS_REQUIRED, owned=("*.tif", "*.png"), force=force)
+    outcome = SceneOutcome(scene.id, "skipped") if details is None else \
+        SceneOutcome(scene.id, "done", time.perf_counter() - start, details=details)
     release_if_used(config, scene)
     return outcome
 
@@ -126,17 +126,17 @@ def _predict(scene: Scene, config: PipelineConfig, loaded: LoadedModel, auxiliar
     counts = np.zeros(256, np.int64)
     # Decoded rasters (the decode stage) are fast to read window by window; without them, decode_once decodes
     # the JPEG 2000 bands once into scratch instead of once per window (the fallback).
-    decoding = DecodedScene(scene, config.tile_id) if settings.decode_once and not scene.decoded else nullcontext()
+    decoding = DecodedScene(scene, scene.tile) if settings.decode_once and not scene.decoded else nullcontext()
     predictor = loaded.predictor
     # The quicklooks' composites are made on their own thread while the windows are predicted.
-    quicklooks = QuicklooksBeside(out_dir, scene, config.tile_id, auxiliary) if settings.quicklooks else None
-    with decoding as decoded, SceneReader(scene, config.tile_id, auxiliary) as reader, \
+    quicklooks = QuicklooksBeside(out_dir, scene, scene.tile, auxiliary) if settings.quicklooks else None
+    with decoding as decoded, SceneReader(scene, scene.tile, auxiliary) as reader, \
             quicklooks or nullcontext():
         grid = reader.grid
         if scene.decoded:  # native bands read on the host; resampled and normalised on the device
-            source = device_input(scene, config.tile_id, auxiliary, loaded.normaliser, predictor.device)
+            source = device_input(scene, scene.tile, auxiliary, loaded.normaliser, predictor.device)
         else:
-            source = scene_input(scene, config.tile_id, auxiliary, loaded.normaliser, decoded)
+            source = scene_input(scene, scene.tile, auxiliary, loaded.normaliser, decoded)
         window = window_for(settings.window, grid.height, grid.width, settings.halo)
         # closed on every way out (a failed write, an error, Ctrl-C): its reading threads end with the scene
         windows = closing(predict_windows(

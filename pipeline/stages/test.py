@@ -133,34 +133,34 @@ class SceneInputs:
     coverage: Path | None  # annotated masks only
 
 
-def prediction_path(config: PipelineConfig, date: str) -> Path:
-    return config.path("results") / "predictions" / date / "mask.tif"
+def prediction_path(config: PipelineConfig, scene: str) -> Path:
+    return config.path("results") / "predictions" / scene / "mask.tif"
 
 
 def find_inputs(config: PipelineConfig, scene: Scene) -> SceneInputs:
     if config.testing.reference == "exolabs":
-        return SceneInputs(scene, prediction_path(config, scene.date), scene.exolabs, None)
-    masks = find_mask(config.path("annotated_masks"), scene.date)
-    return SceneInputs(scene, prediction_path(config, scene.date), masks.mask, masks.coverage)
+        return SceneInputs(scene, prediction_path(config, scene.id), scene.exolabs, None)
+    masks = find_mask(config.path("annotated_masks"), scene, config.tiles)
+    return SceneInputs(scene, prediction_path(config, scene.id), masks.mask, masks.coverage)
 
 
 def _check_inputs(inputs: SceneInputs, config: PipelineConfig) -> None:
     reference, masks_root = config.testing.reference, config.path("annotated_masks")
-    date = inputs.scene.date
+    date = inputs.scene.id
     if not inputs.prediction.is_file():
         raise SceneError(date, f"prediction {inputs.prediction} not found: run the infer stage "
                                f"(snowpipe stage infer --scene {date})")
-    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id)
+    auxiliary = find_auxiliary(config.path("extracted_data"), inputs.scene.tile)
     if not identity.prediction_trusted(config, inputs.scene, auxiliary):
         raise SceneError(date, f"prediction {inputs.prediction} is not the infer stage's complete output for "
                                f"this scene, checkpoint and config (interrupted, failed or outdated): run "
                                f"`snowpipe stage infer --scene {date}` first")
     if inputs.reference is None:
         if reference == "exolabs":
-            raise SceneError(inputs.scene.date, f"no ExoLabs file S2_*_{inputs.scene.day}*.tif in "
+            raise SceneError(inputs.scene.id, f"no ExoLabs file S2_*_{inputs.scene.day}*.tif in "
                                                 f"extracted_data/ExoLabs_classification_S2 (add it, or set "
                                                 f"testing.reference: annotated_masks)")
-        raise SceneError(inputs.scene.date, f"annotated mask {masks_root / inputs.scene.date / 'mask.tif'} not "
+        raise SceneError(inputs.scene.id, f"annotated mask {masks_root / inputs.scene.id / 'mask.tif'} not "
                                             f"found: run the annotate stage, or set testing.reference: exolabs")
 
 
@@ -184,9 +184,9 @@ class ReferenceSource:
                  stack: ExitStack) -> None:
         self.kind = config.testing.reference
         self.inputs = inputs
-        date = inputs.scene.date
+        date = inputs.scene.id
         if self.kind == "exolabs":
-            self.reader = stack.enter_context(SceneReader(inputs.scene, config.tile_id))
+            self.reader = stack.enter_context(SceneReader(inputs.scene, inputs.scene.tile))
             if not _same_grid(prediction, self.reader.grid):
                 raise SceneError(date, f"prediction {inputs.prediction} ({_describe(prediction)}) is not on the "
                                        f"scene's 10 m grid ({_describe(self.reader.grid)}): rerun the infer "
@@ -228,7 +228,8 @@ def _read_reduced(source: rasterio.DatasetReader, shape: tuple[int, int]) -> np.
 
 @dataclass
 class SceneResult:
-    date: str
+    scene: str  # the scene id
+    tile: str
     matrix: np.ndarray
     total_pixels: int
     predicted_reduced: np.ndarray
@@ -238,7 +239,7 @@ class SceneResult:
 def compare_scene(inputs: SceneInputs, config: PipelineConfig,
                   on_window: ProgressCallback | None = None) -> SceneResult:
     """Accumulate the confusion matrix over windows; keep a reduced copy of both masks for the picture."""
-    date = inputs.scene.date
+    date = inputs.scene.id
     _check_inputs(inputs, config)
     with ExitStack() as stack:
         prediction = stack.enter_context(_open(date, inputs.prediction))
@@ -258,7 +259,8 @@ def compare_scene(inputs: SceneInputs, config: PipelineConfig,
             reference_reduced = reference.read_reduced(factor, shape)
         except RasterioError as exc:
             raise SceneError(date, f"cannot read {inputs.prediction} or its reference: {exc}") from None
-    return SceneResult(date, matrix, grid.width * grid.height, predicted_reduced, reference_reduced)
+    return SceneResult(date, inputs.scene.tile, matrix, grid.width * grid.height, predicted_reduced,
+                       reference_reduced)
 
 
 # ---------------------------------------------------------------- outputs
@@ -267,7 +269,8 @@ def compare_scene(inputs: SceneInputs, config: PipelineConfig,
 def write_csv(target: Path, metrics: dict) -> None:
     """One row per scene and class, a row "all" per scene (iou = multi-class IoU), then the overall rows."""
     fields = ["scope", "class", "iou", "dice", "precision", "recall", "pixels", "predicted_pixels", "pixel_accuracy"]
-    blocks = [*metrics["scenes"].items(), ("overall", metrics["overall"])]
+    tiles = [(f"tile {tile}", block) for tile, block in metrics.get("tiles", {}).items()]
+    blocks = [*metrics["scenes"].items(), *tiles, ("overall", metrics["overall"])]
     with atomic_path(target) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(fields)
@@ -299,22 +302,25 @@ def print_tables(metrics: dict) -> None:
         table.add_row(name, _fmt(s["iou"]), _fmt(s["dice"]), _fmt(s["precision"]), _fmt(s["recall"]),
                       f"{s['pixels']:,}", f"{s['predicted_pixels']:,}")
     out.print(table)
-    scenes = Table(title="test: per scene (IoU per class, share of pixels compared)")
-    scenes.add_column("scene", no_wrap=True, min_width=15)
+    scenes = Table(title="test: per scene, then per tile (IoU per class, share of pixels compared)")
+    scenes.add_column("scene", no_wrap=True, min_width=21)
     for column in ("mIoU", "acc.", *CLASS_NAMES, "compared"):
         scenes.add_column(column, justify="right", no_wrap=True)
-    for date, block in metrics["scenes"].items():
+    tiles = metrics.get("tiles", {})
+    rows = [*metrics["scenes"].items(), *((f"tile {t}", block) for t, block in tiles.items() if len(tiles) > 1)]
+    for name, block in rows:
         share = block["pixels"]["compared"] / max(1, block["pixels"]["total"])
-        scenes.add_row(date, _fmt(block["miou"]), _fmt(block["pixel_accuracy"]),
+        scenes.add_row(name, _fmt(block["miou"]), _fmt(block["pixel_accuracy"]),
                        *(_fmt(block["classes"][n]["iou"]) for n in CLASS_NAMES), f"{share:.0%}")
     out.print(scenes)
 
 
 def write_outputs(out: Path, reference: str, results: list[SceneResult], failed: dict[str, str]) -> dict:
     """metrics.json, metrics.csv and the PNGs for the scenes that could be compared."""
-    scenes = {r.date: summarise(r.matrix, r.total_pixels) for r in results}
+    scenes = {r.scene: summarise(r.matrix, r.total_pixels) for r in results}
     overall_matrix = sum((r.matrix for r in results), np.zeros((N_CLASSES, N_CLASSES), np.int64))
     overall = summarise(overall_matrix, sum(r.total_pixels for r in results))
+    tiles = per_tile(results)
     scene_mious = [s["miou"] for s in scenes.values() if s["miou"] is not None]
     overall["mean_scene_miou"] = json_number(float(np.mean(scene_mious))) if scene_mious else None
     metrics = {
@@ -322,6 +328,7 @@ def write_outputs(out: Path, reference: str, results: list[SceneResult], failed:
         "classes": list(CLASS_NAMES),
         "confusion_matrix_layout": "rows: reference class, columns: predicted class (order of 'classes')",
         "scenes": scenes,
+        "tiles": tiles,
         "overall": overall,
         "failed": failed,
     }
@@ -332,10 +339,24 @@ def write_outputs(out: Path, reference: str, results: list[SceneResult], failed:
     per_scene = {date: {**{n: s["classes"][n]["iou"] for n in CLASS_NAMES}, "mIoU": s["miou"]}
                  for date, s in scenes.items()}
     plots.plot_iou_per_scene(per_scene, out / "iou_per_scene.png", title=f"IoU per scene against {reference}")
+    per_tile_iou = {tile: {**{n: s["classes"][n]["iou"] for n in CLASS_NAMES}, "mIoU": s["miou"]}
+                    for tile, s in tiles.items()}
+    plots.plot_iou_per_scene(per_tile_iou, out / "iou_per_tile.png", title=f"IoU per tile against {reference}")
     for r in results:
-        plots.plot_difference_map(r.predicted_reduced, r.reference_reduced, out / f"difference_{r.date}.png",
-                                  title=f"{r.date}: prediction vs {reference}")
+        plots.plot_difference_map(r.predicted_reduced, r.reference_reduced, out / f"difference_{r.scene}.png",
+                                  title=f"{r.scene}: prediction vs {reference}")
     return metrics
+
+
+def per_tile(results: list[SceneResult]) -> dict[str, dict]:
+    """The scores of each tile from its scenes' summed confusion matrices (as overall, one tile at a time)."""
+    tiles: dict[str, dict] = {}
+    for tile in sorted({r.tile for r in results}):
+        mine = [r for r in results if r.tile == tile]
+        tiles[tile] = summarise(sum((r.matrix for r in mine), np.zeros((N_CLASSES, N_CLASSES), np.int64)),
+                                sum(r.total_pixels for r in mine))
+        tiles[tile]["scenes"] = len(mine)
+    return tiles
 
 
 # ---------------------------------------------------------------- the stage
@@ -346,7 +367,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     start = time.perf_counter()
     out = config.path("results") / "testing"
     report = StageReport(INFO.name, output=str(out))
-    scenes = discover_scenes(config.path("extracted_data"), config.tile_id, stage_dates(config, INFO.name, dates))
+    scenes = discover_scenes(config.path("extracted_data"), config.tiles, stage_dates(config, INFO.name, dates))
     all_inputs = [find_inputs(config, scene) for scene in scenes]
     key = records.key_for(INFO.name, config, [p if p is not None and p.is_file() else None
                                               for i in all_inputs for p in (i.prediction, i.reference, i.coverage)],
@@ -360,7 +381,7 @@ def _compare_all(config: PipelineConfig, out: Path, scenes: list[Scene], all_inp
     """Under the testing folder's lock: skip complete metrics, or compare every scene and write them."""
     reference = config.testing.reference
     if not force and records.is_complete(out, key, required=(METRICS_JSON,)):
-        report.outcomes = [SceneOutcome(s.date, "skipped") for s in scenes]
+        report.outcomes = [SceneOutcome(s.id, "skipped") for s in scenes]
         report.note = "already complete (use --force to redo)"
         _print_existing(out / METRICS_JSON)
         report.seconds = time.perf_counter() - start
@@ -372,7 +393,7 @@ def _compare_all(config: PipelineConfig, out: Path, scenes: list[Scene], all_inp
     with make_progress() as progress:
         scene_bar = progress.add_task("test: scenes", total=len(scenes))
         for inputs in all_inputs:
-            window_bar = progress.add_task(f"  {inputs.scene.date}", total=None)
+            window_bar = progress.add_task(f"  {inputs.scene.id}", total=None)
 
             def on_window(done: int, total: int, bar: TaskID = window_bar) -> None:
                 progress.update(bar, completed=done, total=total)
@@ -382,18 +403,18 @@ def _compare_all(config: PipelineConfig, out: Path, scenes: list[Scene], all_inp
                 result = compare_scene(inputs, config, on_window)
                 results.append(result)
                 miou = mean_iou(result.matrix)
-                outcome = SceneOutcome(inputs.scene.date, "done", time.perf_counter() - scene_start,
+                outcome = SceneOutcome(inputs.scene.id, "done", time.perf_counter() - scene_start,
                                        details={"miou": None if math.isnan(miou) else miou})
-                say(f"  {outcome.date}: multi-class IoU {_fmt(outcome.details['miou'])} "
+                say(f"  {outcome.scene}: multi-class IoU {_fmt(outcome.details['miou'])} "
                     f"({outcome.seconds:.1f} s)")
             except SnowpipeError as exc:
-                outcome = SceneOutcome(inputs.scene.date, "failed", message=failure_message(exc))
-                say(f"  {outcome.date}: FAILED: {outcome.message}")
+                outcome = SceneOutcome(inputs.scene.id, "failed", message=failure_message(exc))
+                say(f"  {outcome.scene}: FAILED: {outcome.message}")
             progress.remove_task(window_bar)
             report.outcomes.append(outcome)
             progress.advance(scene_bar)
 
-    failed = {o.date: o.message for o in report.failed}
+    failed = {o.scene: o.message for o in report.failed}
     if results:
         metrics = write_outputs(out, reference, results, failed)
         print_tables(metrics)

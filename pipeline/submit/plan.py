@@ -158,7 +158,7 @@ def scene_scanner(config: PipelineConfig) -> SceneScan:
 
     def scan(dates: list[str]) -> list[Scene]:
         if not found:
-            found.append(discover_scenes(config.path("extracted_data"), config.tile_id))
+            found.append(discover_scenes(config.path("extracted_data"), config.tiles))
         return select_dates(found[0], config.path("extracted_data"), dates)
 
     return scan
@@ -186,10 +186,17 @@ def task_scenes(dates: list[str], per_task: int) -> list[str]:
 
 
 def scene_order(scan: SceneScan, dates: list[str]) -> list[str]:
-    """The dates of an array's tasks: the stage's own order where it lists dates (decode lists annotate's
-    first, so that task i of both is one scene and annotate may wait task by task), else by date."""
-    found = [scene.date for scene in scan(dates)]
-    return [date for date in dates if date in found] if dates else found
+    """The scene ids of an array's tasks: the stage's own order where it lists dates or ids (decode lists
+    annotate's first, so that task i of both is one scene and annotate may wait task by task), else by id.
+    A sensing time stands for every tile's scene at that time, in id order."""
+    scenes = scan(dates)
+    if not dates:
+        return [scene.id for scene in scenes]
+    by_entry: dict[str, list[str]] = {}
+    for scene in scenes:
+        by_entry.setdefault(scene.id, []).append(scene.id)
+        by_entry.setdefault(scene.date, []).append(scene.id)
+    return list(dict.fromkeys(one for entry in dates for one in by_entry.get(entry, [])))
 
 
 def array_dates(config: PipelineConfig, jobs: list[Job], scan: SceneScan) -> dict[str, list[str]]:
@@ -264,11 +271,11 @@ def sbatch_options(job: Job, run_id: str, run_dir: str, array_size: int | None,
 def task_filters(config: PipelineConfig, scenes: list[Scene]) -> list[str]:
     """Per array task, the rsync filters that stage only its own scene (with its ExoLabs file and the
     auxiliary layers) out of extracted_data: a task never copies the other scenes to its node."""
-    auxiliary = find_auxiliary(config.path("extracted_data"), config.tile_id).folder
-    shared = [f"--include=/{auxiliary.name}/***"] if auxiliary else []
+    auxiliaries = {tile: find_auxiliary(config.path("extracted_data"), tile).folder for tile in config.tiles}
     filters = []
     for scene in scenes:
-        rules = [f"--include=/{scene.safe_dir.name}/***", *shared]
+        auxiliary = auxiliaries.get(scene.tile)
+        rules = [f"--include=/{scene.safe_dir.name}/***", *([f"--include=/{auxiliary.name}/***"] if auxiliary else [])]
         if scene.exolabs:
             rules += [f"--include=/{EXOLABS_FOLDER}/", f"--include=/{EXOLABS_FOLDER}/{scene.exolabs.name}"]
         filters.append(" ".join([*rules, "--exclude=*"]))
@@ -341,7 +348,7 @@ def frozen_config(config: PipelineConfig, data_root: str | None, run_dir: str,
     if not config.dates and config.path("extracted_data").is_dir():
         # "every scene found" is decided here, on the data being sent: the shared data folder on the cluster
         # may hold scenes of other runs, and array task i must mean the same scene there as here.
-        frozen["dates"] = [scene.date for scene in (scan or scene_scanner(config))([])]
+        frozen["dates"] = [scene.id for scene in (scan or scene_scanner(config))([])]
     paths: dict[str, str] = {name: str(config.path(name)) for name in type(config.paths).model_fields}
     if data_root:
         paths["extracted_data"] = f"{data_root}/extracted_data"
