@@ -135,6 +135,7 @@ def test_accounting_config_points_slurm_at_our_slurmdbd_and_munge_socket(tmp_pat
     off = render_slurm_conf(paths, "n1", 2, 1024)
     assert slurm_conf_accounting(on) and not slurm_conf_accounting(off)
     assert f"AccountingStoragePass={paths.munge_socket}" in on.splitlines()  # clients' munge socket for slurmdbd
+    assert "AccountingStorageTRES=gres/gpu" in on.splitlines()  # sacct's AllocTRES names the GPUs: GPU-hours
     assert "AccountingStorageType=accounting_storage/none" in off.splitlines()
     dbd = render_slurmdbd_conf(paths, "secret").splitlines()
     assert {"StoragePass=secret", "StorageHost=127.0.0.1", "StoragePort=3307", "DbdPort=6819",
@@ -211,3 +212,16 @@ def test_down_stops_the_daemons_and_a_later_up_works_again(local_cluster: Cluste
     assert after["sshd"] == plain["sshd"] and after["munged"] == plain["munged"]
     assert after["slurmctld"] != plain["slurmctld"] and after["slurmdbd"] and after["mariadbd"]
     assert subprocess.run(info.ssh_command("sacct --noheader -X -S now-1minute"), timeout=30).returncode == 0
+
+
+def test_accounting_is_on_unless_asked_off(tmp_path: Path) -> None:
+    """`snowpipe cluster up` (and so `make demo`) runs slurmdbd: a finished run leaves what `snowpipe report` reads;
+    `--no-accounting` starts quicker without it."""
+    paths = ClusterPaths(tmp_path)
+    assert embedded.accounting_enabled(paths)  # a new cluster
+    paths.accounting_choice.write_text("off\n")
+    assert not embedded.accounting_enabled(paths)
+    from pipeline.cli import build_parser
+
+    assert build_parser().parse_args(["cluster", "up"]).accounting is True
+    assert build_parser().parse_args(["cluster", "up", "--no-accounting"]).accounting is False

@@ -3,8 +3,9 @@
 Four daemons (munged, slurmctld, slurmd, sshd) run from files under `cluster_dir()`, each with its own pid file,
 so `down()` stops exactly what `up()` started and never touches the machine's own services. `up()` is idempotent:
 it writes what is missing, keeps existing keys (known_hosts stays valid) and starts only daemons that are not
-running. With accounting (the default; `up(accounting=False)` for a quick start, persisted in `.cluster/accounting`)
-two more run before slurmctld: a MariaDB of the cluster's own and slurmdbd, so that `sacct` works (see `embedded_accounting.py`).
+running. With accounting (the default; `up(accounting=False)` for a quick start, persisted in
+`.cluster/accounting`) two more run before slurmctld: a MariaDB of the cluster's own and slurmdbd, so that `sacct`
+works (see `embedded_accounting.py`).
 """
 
 from __future__ import annotations
