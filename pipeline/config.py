@@ -580,7 +580,7 @@ def checked_scenes(config: PipelineConfig, stages: list[str]) -> tuple[list[Scen
     except DataError as exc:
         return [], [f"paths.extracted_data: {exc}"]
     ids = {scene.id: scene for scene in found}
-    times = {scene.id for scene in found}
+    times = {scene.date for scene in found}
     lists = {"dates": config.dates, "inference.dates": config.inference.dates,
              "testing.dates": config.testing.dates, "dataset.validation_dates": config.dataset.validation_dates}
     problems = []

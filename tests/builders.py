@@ -81,7 +81,7 @@ def make_config(root: Path, **sections: dict | list) -> PipelineConfig:
     """A validated config whose paths point into `root` (extracted_data is `root` itself); a section is a dict
     of its keys, `dates` a list."""
     data: dict = {
-        "tile_id": TILE,
+        "tiles": [TILE],
         "paths": {"extracted_data": ".", "annotated_masks": "masks", "dataset": "dataset",
                   "results": "results", "work": "work"},
     }
@@ -107,7 +107,7 @@ def write_dataset(folder: Path, train: int = 24, validation: int = 8, size: int 
         splits[name] = {"dates": [], "patches": n, "images": f"{name}_images.npy", "masks": f"{name}_masks.npy",
                         "class_pixels": pixels, "class_fraction": [p / sum(pixels) for p in pixels], "positions": []}
     names = [*BANDS, "DEM"][:channels]
-    manifest = {"version": 1, "tile_id": TILE, "patch_size": size, "channels": names,
+    manifest = {"version": 1, "tiles": [TILE], "patch_size": size, "channels": names,
                 "classes": ["background", "snow", "clouds", "water"], "split": "scene", "splits": splits,
                 "normalisation": {"low": [0.1] * 13, "high": [0.3] * 13, "mean": [0.2] * 13, "low_percentile": 30,
                                   "high_percentile": 70, "dem_mean": 1500.0 if channels == 14 else None,

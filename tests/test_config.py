@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from pipeline.config import PipelineConfig, check_data_folders, load_config
 from pipeline.errors import ConfigError
-from tests.builders import write_scene
+from tests.builders import write_auxiliary, write_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,15 +30,19 @@ def write(tmp_path: Path, text: str) -> Path:
      "annotation.cloud_detection.treshold: unknown key; valid keys in annotation.cloud_detection: "
      "threshold, average_over, dilation_size, resolution, window"),
     ("tile_id: 32TNS\nstages: [annotate]\n",
-     "stages: unknown key; valid keys in the top level: tile_id, dates, paths, download, decode, annotation, "
+     "stages: unknown key; valid keys in the top level: tiles, dates, paths, download, decode, annotation, "
      "dataset, training, inference, testing"),
     ("tile_id: 32TNS\ndataset:\n  split: random\n", "dataset.split: expected one of 'scene' or 'patch', got 'random'"),
     ("tile_id: 32TNS\ndataset:\n  patch_size: 25.5\n", "dataset.patch_size: expected a whole number, got 25.5"),
     ("tile_id: 32TNS\ndataset:\n  patch_size: 8\n", "dataset.patch_size: expected a number >= 16, got 8"),
     ("tile_id: 32TNS\ndates: ['2021-01-11']\n",
-     "dates: expected dates like 20210111T102309 (YYYYMMDDTHHMMSS), got '2021-01-11'"),
-    ("tile_id: TNS32\n", "tile_id: expected a Sentinel-2 tile id such as 32TNS, got 'TNS32'"),
-    ("dates: []\n", "tile_id: required key is missing"),
+     "dates: expected sensing times like 20210111T102309 (YYYYMMDDTHHMMSS, every tile) or scene ids like "
+     "32TNS_20210111T102309 (one tile), got '2021-01-11'"),
+    ("tiles: [32TNS, 32TNS]\n", "tiles: lists a tile twice"),
+    ("tiles: []\n", "tiles: lists no tile"),
+    ("tile_id: 32TNS\ntiles: [32TMS]\n", "give `tiles` (a list) or `tile_id` (one tile), not both"),
+    ("tile_id: TNS32\n", "tiles: expected Sentinel-2 tile ids such as 32TNS, got 'TNS32'"),
+    ("dates: []\n", "tiles: required key is missing"),
     ("tile_id: 32TNS\npaths: data\n", "paths: expected a mapping of keys, got 'data'"),
     ("tile_id: 32TNS\nannotation:\n  cloud_detection:\n    resolution: 30\n",
      "annotation.cloud_detection.resolution: expected one of 10, 20 or 60, got 30"),
@@ -75,7 +79,7 @@ def test_yaml_syntax_errors_give_the_line(tmp_path):
 
 
 def test_an_empty_or_missing_file_says_what_to_do(tmp_path):
-    with pytest.raises(ConfigError, match="is empty: it needs at least tile_id"):
+    with pytest.raises(ConfigError, match=r"is empty: it needs at least tiles \(e.g. tiles: \[32TNS\]\)"):
         load_config(write(tmp_path, ""))
     with pytest.raises(ConfigError, match="not found: pass its path .* `snowpipe demo-data OUT`"):
         load_config(tmp_path / "nope.yml")
@@ -110,7 +114,7 @@ def _keys(model: type[BaseModel]) -> set[str]:
 
 def test_the_root_config_is_valid_and_documents_every_key():
     config = load_config(ROOT / "pipeline-config.yml")
-    assert config.tile_id == "32TNS"
+    assert config.tiles == ["32TNS"]
     text = (ROOT / "pipeline-config.yml").read_text()
     missing = sorted(key for key in _keys(PipelineConfig) if f"{key}:" not in text)
     assert not missing, f"keys not documented in pipeline-config.yml: {missing}"
@@ -134,6 +138,7 @@ def test_validate_reports_a_missing_data_folder_with_exit_2(tmp_path):
 
 def test_a_frozen_config_is_what_a_batch_job_reads(tmp_path):
     write_scene(tmp_path / "extracted_data")
+    write_auxiliary(tmp_path / "extracted_data")
     source = write(tmp_path, "tile_id: 32TNS\npaths:\n  extracted_data: extracted_data\n")
     frozen = tmp_path / "run" / "config.json"
     result = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(source), "--freeze", str(frozen)],
@@ -141,14 +146,15 @@ def test_a_frozen_config_is_what_a_batch_job_reads(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(frozen.read_text())
     assert data["paths"]["extracted_data"] == str(tmp_path / "extracted_data") and "base_dir" not in data
-    assert data["schema"] == 1  # the frozen format's version; the strict config accepts it, and only it
+    assert data["schema"] == 2  # the frozen format's version; the strict config accepts it, and only it
+    assert data["tiles"] == ["32TNS"] and "tile_id" not in data  # `tile_id: X` is read as `tiles: [X]`
     original, reloaded = load_config(source), load_config(frozen)
     assert reloaded.path("dataset") == original.path("dataset")
     # Completion records stay valid whichever of the two a stage was started with.
     assert reloaded.section_hash("annotation", "dataset") == original.section_hash("annotation", "dataset")
-    frozen.write_text(json.dumps({**data, "schema": 2}))
-    with pytest.raises(ConfigError, match="schema: this frozen config has format version 2, this snowpipe reads up "
-                                          "to 1: run the job with the code the run was planned with"):
+    frozen.write_text(json.dumps({**data, "schema": 3}))
+    with pytest.raises(ConfigError, match="schema: this frozen config has format version 3, this snowpipe reads up "
+                                          "to 2: run the job with the code the run was planned with"):
         load_config(frozen)
 
 

@@ -25,7 +25,7 @@ SIZE, SCENES, TILE = 240, 3, "32TNS"
 def demo(tmp_path_factory):
     calls = []
     out = tmp_path_factory.mktemp("demo")
-    summary = generate_demo(out, scenes=SCENES, size=SIZE, tile=TILE, seed=0, progress=lambda *a: calls.append(a))
+    summary = generate_demo(out, scenes=SCENES, size=SIZE, tiles=[TILE], seed=0, progress=lambda *a: calls.append(a))
     return summary, calls
 
 
@@ -59,7 +59,7 @@ def exolabs_path(out: Path, date: str) -> Path:
 
 
 def truth(out: Path, date: str) -> np.ndarray:
-    return read(out / "truth" / f"{date}.tif")
+    return read(out / "truth" / f"{TILE}_{date}.tif")
 
 
 def to_10m(array: np.ndarray, factor: int) -> np.ndarray:
@@ -73,9 +73,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_layout_names_and_progress(demo):
     summary, calls = demo
     out = summary.out
-    assert (summary.tile, summary.size, len(summary.dates)) == (TILE, SIZE, SCENES)
+    assert (summary.tiles, summary.size, len(summary.dates)) == ([TILE], SIZE, SCENES)
     assert all(re.fullmatch(r"\d{8}T\d{6}", date) for date in summary.dates)
-    assert calls == [(i + 1, SCENES, date) for i, date in enumerate(summary.dates)]
+    assert calls == [(i + 1, SCENES, f"{TILE}_{date}") for i, date in enumerate(summary.dates)]
     aux = out / "extracted_data" / f"{TILE}_auxiliary_data"
     assert sorted(p.name for p in aux.iterdir()) == sorted(
         f"{TILE}_{AUX_FILES[k]}" for k in ("lakes", "surface_water", "glacier", "dem")
@@ -102,7 +102,7 @@ def test_grids_share_crs_and_corner(out, demo):
             for k in ("lakes", "surface_water", "glacier", "dem")
         }
     )
-    rasters.update({exolabs_path(out, date): 20, out / "truth" / f"{date}.tif": 10})
+    rasters.update({exolabs_path(out, date): 20, out / "truth" / f"{TILE}_{date}.tif": 10})
     for path, res in rasters.items():
         with rasterio.open(path) as src:
             side = math.ceil(SIZE * 10 / res)
@@ -114,7 +114,7 @@ def test_grids_share_crs_and_corner(out, demo):
                 assert src.dtypes[0] == "uint16"
             else:
                 assert src.profile["compress"] == "deflate"
-    with rasterio.open(out / "truth" / f"{date}.tif") as src:
+    with rasterio.open(out / "truth" / f"{TILE}_{date}.tif") as src:
         assert src.nodata == NODATA and src.dtypes[0] == "uint8"
 
 
@@ -138,8 +138,8 @@ def test_dn_follow_reflectance_and_baseline(out, demo):
 
 def test_same_seed_same_rasters_other_seed_differs(out, demo, tmp_path):
     date = demo[0].dates[0]
-    again = generate_demo(tmp_path / "again", scenes=1, size=SIZE, tile=TILE, seed=0)
-    other = generate_demo(tmp_path / "other", scenes=1, size=SIZE, tile=TILE, seed=1)
+    again = generate_demo(tmp_path / "again", scenes=1, size=SIZE, tiles=[TILE], seed=0)
+    other = generate_demo(tmp_path / "other", scenes=1, size=SIZE, tiles=[TILE], seed=1)
     assert again.dates[0] == date
     for band in ("B02", "B8A", "B09"):
         assert np.array_equal(read(band_path(out, date, band)), read(band_path(again.out, date, band)))
@@ -232,7 +232,7 @@ def test_thesis_overlay_scores_well(out, s2cloudless_masks):
 
 
 def test_arguments_are_checked(tmp_path):
-    for kwargs in (dict(scenes=0), dict(size=10), dict(tile="nope")):
+    for kwargs in (dict(scenes=0), dict(size=10), dict(tiles=["nope"])):
         with pytest.raises(SnowpipeError):
             generate_demo(tmp_path, **kwargs)
 

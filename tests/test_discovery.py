@@ -57,16 +57,17 @@ def test_one_listing_finds_what_a_glob_per_scene_found(tree):
                                                    folder / "S2_32TNS_2022-01-10_classification.tif", None,
                                                    folder / "S2_32TNS_2022-01-200.tif"]  # '0' before '_'
     days = {name[9:19] for name in EXOLABS} | {"2022-01-15", "2022-01-25", "2022-01-26"}
-    index = exolabs_by_day(tree, TILE)
-    assert {day: index.get(day) for day in days} == {day: find_exolabs(tree, TILE, day) for day in days}
-    assert exolabs_by_day(tree, "32TMS") == {"2022-01-05": folder / "S2_32TMS_2022-01-05_a.tif",
-                                             "2022-01-10": folder / "S2_32TMS_2022-01-10_classification.tif"}
+    index = exolabs_by_day(tree, [TILE, "32TMS"])  # every tile from the one listing
+    assert {day: index.get((TILE, day)) for day in days} == {day: find_exolabs(tree, TILE, day) for day in days}
+    assert {key: path for key, path in index.items() if key[0] == "32TMS"} == {
+        ("32TMS", "2022-01-05"): folder / "S2_32TMS_2022-01-05_a.tif",
+        ("32TMS", "2022-01-10"): folder / "S2_32TMS_2022-01-10_classification.tif"}
 
 
 def test_no_exolabs_folder_means_no_exolabs(tree):
     os.rename(tree / EXOLABS_FOLDER, tree / "elsewhere")
     assert [scene.exolabs for scene in discover_scenes(tree, TILE)] == [None] * len(DATES)
-    assert exolabs_by_day(tree, TILE) == {}
+    assert exolabs_by_day(tree, [TILE]) == {}
 
 
 def test_the_exolabs_folder_is_listed_once_per_discovery(tree, monkeypatch):
@@ -115,4 +116,8 @@ def test_validate_discovers_once_and_counts_the_dates(tree, monkeypatch, capsys)
     assert ", 2 scene(s)" in capsys.readouterr().out
     assert len(calls) == 1
     scenes, problems = checked_scenes(load_config(path), ["annotate"])
-    assert [s.date for s in scenes] == DATES and problems == []
+    assert [s.date for s in scenes] == DATES
+    assert problems == [f"tile {TILE}: no {TILE}_auxiliary_data/ folder in {tree} (the lakes and surface water "
+                        f"layers annotation reads); add it or drop the tile from `tiles`"]
+    (tree / f"{TILE}_auxiliary_data").mkdir()
+    assert checked_scenes(load_config(path), ["annotate"])[1] == []

@@ -145,9 +145,9 @@ def test_an_empty_or_malformed_scene_never_means_every_scene(tmp_path, capsys, s
     path = config_file(tmp_path, "tile_id: 32TNS\n")
     code, err = snowpipe(capsys, "stage", "annotate", str(path), "--scene", scene)
     assert code == 2
-    assert one_error_line(err) == (f"error: --scene {scene!r}: expected a scene date key YYYYMMDDTHHMMSS such as "
-                                   f"20210111T102309 (or several, comma-separated); leave --scene out to process "
-                                   f"every scene")
+    assert one_error_line(err) == (f"error: --scene {scene!r}: expected a scene id such as 32TNS_20210111T102309 "
+                                   f"or a sensing time such as 20210111T102309 (or several, comma-separated); leave "
+                                   f"--scene out to process every scene")
 
 
 def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -302,7 +302,7 @@ def test_a_scene_that_does_not_exist_is_a_usage_error_naming_the_scenes_found(tm
     code, err = snowpipe(capsys, "stage", "annotate", str(path), "--scene", "20220301T102309,20990101T000000")
     assert code == 2
     assert one_error_line(err) == (f"error: --scene 20990101T000000: no such scene of tile 32TNS in "
-                                   f"{tmp_path / 'extracted_data'}; scenes found: 20220301T102309, 20220310T102309")
+                                   f"{tmp_path / 'extracted_data'}; scenes found: 32TNS_20220301T102309, 32TNS_20220310T102309")
     assert not (tmp_path / "annotated_masks").exists()  # nothing ran, not even the scene that exists
 
 

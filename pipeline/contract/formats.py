@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # ---- schema versions of the JSON files a run leaves behind ---------------------------------------------------------
-PLAN_SCHEMA = 1         # plan.json (beside the rendered scripts)
-CONFIG_SCHEMA = 1       # config.json (the frozen config a batch job reads)
+PLAN_SCHEMA = 2         # plan.json (beside the rendered scripts); 2: scene_ids, chunks, estimates
+CONFIG_SCHEMA = 2       # config.json (the frozen config a batch job reads); 2: tiles (a list), scene ids in dates
 RUN_RECORD_SCHEMA = 1   # runs/<run_id>.json (absent in records written before versions: read as 0)
 SCHEMA_KEY = "schema"
 

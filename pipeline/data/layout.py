@@ -273,7 +273,7 @@ def select_dates(found: Sequence[Scene], extracted: Path, dates: Sequence[str] |
     by_id = {scene.id: scene for scene in found}
     by_date: dict[str, list[Scene]] = {}
     for scene in found:
-        by_date.setdefault(scene.id, []).append(scene)
+        by_date.setdefault(scene.date, []).append(scene)
     chosen: dict[str, Scene] = {}
     unknown = []
     for entry in dates:
