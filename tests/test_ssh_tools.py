@@ -128,7 +128,48 @@ def test_status_reports_every_kind_of_job_then_cancel_ends_the_rest(local_cluste
     assert main(["status", run_id, *extra]) == 1
     captured = capsys.readouterr()
     table = captured.out
-    assert "arr (3 tasks): 3 COMPLETED" in table and "CANCELLED" in table, captured.err
+    arr = next(line for line in table.splitlines() if line.startswith("│ arr "))
+    assert "│ 3 " in arr and "3 COMPLETED" in arr and "CANCELLED" in table, captured.err
+
+
+def test_a_stage_split_into_chunks_is_one_job_to_status_logs_and_cancel(local_cluster, run_factory, run_dir,
+                                                                         capsys):
+    """annotate's 10 scenes in chunks of 4 (as the plan splits a stage past MaxArraySize): its task 5 (chunk 2,
+    task 1) fails; then infer's two chunks wait, and `cancel RUN infer` ends both."""
+    chunks = []
+    for k, (first, count) in enumerate([(0, 4), (4, 4), (8, 2)], start=1):
+        script = (f"scene=$(({first} + SLURM_ARRAY_TASK_ID)); echo scene $scene; code=0; "
+                  f"[ $scene = 5 ] && code=1; {marker_line(f'annotate.{k}')}; exit $code")
+        job_id = sbatch(local_cluster, "--chdir", str(run_dir), "--output", "logs/%x-%A_%a.out", "--mem=50M",
+                        f"--array=0-{count - 1}", f"--job-name=annotate.{k}", "--wrap", script)
+        chunks.append({**job(f"annotate.{k}", job_id, f"0-{count - 1}"), "chunk_of": "annotate"})
+    run_factory("chunked", chunks)
+    wait_for(lambda: status_json("chunked", capsys)[0] != 3, 90)
+
+    code, data = status_json("chunked", capsys)
+    assert code == 1 and data["state"] == "FAILED"
+    assert data["by_job"] == [{"name": "annotate", "ids": [chunk["id"] for chunk in chunks], "chunks": 3,
+                               "tasks": 10, "state": "FAILED", "counts": {"COMPLETED": 9, "FAILED": 1},
+                               "flagged": [f"{chunks[1]['id']}_1"]}]
+    assert main(["status", "chunked"]) == 1
+    table = capsys.readouterr().out
+    assert [line for line in table.splitlines() if line.startswith("│ annotate")] == [
+        next(line for line in table.splitlines() if "annotate (3 chunks)" in line)]
+    assert "9 COMPLETED, 1 FAILED" in table and f"{chunks[1]['id']}_1" in table and "task 5" in table
+
+    assert main(["logs", "chunked", "annotate", "--task", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "scene 5\n" and "is task 1 of its chunk annotate.2" in captured.err
+    assert main(["logs", "chunked", "annotate", "--task", "9"]) == 0 and capsys.readouterr().out == "scene 9\n"
+
+    waiting = [sbatch(local_cluster, "--chdir", str(run_dir), "--output", "logs/%x-%A_%a.out", "--mem=50M",
+                      "--array=0-1", f"--job-name=infer.{k}", "--begin=now+1hour", "--wrap", "true") for k in (1, 2)]
+    run_factory("chunked-waits", [{**job(f"infer.{k}", job_id, "0-1"), "chunk_of": "infer"}
+                                  for k, job_id in enumerate(waiting, start=1)])
+    assert main(["cancel", "chunked-waits", "infer", "--yes"]) == 0
+    assert f"cancelled {', '.join(waiting)}" in capsys.readouterr().err
+    wait_for(lambda: status_json("chunked-waits", capsys)[1]["state"] == "CANCELLED", 30)
+    assert status_json("chunked-waits", capsys)[1]["by_job"][0]["counts"] == {"CANCELLED": 4}
 
 
 def test_a_job_that_left_the_queue_keeps_its_true_final_state(local_cluster, run_factory, run_dir, capsys):

@@ -21,7 +21,7 @@ from rich.table import Table
 from pipeline.contract import formats
 from pipeline.contract.run_record import RecordedJob, RunRecord
 from pipeline.errors import SnowpipeError
-from pipeline.monitor import jobstate
+from pipeline.monitor import jobstate, stagejobs
 from pipeline.monitor.runs import RUNS_DIR, list_records, load_record, remember_state
 from pipeline.progress import say
 from pipeline.ssh_options import login
@@ -41,7 +41,38 @@ def _styled(state: str) -> str:
     return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
 
 
-def status_table(record: RunRecord, rows: list[jobstate.TaskState], source: str) -> Table:
+def status_table(record: RunRecord, rows: list[jobstate.TaskState], source: str, every_task: bool = False) -> Table:
+    """One row per stage job (a stage's chunks together) with its tasks counted per state, then one row for each
+    task that needs a look (ended otherwise than COMPLETED, unknown, never starts); every task with EVERY_TASK."""
+    if every_task:
+        return task_table(record, rows, source)
+    table = Table(title=f"run {record.run_id} on {record.host}: {_styled(jobstate.summary(rows))} "
+                        f"(from {source})", title_justify="left")
+    for column in ("job", "id", "tasks", "state", "elapsed", "node", "exit", "reason"):
+        table.add_column(column, no_wrap=column != "reason")
+    table.add_column("last log line", no_wrap=True, overflow="ellipsis", ratio=1)
+    for job in jobstate.by_stage_job(record, rows):
+        ids = ", ".join(job.ids) if len(job.ids) <= 2 else f"{job.ids[0]} .. {job.ids[-1]}"
+        name = f"{job.name} ({job.chunks} chunks)" if job.chunks > 1 else job.name
+        only = job.rows[0] if len(job.rows) == 1 and job.rows[0].task is None else None
+        if only is not None:
+            table.add_row(name, ids, "", _styled(only.state), only.elapsed, only.node, only.exit_code, only.reason,
+                          only.last_line)
+            continue
+        counts = ", ".join(f"{n} {_styled(state)}" for state, n in job.counts.items())
+        waiting = {row.reason for row in job.rows if row.state == "PENDING"}
+        running = [row for row in job.rows if row.state == "RUNNING"]
+        table.add_row(name, ids, str(job.tasks), counts, "", "", "", waiting.pop() if len(waiting) == 1 else "",
+                      running[-1].last_line if running else "")
+        index = {row.key: number for number, row in enumerate(job.rows)}  # the stage's task number over its chunks
+        for row in job.flagged:
+            table.add_row(f"  task {index[row.key]}", row.key, "", _styled(row.state), row.elapsed, row.node,
+                          row.exit_code, row.reason, row.last_line)
+    return table
+
+
+def task_table(record: RunRecord, rows: list[jobstate.TaskState], source: str) -> Table:
+    """Every job and array task on its own row (`snowpipe status --tasks`)."""
     table = Table(title=f"run {record.run_id} on {record.host}: {_styled(jobstate.summary(rows))} "
                         f"(from {source})", title_justify="left")
     for column in ("job", "id", "task", "state", "elapsed", "node", "exit", "reason"):
@@ -50,15 +81,14 @@ def status_table(record: RunRecord, rows: list[jobstate.TaskState], source: str)
     for row in rows:
         table.add_row(row.name, row.id, "" if row.task is None else str(row.task), _styled(row.state), row.elapsed,
                       row.node, row.exit_code, row.reason, row.last_line)
-    for job in record.jobs:
-        if job.array:
-            tasks = [r for r in rows if r.id == job.id]
-            counts: dict[str, int] = {}
-            for r in tasks:
-                counts[r.state] = counts.get(r.state, 0) + 1
-            table.caption = (table.caption + "\n" if table.caption else "") + \
-                f"{job.name} ({len(tasks)} tasks): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return table
+
+
+def status_json(record: RunRecord, rows: list[jobstate.TaskState], source: str) -> str:
+    """`snowpipe status --json`: the run's state, one entry per stage job (`by_job`), and every task (`jobs`)."""
+    return json.dumps({"run": record.run_id, "host": record.host, "state": jobstate.summary(rows), "source": source,
+                       "by_job": [job.as_dict() for job in jobstate.by_stage_job(record, rows)],
+                       "jobs": [row.as_dict() for row in rows]}, indent=1)
 
 
 def _query(record: RunRecord, use_sacct: bool) -> tuple[list[jobstate.TaskState], str]:
@@ -75,17 +105,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows, source = _query(record, use_sacct)
         remember_state(record, jobstate.summary(rows))
         if args.json:
-            print(json.dumps({"run": record.run_id, "host": record.host, "state": jobstate.summary(rows),
-                              "source": source, "jobs": [row.as_dict() for row in rows]}, indent=1))
+            print(status_json(record, rows, source))
         else:
-            _console().print(status_table(record, rows, source))
+            _console().print(status_table(record, rows, source, args.tasks))
         return jobstate.exit_code(rows)
     interval = max(WATCH_FLOOR, args.interval)
     delay, previous = interval, None
     with Live(console=_console(), auto_refresh=False) as live:
         while True:
             rows, source = _query(record, use_sacct)
-            live.update(status_table(record, rows, source), refresh=True)
+            live.update(status_table(record, rows, source, args.tasks), refresh=True)
             states = [(row.key, row.state) for row in rows]
             if not any(row.state in jobstate.NOT_DONE for row in rows):
                 break
@@ -109,31 +138,38 @@ def cmd_runs(args: argparse.Namespace) -> int:
         state = record.last_state
         known = f"{_styled(state.summary)} at {state.at[11:16]}" if state else "[dim]run snowpipe status[/]"
         table.add_row(record.run_id, record.host, record.commit[:8], record.submitted[:16].replace("T", " "),
-                      str(len(record.jobs)), known)
+                      str(len(stagejobs.stage_jobs(record))), known)
     _console().print(table)
     return 0
 
 
 def _pick_task(record: RunRecord, job_name: str | None, task: int | None) -> tuple[RecordedJob, int | None]:
-    jobs = record.jobs
-    if not jobs:
+    """The job and array task `snowpipe logs RUN [JOB] [--task I]` means. JOB is a stage job (its chunks count
+    its tasks on: task I of `annotate` split into chunks of 4 is task I-4 of annotate.2 when I is 4 to 7), one
+    chunk by its name, or a job id; the last of that name when the run holds several."""
+    stages = stagejobs.stage_jobs(record)
+    if not stages:
         raise SnowpipeError(f"run {record.run_id} has no job recorded")
     if job_name:
-        matches = [job for job in jobs if job_name in (job.name, job.id)]
-        if not matches:
+        named = [stage for stage in stages if stage.name == job_name] or [
+            stagejobs.StageJob(job.name, [job]) for job in stagejobs.find(record, job_name)]
+        if not named:
             raise SnowpipeError(f"run {record.run_id} has no job {job_name!r}; its jobs: "
-                                f"{', '.join(job.name for job in jobs)}")
-        job = matches[-1]
+                                f"{', '.join(dict.fromkeys(stage.name for stage in stages))}")
+        stage = named[-1]
     else:
-        job = jobs[-1]
-    if job.array:
-        tasks = jobstate.expand_tasks(job.array)
-        task = tasks[0] if task is None else task
-        if task not in tasks:
-            raise SnowpipeError(f"job {job.name} has array tasks {job.array}, not {task}")
-    elif task is not None:
-        raise SnowpipeError(f"job {job.name} is not an array job: drop --task")
-    return job, task
+        stage = stages[-1]
+    tasks = stage.tasks()
+    if any(job.array for job in stage.jobs):
+        task = 0 if task is None else task
+        if not 0 <= task < len(tasks):
+            arrays = ", ".join(job.array or "" for job in stage.jobs)
+            over = f" over {len(stage.jobs)} chunks ({arrays})" if len(stage.jobs) > 1 else f" {arrays}"
+            raise SnowpipeError(f"job {stage.name} has array tasks 0-{len(tasks) - 1}{over}, not {task}")
+        return tasks[task]
+    if task is not None:
+        raise SnowpipeError(f"job {stage.name} is not an array job: drop --task")
+    return tasks[-1]
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -142,6 +178,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     record = load_record(args.run)
     job, task = _pick_task(record, args.job, args.task)
     row = next(r for r in jobstate.expected_tasks(record.model_copy(update={"jobs": [job]})) if r.task == task)
+    if row.chunk_of:
+        say(f"{row.chunk_of} task {args.task or 0} is task {task} of its chunk {job.name} ({row.key})")
     marker = formats.exit_marker_path(record.remote_dir, job.name, row.key)
     with ClusterConnection(record) as remote:
         if not args.follow:
@@ -182,15 +220,21 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     record = load_record(args.run)
     task = args.job if args.job and re.fullmatch(r"\d+_\d+", args.job) else None  # one array task: ID_TASK
-    jobs = [job for job in record.jobs if not args.job or args.job in (job.name, job.id)
-            or (task is not None and job.array and task.split("_")[0] == job.id)]
+    if task is not None:
+        jobs = [job for job in record.jobs if job.array and task.split("_")[0] == job.id]
+    else:  # a stage job cancels every chunk of it
+        jobs = stagejobs.find(record, args.job) if args.job else list(record.jobs)
     if not jobs:
         raise SnowpipeError(f"run {record.run_id} has no job {args.job!r}")
     ids = [task] if task else [job.id for job in jobs]
     if not args.yes:
         if not sys.stdin.isatty():
             raise SnowpipeError("cancel needs a confirmation: add --yes")
-        listed = f"{jobs[0].name} task {task}" if task else ", ".join(f"{job.name} ({job.id})" for job in jobs)
+        stages: dict[str, list[str]] = {}
+        for job in jobs:
+            stages.setdefault(stagejobs.stage_name(job), []).append(job.id)
+        listed = f"{jobs[0].name} task {task}" if task else ", ".join(
+            f"{name} ({', '.join(job_ids)})" for name, job_ids in stages.items())
         answer = input(f"cancel {listed} of run {record.run_id} on {record.host}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             say("nothing cancelled")
@@ -211,23 +255,35 @@ def add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("status", help="job states of a run over SSH (exit 0 done, 1 failed, 3 running)",
-                       description="One table per run: every job and array task with state, elapsed time, node, "
-                                   "exit code, reason and the last line of its log. sacct when accounting is on, "
-                                   "else squeue + scontrol + the exit markers the batch scripts write.")
+                       description="One table per run: one row per job (a stage split into chunks of the cluster's "
+                                   "MaxArraySize is one job) with its array tasks counted per state, then every "
+                                   "task that failed, is unknown or never starts, with elapsed time, node, exit "
+                                   "code, reason and the last line of its log (--tasks: every task). sacct when "
+                                   "accounting is on, else squeue + scontrol + the exit markers the batch scripts "
+                                   "write.")
     p.add_argument("run", nargs="?", help="run id (default: the newest)")
     p.add_argument("--watch", action="store_true", help="refresh until every job is done")
     p.add_argument("--interval", type=float, default=5.0,
                    help=f"seconds between refreshes with --watch (at least {WATCH_FLOOR:g}; backs off while "
                         f"nothing changes)")
-    p.add_argument("--json", action="store_true", help='print {"run": ..., "jobs": [...]} instead of a table')
+    p.add_argument("--json", action="store_true",
+                   help='print {"run": ..., "state": ..., "by_job": [one per stage job], "jobs": [every task]} '
+                        'instead of a table')
+    p.add_argument("--tasks", action="store_true",
+                   help="one row per array task (default: one row per job, its chunks together, with its tasks "
+                        "counted per state and those that failed listed)")
     p.add_argument("--no-sacct", action="store_true", help="skip sacct (use squeue / scontrol / exit markers)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("logs", help="a job's output over SSH",
-                       description="The output of one job (default: the run's last job) or array task.")
+                       description="The output of one job (default: the run's last job) or array task. A job "
+                                   "split into chunks counts its tasks over them (annotate --task 5 is the sixth "
+                                   "task of annotate, whichever chunk runs it).")
     p.add_argument("run", help="run id")
-    p.add_argument("job", nargs="?", help="job name or id (default: the last job of the run)")
-    p.add_argument("--task", type=int, help="array task index (default: the first)")
+    p.add_argument("job", nargs="?", help="job name (a stage job, or one chunk as JOB.K) or id (default: the "
+                                          "last job of the run)")
+    p.add_argument("--task", type=int, help="array task index, counted over the job's chunks (default: the "
+                                            "first)")
     p.add_argument("--lines", "-n", type=int, default=40, help="lines from the end (default 40)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     p.set_defaults(func=cmd_logs)
@@ -240,9 +296,10 @@ def add_tool_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("cancel", help="scancel a run's jobs (after a confirmation)",
-                       description="Cancel every job of the run, or one job.")
+                       description="Cancel every job of the run, or one job (every chunk of it), one chunk "
+                                   "(JOB.K) or one array task (ID_TASK).")
     p.add_argument("run", help="run id")
-    p.add_argument("job", nargs="?", help="job name or id, or one array task as ID_TASK (default: all jobs of the "
-                                          "run)")
+    p.add_argument("job", nargs="?", help="job name (all its chunks) or id, or one array task as ID_TASK (default: "
+                                          "all jobs of the run)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_cancel)
