@@ -21,7 +21,6 @@ from pathlib import Path
 from pipeline import records
 from pipeline.config import PipelineConfig, apply_settings, load_config
 from pipeline.data.layout import discover_scenes, find_auxiliaries
-from pipeline.model.checkpoint import checkpoint_problem
 from pipeline.progress import make_progress, say
 from pipeline.records import annotation, prediction
 from pipeline.stages import decode
@@ -72,6 +71,8 @@ def verify(config: PipelineConfig, full: bool = False) -> tuple[int, list[str]]:
 
 def checkpoint_problems(config: PipelineConfig, full: bool = False) -> list[str]:
     """The training's checkpoints that are not what training wrote (their hashes beside them)."""
+    from pipeline.model.checkpoint import checkpoint_problem  # torch: 1.4 s that every other command would pay
+
     folder = config.path("results") / "training"
     return [f"{path}: {problem}" for path in sorted(folder.glob("*.pt"))
             if (problem := checkpoint_problem(path, full))]
