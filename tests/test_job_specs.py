@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import apply_settings
+from pipeline.contract import formats
 from pipeline.contract.run_record import Connection, record_of_submission
 from pipeline.errors import ConfigError
 from pipeline.monitor.runs import save_record
@@ -39,7 +40,7 @@ def test_the_shipped_pipeline_decodes_on_cpus_first_and_annotates_each_scene_onc
     assert [job.after for job in plan.jobs] == [[], ["decode"], ["annotate"], ["dataset"], ["train", "decode"],
                                                 ["infer"]]
     assert plan.job("annotate").after_each == ["decode"]   # task i after decode task i (aftercorr)
-    assert plan.job("annotate").scene_dates == plan.job("decode").scene_dates == DATES
+    assert plan.job("annotate").scene_ids == plan.job("decode").scene_ids == DATES
     decode = plan.job("decode")
     assert decode.array == "0-1" and "gres" not in decode.sbatch and "gpus" not in decode.sbatch
     assert decode.sbatch["array"] == "0-1%16"
@@ -159,7 +160,7 @@ def test_snowpipe_plan_prints_the_jobs_and_their_json(scenes, tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["run_id"] == "r9" and len(plan["jobs"]) == 6
     # the versions a reader checks: the plan's own, and the frozen config's (config.json)
-    assert plan["schema"] == 1 and plan["config"]["schema"] == 1
+    assert plan["schema"] == formats.PLAN_SCHEMA == 2 and plan["config"]["schema"] == formats.CONFIG_SCHEMA
     assert plan["formats"]["requeue_exit_code"] == 75
     assert plan["formats"]["dependency_all"] == "afterok:" and plan["formats"]["dependency_each"] == "aftercorr:"
     assert main(["plan", str(config), "--target-vars", variables, "--job", "nope"]) == 2
@@ -215,8 +216,8 @@ def test_scenes_per_task_gives_each_array_task_several_scenes_and_their_files(tm
     plan = make_plan(config, tmp_path / "c.yml", "pipeline", target(snowpipe_job_overrides={
         "infer": {"scenes_per_task": 2}}), run_id="r1")
     assert plan.job("infer").array == "0-1"
-    assert plan.job("infer").scene_dates == [f"{dates[0]},{dates[1]}", dates[2]]
-    assert plan.job("annotate").scene_dates == dates           # one scene per task where not asked
+    assert plan.job("infer").scene_ids == [f"{dates[0]},{dates[1]}", dates[2]]
+    assert plan.job("annotate").scene_ids == dates           # one scene per task where not asked
     staged = plan.job("infer").commands[0].staged[0]
     assert len(staged.task_filters) == 2
     first = staged.task_filters[0].split()
@@ -246,7 +247,7 @@ def test_an_array_job_of_two_stages_runs_both_on_the_same_scenes_or_is_refused_b
     (jobs / "both.yml").write_text("jobs:\n  - name: both\n    stages: [annotate, infer]\n    array: true\n")
     config = make_config(tmp_path, dates=DATES[:2], inference={"enable": True, "dates": DATES[:2]})
     plan = make_plan(config, tmp_path / "c.yml", "both", target(), run_id="r1", jobs_dir=jobs)
-    assert plan.job("both").scene_dates == DATES[:2]
+    assert plan.job("both").scene_ids == DATES[:2]
 
     other = make_config(tmp_path, dates=DATES[:2], inference={"enable": True,
                                                               "dates": [DATES[0], "20220321T102309"]})

@@ -55,6 +55,28 @@ class StageCommand(Model):
     verify_data: bool = False      # check the synced data it reads against the run's manifest first
 
 
+class JobEstimate(Model):
+    """What one job will cost by the cost model (pipeline/submit/cost.py): allocated CPU and GPU hours are the
+    job's cpus or GPUs x the estimated minutes per task x its tasks."""
+
+    tasks: int = Field(ge=1)
+    scenes_per_task: int = Field(ge=0)   # 0: the job is not an array over scenes
+    minutes_per_task: float = Field(ge=0)
+    time_limit_minutes: float | None     # the job's --time (None: the cluster's default)
+    cpu_hours: float = Field(ge=0)
+    gpu_hours: float = Field(ge=0)
+
+
+class RunEstimate(Model):
+    """The run's bill before it is spent: hours allocated over every job, decoded rasters' disk, bytes to sync."""
+
+    cpu_hours: float = Field(ge=0)
+    gpu_hours: float = Field(ge=0)
+    decoded_bytes: int = Field(ge=0)
+    sync_bytes: int = Field(ge=0)
+    warnings: list[str] = []             # a task's estimate past its time limit, scenes per task raised, ...
+
+
 class PlannedJob(Model):
     name: str
     description: str = ""
@@ -70,10 +92,13 @@ class PlannedJob(Model):
     modules: list[str] = []
     setup: list[str] = []
     stage_inputs: bool = False
-    scene_dates: list[str] = []    # array task i processes scene_dates[i] (comma-separated with scenes_per_task)
+    scene_ids: list[str] = []      # array task i processes scene_ids[i] (comma-separated with scenes_per_task)
+    scenes_per_task: int = 0       # scenes per array task (0: not an array)
+    chunk_of: str | None = None    # `{job}.{k}` is chunk k of stage job `{job}` (an array past MaxArraySize)
     requeue_limit: int = 0
     submit_display: str
     commands: list[StageCommand]
+    estimate: JobEstimate
 
     @property
     def log(self) -> str:
@@ -122,6 +147,9 @@ class Plan(Model):
     decoded_dir: str | None = None  # where the decode stage writes (shared by runs), when a job decodes
     decoded_bytes: int = 0          # the most its rasters take: uint16 at native resolution, before ZSTD
     formats: BatchFormats = BatchFormats()
+    max_array_size: int = Field(ge=1)   # the cluster's MaxArraySize the arrays were split for (chunks)
+    max_submit_jobs: int | None = None  # the user's MaxSubmitJobs the run's tasks were fitted to (None: unknown)
+    estimate: RunEstimate
     jobs: list[PlannedJob]
 
     def to_json(self) -> str:

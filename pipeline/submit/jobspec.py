@@ -45,8 +45,9 @@ class Resources(BaseModel):
     constraint: str | None = None
     stage_inputs: bool | None = None      # copy the stages' inputs to node-local $TMPDIR first
     requeue_limit: Annotated[int, Field(ge=0, le=100)] | None = None  # requeues after a time-limit signal
-    # array jobs: scenes per array task (the model loaded once for several scenes; fewer, longer tasks)
-    scenes_per_task: Annotated[int, Field(ge=1, le=10000)] | None = None
+    # array jobs: scenes per array task (the model loaded once for several scenes; fewer, longer tasks);
+    # 0: as many as the cost model (pipeline/submit/cost.py) fits in half the time limit
+    scenes_per_task: Annotated[int, Field(ge=0, le=10000)] | None = None  # 0: from the cost model
 
     @field_validator("time")
     @classmethod

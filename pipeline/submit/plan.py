@@ -29,9 +29,11 @@ from pipeline.config import PipelineConfig, check_data_folders
 from pipeline.contract import formats
 from pipeline.contract.plan import (
     ConfigOverride,
+    JobEstimate,
     Mode,
     Plan,
     PlannedJob,
+    RunEstimate,
     SbatchValue,
     StageCommand,
     StagedFolder,
@@ -40,7 +42,18 @@ from pipeline.contract.plan import (
 from pipeline.data.layout import EXOLABS_FOLDER, Scene, discover_scenes, find_auxiliary, select_dates
 from pipeline.errors import ConfigError, DataError, SceneError
 from pipeline.registry import STAGES, enabled, stage_dates
+from pipeline.submit import cost
 from pipeline.submit.jobspec import Job, Resources, load_jobs, parse_resources
+from pipeline.submit.sizing import (
+    DEFAULT_MAX_ARRAY_SIZE,
+    Chunk,
+    Limits,
+    chunk_dependencies,
+    chunk_name,
+    fit_submit_limit,
+    largest_within,
+    split,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -56,6 +69,8 @@ class Target:
     gpu_request: Literal["gres", "gpus"] = "gres"
     defaults: Resources = field(default_factory=Resources)
     overrides: dict[str, Resources] = field(default_factory=dict)
+    max_array_size: int | None = None   # the cluster's MaxArraySize where the inventory knows it
+    max_submit_jobs: int | None = None  # the user's MaxSubmitJobs (QOS or association) where known
 
     @classmethod
     def from_vars(cls, host: str, variables: Mapping[str, object]) -> Target:
@@ -83,7 +98,21 @@ class Target:
             defaults=parse_resources(variables.get("snowpipe_job_defaults"), f"{host}: snowpipe_job_defaults"),
             overrides={name: parse_resources(value, f"{host}: snowpipe_job_overrides.{name}")
                        for name, value in overrides.items()},  # names: YAML keys, str() when a number
+            max_array_size=_limit(host, variables, "snowpipe_max_array_size", "MaxArraySize"),
+            max_submit_jobs=_limit(host, variables, "snowpipe_max_submit_jobs", "MaxSubmitJobs"),
         )
+
+
+def _limit(host: str, variables: Mapping[str, object], key: str, what: str) -> int | None:
+    """A positive whole number from the inventory (YAML or -e may give it as text); unset or "" = unknown."""
+    value = variables.get(key)
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"inventory host {host}: {key} must be a whole number of at least 1, the cluster's "
+                          f"{what} (got {value!r}); leave it unset to use what the cluster reports")
+    return int(text)
 
 
 def new_run_id() -> str:
@@ -237,11 +266,11 @@ def _gpu_options(resources: Resources, gpu_request: str) -> dict[str, str]:
 
 
 def sbatch_options(job: Job, run_id: str, run_dir: str, array_size: int | None,
-                   gpu_request: str) -> dict[str, SbatchValue]:
-    """#SBATCH options (name -> value; None for a flag). Dependencies are added at submission."""
+                   gpu_request: str, name: str | None = None) -> dict[str, SbatchValue]:
+    """#SBATCH options (name -> value; None for a flag), `name` for a chunk. Dependencies are added at submission."""
     r = job.resources
     options: dict[str, SbatchValue] = {
-        "job-name": job.name,
+        "job-name": name or job.name,
         "comment": f"snowpipe run {run_id}",
         "output": formats.log_pattern(run_dir, array=bool(array_size)),
         "chdir": run_dir,
@@ -268,17 +297,17 @@ def sbatch_options(job: Job, run_id: str, run_dir: str, array_size: int | None,
     return {k: v for k, v in options.items() if v is not None or k == "requeue"}
 
 
-def task_filters(config: PipelineConfig, scenes: list[Scene]) -> list[str]:
-    """Per array task, the rsync filters that stage only its own scene (with its ExoLabs file and the
-    auxiliary layers) out of extracted_data: a task never copies the other scenes to its node."""
+def scene_filters(config: PipelineConfig, scenes: list[Scene]) -> dict[str, str]:
+    """Per scene id, the rsync filters that stage only that scene (with its ExoLabs file and the auxiliary
+    layers) out of extracted_data: an array task never copies the other scenes to its node."""
     auxiliaries = {tile: find_auxiliary(config.path("extracted_data"), tile).folder for tile in config.tiles}
-    filters = []
+    filters = {}
     for scene in scenes:
         auxiliary = auxiliaries.get(scene.tile)
         rules = [f"--include=/{scene.safe_dir.name}/***", *([f"--include=/{auxiliary.name}/***"] if auxiliary else [])]
         if scene.exolabs:
             rules += [f"--include=/{EXOLABS_FOLDER}/", f"--include=/{EXOLABS_FOLDER}/{scene.exolabs.name}"]
-        filters.append(" ".join([*rules, "--exclude=*"]))
+        filters[scene.id] = " ".join([*rules, "--exclude=*"])
     return filters
 
 
@@ -291,9 +320,10 @@ def merge_filters(filters: list[str]) -> str:
     return " ".join([*rules, "--exclude=*"])
 
 
-def _stage_command(stage: str, job: Job, paths: dict[str, str], config: PipelineConfig,
-                   scan: SceneScan) -> StageCommand:
-    """One stage of a job: its arguments, processes, and the input folders copied to node-local scratch."""
+def _stage_command(stage: str, job: Job, paths: dict[str, str], config: PipelineConfig, tasks: list[str],
+                   filters: Mapping[str, str]) -> StageCommand:
+    """One stage of a job (or chunk): its arguments, processes, and the input folders copied to node-local
+    scratch; an array's extracted_data per task (`tasks`: task i's scene ids), from each scene's `filters`."""
     processes = (job.resources.gpus or 0) if stage == "train" and (job.resources.gpus or 0) > 1 else 1
     staged: list[StagedFolder] = []
     sets: list[ConfigOverride] = []
@@ -304,24 +334,24 @@ def _stage_command(stage: str, job: Job, paths: dict[str, str], config: Pipeline
             if name == "extracted_data" and stage != "decode" and config.decode.enable:
                 continue  # the bands come from the decoded rasters, read in place; JPEG 2000 is not copied
             per_task = job.array and name == "extracted_data"
-            filters = task_filters(config, scan(stage_dates(config, stage))) if per_task else []
-            step = job.resources.scenes_per_task or 1
             staged.append(StagedFolder(name=name, source=paths[name], task_filters=[
-                merge_filters(filters[i:i + step]) for i in range(0, len(filters), step)]))
+                merge_filters([filters[scene] for scene in task.split(",")]) for task in tasks] if per_task else []))
             sets.append(ConfigOverride(key=f"paths.{name}", scratch=name))
     reads_synced = any(STAGES[stage].folders.get(name) == "r" for name in ("extracted_data", "annotated_masks"))
     return StageCommand(stage=stage, args=["stage", stage], processes=processes, staged=staged, sets=sets,
                         verify_data=reads_synced)
 
 
-def submit_display(job: Job, script: str, after_each: list[str]) -> str:
-    """The sbatch call as a line of shell, job ids in variables: `train=$(sbatch ... afterok:$dataset ...)`."""
-    def variable(name: str) -> str:
-        return name.replace("-", "_")
+def shell_variable(name: str) -> str:
+    """A job (or chunk) name as a shell variable: `annotate.2` -> `annotate_2`."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
-    after = [f"${variable(name)}" for name in job.after if name not in after_each]
-    flags = " ".join(formats.dependency_args(after, [f"${variable(name)}" for name in after_each]))
-    return f"{variable(job.name)}=$(sbatch --parsable {flags + ' ' if flags else ''}{shlex.quote(script)})"
+
+def submit_display(name: str, script: str, after: list[str], after_each: list[str]) -> str:
+    """The sbatch call as a line of shell, job ids in variables: `train=$(sbatch ... afterok:$dataset ...)`."""
+    whole = [f"${shell_variable(before)}" for before in after if before not in after_each]
+    flags = " ".join(formats.dependency_args(whole, [f"${shell_variable(before)}" for before in after_each]))
+    return f"{shell_variable(name)}=$(sbatch --parsable {flags + ' ' if flags else ''}{shlex.quote(script)})"
 
 
 def sbatch_quote(value: SbatchValue) -> str:
@@ -416,43 +446,215 @@ def synced_folders(config: PipelineConfig, mode: Mode, data_root: str | None) ->
     return sync, fingerprints
 
 
-def planned_job(job: Job, dates: list[str], planned: list[PlannedJob], folders: RunFolders, run_id: str,
-                target: Target, commands: list[StageCommand]) -> PlannedJob:
-    """One job's entry: #SBATCH options, array and its tasks' scenes, dependencies, commands."""
-    tasks = task_scenes(dates, job.resources.scenes_per_task or 1) if job.array else []
+def cluster_limits(target: Target, repo_root: Path) -> Limits:
+    """MaxArraySize and MaxSubmitJobs: the inventory's, else what the playbook's preflight read from the cluster
+    (pipeline/cluster_facts.py, saved by the cluster probe), else SLURM's default MaxArraySize and no known
+    MaxSubmitJobs."""
+    facts: Mapping[str, object] = {}
+    if target.max_array_size is None or target.max_submit_jobs is None:
+        try:  # the probe's module (issue 25): without it, only the inventory and the default count
+            from pipeline import cluster_facts
+        except ImportError:
+            pass
+        else:
+            facts = cluster_facts.load_facts(repo_root, target.host) or {}
+
+    def fact(key: str) -> int | None:
+        value = facts.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    array, array_source = target.max_array_size, "inventory snowpipe_max_array_size"
+    if array is None:
+        array, array_source = fact("max_array_size"), f"the cluster's MaxArraySize ({target.host})"
+    if array is None:
+        array, array_source = DEFAULT_MAX_ARRAY_SIZE, "SLURM's default MaxArraySize"
+    submit, submit_source = target.max_submit_jobs, "inventory snowpipe_max_submit_jobs"
+    if submit is None:
+        submit, submit_source = fact("max_submit_jobs"), f"the cluster's MaxSubmitJobs ({target.host})"
+    return Limits(array, submit, array_source, submit_source if submit else "")
+
+
+def scene_megapixels(scenes: list[Scene]) -> dict[str, float]:
+    """Per scene id, the megapixels of its 10 m grid (what the cost model counts), from the first scene of each
+    tile's B02 header (a tile's scenes share it); 0 where no header can be read (the stage names the file)."""
+    by_tile: dict[str, float] = {}
+    found: dict[str, float] = {}
+    with rasterio.Env():
+        for scene in scenes:
+            if scene.tile not in by_tile:
+                try:
+                    with rasterio.open(scene.band_path("B02")) as source:
+                        by_tile[scene.tile] = source.width * source.height / 1e6
+                except (RasterioError, SceneError):
+                    by_tile[scene.tile] = 0.0
+            found[scene.id] = by_tile[scene.tile]
+    return found
+
+
+@dataclass(frozen=True)
+class Costing:
+    """What the cost model needs of the run: the config, each scene's size, each stage's scenes."""
+
+    config: PipelineConfig
+    megapixels: dict[str, float]
+    stage_scenes: dict[str, list[str]]
+
+    def work(self, stage: str, tasks_scenes: list[str] | None) -> cost.Work:
+        ids = tasks_scenes if tasks_scenes is not None else self.stage_scenes.get(stage, [])
+        return cost.Work([self.megapixels.get(scene, 0.0) for scene in ids],
+                         dataset_scenes=len(self.stage_scenes.get("dataset", [])))
+
+    def minutes(self, job: Job, scenes: list[str] | None) -> float:
+        """One task of `job` over `scenes` (an array task), or over each stage's own scenes (None)."""
+        r = job.resources
+        return cost.task_minutes(job.stages, self.config, {stage: self.work(stage, scenes) for stage in job.stages},
+                                 cpus=r.cpus or 1, gpus=r.gpus or 0)
+
+
+def allocated(job: Job) -> tuple[int, int]:
+    """CPUs and GPUs one task holds: cpus per process (one process per GPU when training on several)."""
+    r = job.resources
+    gpus = r.gpus or 0
+    processes = gpus if "train" in job.stages and gpus > 1 else 1
+    return (r.cpus or 1) * processes, gpus
+
+
+def job_estimate(job: Job, tasks: list[str], costing: Costing) -> JobEstimate:
+    """Minutes of the longest task, and the hours the job holds: CPUs or GPUs x each task's minutes."""
+    minutes = [costing.minutes(job, task.split(",")) for task in tasks] if tasks else [costing.minutes(job, None)]
+    cpus, gpus = allocated(job)
+    per_task = job.resources.scenes_per_task or 1
+    return JobEstimate(tasks=len(minutes), scenes_per_task=per_task if job.array else 0,
+                       minutes_per_task=round(max(minutes), 2),
+                       time_limit_minutes=cost.slurm_minutes(job.resources.time),
+                       cpu_hours=round(cpus * sum(minutes) / 60, 4), gpu_hours=round(gpus * sum(minutes) / 60, 4))
+
+
+def auto_scenes_per_task(job: Job, scenes: list[str], costing: Costing) -> int:
+    """`scenes_per_task: 0`: the most scenes whose task the cost model puts at half the job's time limit or less
+    (the largest scenes counted first); 1 without a time limit."""
+    limit = cost.slurm_minutes(job.resources.time)
+    if limit is None:
+        return 1
+    ordered = sorted(scenes, key=lambda scene: costing.megapixels.get(scene, 0.0), reverse=True)
+    return largest_within(lambda count: costing.minutes(job, ordered[:count]), limit / 2, len(scenes))
+
+
+def scenes_per_task(jobs: list[Job], dates: dict[str, list[str]], costing: Costing,
+                    limits: Limits) -> tuple[list[Job], list[str]]:
+    """Each array job with its scenes per task decided: the spec's, or (0) the most whose estimate is at most half
+    the time limit; then raised together where the run's tasks would pass MaxSubmitJobs. With notes on what was
+    decided. A raise that would take a task past its time limit is refused, saying what to change."""
+    notes: list[str] = []
+    decided: dict[str, int] = {}
+    for job in jobs:
+        if not job.array:
+            continue
+        chosen = job.resources.scenes_per_task
+        if chosen == 0:
+            chosen = auto_scenes_per_task(job, dates[job.name], costing)
+            notes.append(f"job {job.name}: {chosen} scene(s) per task (scenes_per_task: 0, at most half of its time "
+                         f"limit {job.resources.time} by the cost model)")
+        decided[job.name] = chosen or 1
+    if limits.max_submit_jobs is not None and decided:
+        single = sum(1 for job in jobs if not job.array)
+        raised = fit_submit_limit({name: len(dates[name]) for name in decided}, decided, single,
+                                  limits.max_submit_jobs)
+        for job in jobs:
+            if job.array and raised[job.name] != decided[job.name]:
+                tasks = task_scenes(dates[job.name], raised[job.name])
+                longest = max(costing.minutes(job, task.split(",")) for task in tasks)
+                limit = cost.slurm_minutes(job.resources.time)
+                if limit is not None and longest > limit:
+                    raise ConfigError(
+                        f"the run's array tasks pass MaxSubmitJobs {limits.max_submit_jobs} ({limits.submit_source}); "
+                        f"with {raised[job.name]} scenes per task a task of job {job.name} would take about "
+                        f"{longest:.0f} min, past its time limit {job.resources.time}: raise its `time:` "
+                        f"(snowpipe_job_overrides), submit fewer scenes per run (config `dates`), or part of the "
+                        f"pipeline at a time (-e job=NAME)")
+                notes.append(f"job {job.name}: {raised[job.name]} scenes per task (was {decided[job.name]}) so that "
+                             f"the run's tasks stay within MaxSubmitJobs {limits.max_submit_jobs} "
+                             f"({limits.submit_source})")
+        decided = raised
+    return [job.model_copy(update={"resources": job.resources.model_copy(
+        update={"scenes_per_task": decided[job.name]})}) if job.array else job for job in jobs], notes
+
+
+def planned_jobs(jobs: list[Job], dates: dict[str, list[str]], folders: RunFolders, run_id: str, target: Target,
+                 limits: Limits, costing: Costing, paths: dict[str, str],
+                 filters: Mapping[str, str]) -> list[PlannedJob]:
+    """Every job's entries in submission order: one per chunk of at most MaxArraySize tasks."""
+    planned: list[PlannedJob] = []
+    chunks: dict[str, list[Chunk]] = {}
+    for job in jobs:
+        tasks = task_scenes(dates.get(job.name, []), job.resources.scenes_per_task or 1) if job.array else []
+        parts = split(tasks, limits.max_array_size)
+        chunks[job.name] = []
+        for index, part in enumerate(parts):
+            name = chunk_name(job.name, index, len(parts))
+            chunks[job.name].append(Chunk(name, index, part))
+            after, each = chunk_dependencies(part, index, job.after, job.after_each, chunks)
+            commands = [_stage_command(stage, job, paths, config=costing.config, tasks=part, filters=filters)
+                        for stage in job.stages]
+            planned.append(planned_job(job, name, part, after, each, folders, run_id, target, commands,
+                                       chunk_of=job.name if len(parts) > 1 else None,
+                                       estimate=job_estimate(job, part, costing)))
+    return planned
+
+
+def planned_job(job: Job, name: str, tasks: list[str], after: list[str], after_each: list[str],
+                folders: RunFolders, run_id: str, target: Target, commands: list[StageCommand],
+                chunk_of: str | None, estimate: JobEstimate) -> PlannedJob:
+    """One job's (or chunk's) entry: #SBATCH options, array and its tasks' scenes, dependencies, commands."""
     size = len(tasks) or None
-    options = sbatch_options(job, run_id, folders.run_dir, size, target.gpu_request)
-    # Task by task (aftercorr) only where task i of both arrays is the same scene; else the whole array.
-    each = [name for name in job.after_each
-            if next(p for p in planned if p.name == name).scene_dates[:len(tasks)] == tasks]
-    script = f"{folders.run_dir}/jobs/{job.name}.sbatch"
+    options = sbatch_options(job, run_id, folders.run_dir, size, target.gpu_request, name)
+    script = f"{folders.run_dir}/jobs/{name}.sbatch"
     return PlannedJob(
-        name=job.name,
+        name=name,
         description=job.description,
         stages=job.stages,
-        after=job.after,
-        after_each=each,
+        after=after,
+        after_each=after_each,
         array=f"0-{size - 1}" if size else None,
         array_size=size or 0,
         script=script,
-        render_path=f"{folders.render_dir}/jobs/{job.name}.sbatch",
+        render_path=f"{folders.render_dir}/jobs/{name}.sbatch",
         sbatch=options,
         sbatch_lines=sbatch_lines(options),
         modules=job.resources.modules or [],
         setup=job.resources.setup or [],
         stage_inputs=bool(job.resources.stage_inputs),
-        # Array task i processes scene_dates[i] (passed as --scene), whatever else the cluster holds.
-        scene_dates=tasks,
+        # Array task i processes scene_ids[i] (passed as --scene), whatever else the cluster holds.
+        scene_ids=tasks,
+        scenes_per_task=(job.resources.scenes_per_task or 1) if tasks else 0,
+        chunk_of=chunk_of,
         requeue_limit=job.resources.requeue_limit or 0,
-        submit_display=submit_display(job, script, each),
+        submit_display=submit_display(name, script, after, after_each),
         commands=commands,
+        estimate=estimate,
     )
+
+
+def run_estimate(planned: list[PlannedJob], decoded_bytes: int, sync: list[SyncedFolder],
+                 notes: list[str]) -> RunEstimate:
+    """The run's totals, and a warning for every job whose task estimate passes its time limit."""
+    warnings = list(notes)
+    for job in planned:
+        limit = job.estimate.time_limit_minutes
+        if limit is not None and job.estimate.minutes_per_task > limit:
+            warnings.append(f"job {job.name}: a task is estimated at {job.estimate.minutes_per_task:.0f} min, past its "
+                            f"time limit of {limit:.0f} min: raise `time:` (jobs/*.yml or snowpipe_job_overrides)"
+                            + (" or lower scenes_per_task" if job.estimate.scenes_per_task > 1 else ""))
+    return RunEstimate(cpu_hours=round(sum(job.estimate.cpu_hours for job in planned), 4),
+                       gpu_hours=round(sum(job.estimate.gpu_hours for job in planned), 4),
+                       decoded_bytes=decoded_bytes, sync_bytes=sum(item.bytes for item in sync), warnings=warnings)
 
 
 def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Target, mode: Mode = "cluster",
               run_id: str | None = None, jobs_dir: Path = REPO_ROOT / "jobs", repo_root: Path = REPO_ROOT,
               build_dir: Path | None = None) -> Plan:
-    """The run as data: folders, files to sync, frozen config, and one entry per job in submission order."""
+    """The run as data: folders, files to sync, frozen config, and one entry per job (or chunk) in submission
+    order, with what each will cost."""
     run_id = run_id or new_run_id()
     problem = formats.run_id_problem(run_id)
     if problem:
@@ -464,11 +666,17 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
     folders = run_folders(mode, target, run_id, repo_root, build_dir or repo_root / "build")
     sync, fingerprints = synced_folders(config, mode, folders.data_root)
     frozen, paths = frozen_config(config, folders.data_root, folders.run_dir, scan)
-    planned: list[PlannedJob] = []
-    for job in jobs:
-        commands = [_stage_command(stage, job, paths, config, scan) for stage in job.stages]
-        planned.append(planned_job(job, dates.get(job.name, []), planned, folders, run_id, target, commands))
+    scenes = scan([]) if config.path("extracted_data").is_dir() else []
+    stages = sorted({stage for job in jobs for stage in job.stages})
+    costing = Costing(config, scene_megapixels(scenes),
+                      {stage: [scene.id for scene in scan(stage_dates(config, stage))] for stage in stages}
+                      if scenes else {})
+    limits = cluster_limits(target, repo_root)
+    jobs, notes = scenes_per_task(jobs, dates, costing, limits)
+    filters = scene_filters(config, scenes) if any(job.array and job.resources.stage_inputs for job in jobs) else {}
+    planned = planned_jobs(jobs, dates, folders, run_id, target, limits, costing, paths, filters)
     decoding = any("decode" in job.stages for job in jobs)
+    decoded_bytes = decoded_space(scan(stage_dates(config, "decode"))) if decoding else 0
     return Plan(
         run_id=run_id,
         mode=mode,
@@ -491,6 +699,9 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
         config=frozen,
         sync=sync,
         decoded_dir=paths["decoded"] if decoding else None,
-        decoded_bytes=decoded_space(scan(stage_dates(config, "decode"))) if decoding else 0,
+        decoded_bytes=decoded_bytes,
+        max_array_size=limits.max_array_size,
+        max_submit_jobs=limits.max_submit_jobs,
+        estimate=run_estimate(planned, decoded_bytes, sync, notes),
         jobs=planned,
     )
