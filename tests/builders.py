@@ -116,3 +116,8 @@ def write_dataset(folder: Path, train: int = 24, validation: int = 8, size: int 
                 "inputs": f"toy-{seed}", "config": "toy"}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
+
+
+def sid(date: str, tile: str = TILE) -> str:
+    """The scene id of a sensing time in a tile: what output folders, records and messages name a scene by."""
+    return f"{tile}_{date}"

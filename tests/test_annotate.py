@@ -9,7 +9,7 @@ import rasterio
 from pipeline.bands import BANDS, CLOUDS, NODATA, SNOW, WATER
 from pipeline.stages import annotate
 from pipeline.stages.base import StageFailed
-from tests.builders import band_shape, make_config, write_auxiliary, write_scene
+from tests.builders import band_shape, make_config, sid, write_auxiliary, write_scene
 
 SIZE = 60
 DATE = "20220301T102309"
@@ -50,7 +50,7 @@ def overlay_scene(tmp_path):
 
 
 def read_outputs(config):
-    folder = config.path("annotated_masks") / DATE
+    folder = config.path("annotated_masks") / sid(DATE)
     with rasterio.open(folder / "mask.tif") as m, rasterio.open(folder / "coverage.tif") as c:
         assert m.nodata == NODATA and m.crs.to_epsg() == 32632 and (m.width, m.height) == (SIZE, SIZE)
         return m.read(1), c.read(1)
@@ -112,8 +112,8 @@ def test_a_broken_scene_fails_alone_and_leaves_nothing_that_looks_complete(overl
     with pytest.raises(StageFailed, match=r"20220401T102309: band\(s\) B12 missing"):
         annotate.run(config)
     masks = config.path("annotated_masks")
-    assert (masks / DATE / "mask.tif").is_file()
-    assert not (masks / "20220401T102309").exists() or not any((masks / "20220401T102309").iterdir())
+    assert (masks / sid(DATE) / "mask.tif").is_file()
+    assert not (masks / sid("20220401T102309")).exists() or not any((masks / sid("20220401T102309")).iterdir())
     skipping = make_config(overlay_scene, annotation={"on_scene_error": "skip"})
     report = annotate.run(skipping)
     assert [o.status for o in report.outcomes] == ["skipped", "failed"]

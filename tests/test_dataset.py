@@ -129,7 +129,7 @@ def test_a_complete_dataset_is_skipped_and_a_scene_without_mask_is_named(scenes,
     assert dataset.run(config).count("skipped") == 4
     write_scene(scenes, "20220501T101010", SIZE)
     try:
-        with pytest.raises(StageFailed, match="20220501T101010: no annotated mask in .*/20220501T101010"):
+        with pytest.raises(StageFailed, match="32TNS_20220501T101010: no annotated mask in .*/32TNS_20220501T101010"):
             dataset.run(config)
         # Still the old, complete dataset: nothing half-written replaced it.
         assert (tmp_path / "d" / "manifest.json").is_file()

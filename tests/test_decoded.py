@@ -26,6 +26,7 @@ from pipeline.data.normalise import reflectance
 from pipeline.data.reader import SceneReader
 from pipeline.demo import generate_demo
 from pipeline.errors import SceneError
+from tests.builders import sid
 
 SIZE = 400
 TILE = "32TNS"
@@ -151,9 +152,9 @@ def test_scratch_of_a_run_killed_with_sigkill_is_reclaimed_by_the_next_and_live_
     (left,) = scratch_folders(scratch)
     assert sum(f.stat().st_size for f in (scratch / left).iterdir()) > 0, "decoded strips were left behind"
     host, pid, start = owner_tag().rsplit("-", 2)
-    ours = f"snowpipe-decoded-{scene.date}-{host}-{pid}-{start}-live0000"  # a live owner: this test
-    reused = f"snowpipe-decoded-{scene.date}-{host}-{pid}-{int(start) + 1}-reused00"  # this pid, another process
-    elsewhere = f"snowpipe-decoded-{scene.date}-othernode-{pid}-{start}-shared00"  # another host's, shared TMPDIR
+    ours = f"snowpipe-decoded-{scene.id}-{host}-{pid}-{start}-live0000"  # a live owner: this test
+    reused = f"snowpipe-decoded-{scene.id}-{host}-{pid}-{int(start) + 1}-reused00"  # this pid, another process
+    elsewhere = f"snowpipe-decoded-{scene.id}-othernode-{pid}-{start}-shared00"  # another host's, shared TMPDIR
     legacy = f"snowpipe-decoded-{scene.date}-abc123"  # an older snowpipe's name: owner unknown
     for name in (ours, reused, elsewhere, legacy):
         (scratch / name).mkdir()
@@ -238,4 +239,4 @@ def test_sigterm_during_infer_stops_the_decoding_and_removes_its_scratch(scene, 
     rows = re.search(r"closed with (\d+) of (\d+) rows decoded", rest)
     assert rows and int(rows[1]) < int(rows[2]), rest
     assert not scratch_folders(scratch), "the decoded scratch is gone"
-    assert not (tmp_path / "results" / "predictions" / scene.date / "mask.tif").exists()
+    assert not (tmp_path / "results" / "predictions" / sid(scene.date) / "mask.tif").exists()

@@ -96,7 +96,7 @@ def test_exolabs_files_match_scenes_by_calendar_day(tmp_path):
 
 def test_dates_that_match_no_scene_are_named(tmp_path):
     write_scene(tmp_path)
-    with pytest.raises(DataError, match="20990101T000000.*available: 20220301T102309"):
+    with pytest.raises(DataError, match="20990101T000000.*available: 32TNS_20220301T102309"):
         discover_scenes(tmp_path, TILE, ["20990101T000000"])
 
 
@@ -109,7 +109,7 @@ def test_an_empty_extracted_data_folder_says_what_it_looked_for(tmp_path):
 def test_a_missing_band_file_is_named(tmp_path):
     write_scene(tmp_path, skip_bands=("B8A",))
     scene = discover_scenes(tmp_path, TILE)[0]
-    with pytest.raises(SceneError, match="scene 20220301T102309: band.*B8A missing"):
+    with pytest.raises(SceneError, match="scene 32TNS_20220301T102309: band.*B8A missing"):
         SceneReader(scene, TILE)
 
 

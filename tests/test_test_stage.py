@@ -16,7 +16,7 @@ from pipeline.metrics import confusion_matrix
 from pipeline.registry import stage_dates
 from pipeline.stages import test as test_stage
 from pipeline.stages.base import StageFailed
-from tests.builders import make_config, write_raster, write_scene
+from tests.builders import make_config, sid, write_raster, write_scene
 
 SIZE = 60
 DATE_A, DATE_B = "20220301T102309", "20220311T102309"
@@ -116,7 +116,7 @@ def prediction_a() -> np.ndarray:
 
 def write_prediction(config, date: str, mask: np.ndarray) -> None:
     """A prediction as the infer stage leaves it: mask.tif and its completion record."""
-    folder = config.path("results") / "predictions" / date
+    folder = config.path("results") / "predictions" / sid(date)
     write_raster(folder / "mask.tif", mask, 10, nodata=N)
     records.write_record(folder, records.RecordKey("infer", f"made by hand {mask.sum()}",
                                                    config.section_hash("inference")), ["mask.tif"])
@@ -145,16 +145,16 @@ def test_stage_against_exolabs_writes_metrics_csv_and_plots(config, monkeypatch,
     assert report.count("done") == 2 and not report.failed
     out = config.path("results") / "testing"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["reference"] == "exolabs" and list(metrics["scenes"]) == [DATE_A, DATE_B]
+    assert metrics["reference"] == "exolabs" and list(metrics["scenes"]) == [sid(DATE_A), sid(DATE_B)]
 
-    a = metrics["scenes"][DATE_A]
+    a = metrics["scenes"][sid(DATE_A)]
     # Glacier ice counts as snow; the unobserved strip (predicted background) and the corner without a
     # prediction are ignored, so scene A is a perfect match over the three classes present.
     assert a["confusion_matrix"] == [[600, 0, 0, 0], [0, 2350, 0, 0], [0, 0, 0, 0], [0, 0, 0, 300]]
     assert a["pixels"] == {"total": 3600, "compared": 3250, "ignored": 350}
     assert a["miou"] == 1.0 and a["classes"]["clouds"]["iou"] is None
 
-    b = metrics["scenes"][DATE_B]
+    b = metrics["scenes"][sid(DATE_B)]
     assert b["classes"]["snow"]["iou"] == pytest.approx(0.5) and b["classes"]["background"]["iou"] == 0.0
     assert b["miou"] == pytest.approx(0.25)
 
@@ -167,13 +167,16 @@ def test_stage_against_exolabs_writes_metrics_csv_and_plots(config, monkeypatch,
 
     with (out / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 3 * (len(CLASS_NAMES) + 1)
-    snow_b = next(r for r in rows if r["scope"] == DATE_B and r["class"] == "snow")
+    assert len(rows) == 4 * (len(CLASS_NAMES) + 1)  # two scenes, their tile, overall
+    tile_all = next(r for r in rows if r["scope"] == "tile 32TNS" and r["class"] == "all")
+    assert float(tile_all["iou"]) == pytest.approx(overall["miou"])  # one tile: the tile is the whole
+    snow_b = next(r for r in rows if r["scope"] == sid(DATE_B) and r["class"] == "snow")
     assert float(snow_b["iou"]) == pytest.approx(0.5) and int(snow_b["pixels"]) == 1800
     overall_all = next(r for r in rows if r["scope"] == "overall" and r["class"] == "all")
     assert float(overall_all["iou"]) == pytest.approx(overall["miou"])
 
-    for name in ("confusion_matrix.png", "iou_per_scene.png", f"difference_{DATE_A}.png", f"difference_{DATE_B}.png"):
+    for name in ("confusion_matrix.png", "iou_per_scene.png", "iou_per_tile.png", f"difference_{sid(DATE_A)}.png",
+                 f"difference_{sid(DATE_B)}.png"):
         image = matplotlib.image.imread(out / name)
         assert min(image.shape[:2]) >= 200
     assert (out / records.RECORD_NAME).is_file()
@@ -187,22 +190,22 @@ def test_annotated_masks_reference_with_coverage(config):
     mask[50:, :] = N  # no annotation
     coverage = np.ones((SIZE, SIZE), np.uint8)
     coverage[:, 30:40] = 0  # annotated as background, but outside coverage: prediction B says snow there
-    folder = config.path("annotated_masks") / DATE_B
+    folder = config.path("annotated_masks") / sid(DATE_B)
     write_raster(folder / "mask.tif", mask, 10, nodata=N)
     write_raster(folder / "coverage.tif", coverage, 10)
     cfg = config.model_copy(update={"testing": config.testing.model_copy(
         update={"reference": "annotated_masks", "dates": [DATE_B]})})
     test_stage.run(cfg)
     metrics = json.loads((cfg.path("results") / "testing" / "metrics.json").read_text())
-    assert metrics["reference"] == "annotated_masks" and list(metrics["scenes"]) == [DATE_B]
-    b = metrics["scenes"][DATE_B]
+    assert metrics["reference"] == "annotated_masks" and list(metrics["scenes"]) == [sid(DATE_B)]
+    b = metrics["scenes"][sid(DATE_B)]
     # Compared: rows 0-49 without cols 30-39: 50 x 30 snow hits, 50 x 20 background predicted as snow.
     assert b["confusion_matrix"] == [[0, 1000, 0, 0], [0, 1500, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert b["classes"]["snow"]["iou"] == pytest.approx(0.6)
 
 
 def test_missing_prediction_is_named_and_the_other_scene_is_still_measured(config):
-    missing = config.path("results") / "predictions" / DATE_B / "mask.tif"
+    missing = config.path("results") / "predictions" / sid(DATE_B) / "mask.tif"
     missing.unlink()
     with pytest.raises(StageFailed) as failure:
         test_stage.run(config)
@@ -210,7 +213,7 @@ def test_missing_prediction_is_named_and_the_other_scene_is_still_measured(confi
     assert str(missing) in message and "run the infer stage" in message and DATE_B in message
     out = config.path("results") / "testing"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics["scenes"]) == [DATE_A] and DATE_B in metrics["failed"]
+    assert list(metrics["scenes"]) == [sid(DATE_A)] and sid(DATE_B) in metrics["failed"]
     assert not (out / records.RECORD_NAME).exists()  # incomplete: the next run tries again
 
 
@@ -221,7 +224,7 @@ def test_a_complete_test_is_skipped_until_forced_or_a_prediction_changes(config)
     again = test_stage.run(config)
     assert again.count("skipped") == 2 and (out / "metrics.json").stat().st_mtime_ns == first
     assert test_stage.run(config, force=True).count("done") == 2
-    prediction = config.path("results") / "predictions" / DATE_A / "mask.tif"
+    prediction = config.path("results") / "predictions" / sid(DATE_A) / "mask.tif"
     stamp = prediction.stat().st_mtime_ns + 10**9
     os.utime(prediction, ns=(stamp, stamp))  # touched or copied, not changed: still complete
     assert test_stage.run(config).count("skipped") == 2
@@ -231,17 +234,17 @@ def test_a_complete_test_is_skipped_until_forced_or_a_prediction_changes(config)
 
 def test_a_prediction_without_its_infer_record_is_not_scored(config):
     """A failed or interrupted infer (or a stale copy) leaves mask.tif without a matching record."""
-    folder = config.path("results") / "predictions" / DATE_B
+    folder = config.path("results") / "predictions" / sid(DATE_B)
     (folder / records.RECORD_NAME).unlink()
     with pytest.raises(StageFailed) as failure:
         test_stage.run(config)
     assert "not the infer stage's complete output" in str(failure.value) and DATE_B in str(failure.value)
     metrics = json.loads((config.path("results") / "testing" / "metrics.json").read_text())
-    assert list(metrics["scenes"]) == [DATE_A] and DATE_B in metrics["failed"]
+    assert list(metrics["scenes"]) == [sid(DATE_A)] and sid(DATE_B) in metrics["failed"]
 
 
 def test_a_prediction_changed_after_its_record_is_not_scored(config):
-    folder = config.path("results") / "predictions" / DATE_B
+    folder = config.path("results") / "predictions" / sid(DATE_B)
     write_raster(folder / "mask.tif", np.zeros((SIZE + 3, SIZE), np.uint8), 10, nodata=N)  # other size
     with pytest.raises(StageFailed, match="not the infer stage's complete output"):
         test_stage.run(config)

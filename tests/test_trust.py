@@ -22,6 +22,7 @@ import yaml
 
 from pipeline import records
 from pipeline.records import annotation
+from tests.builders import sid
 
 pytestmark = pytest.mark.slow
 
@@ -124,21 +125,22 @@ def test_a_changed_input_is_redone_and_the_old_model_is_kept_aside(project):
 
 
 def scene_dates(project: Path) -> list[str]:
-    return sorted(p.stem for p in (project / "truth").glob("*.tif"))
+    """The sensing times of the demo's scenes (truth/{scene id}.tif): `--scene` takes them too."""
+    return sorted(p.stem.rpartition("_")[2] for p in (project / "truth").glob("*.tif"))
 
 
 def test_old_records_that_still_match_are_upgraded_in_place(project):
     """Records of snowpipe before schema 2 named absolute paths and times: kept when they still match."""
     config = str(project / "pipeline-config.yml")
     date = scene_dates(project)[0]
-    folder = project / "annotated_masks" / date
+    folder = project / "annotated_masks" / sid(date)
     record = json.loads((folder / records.RECORD_NAME).read_text())
     from pipeline.config import load_config
     from pipeline.data.layout import discover_scenes, find_auxiliary
 
     loaded = load_config(config)
-    scene = discover_scenes(loaded.path("extracted_data"), loaded.tile_id, [date])[0]
-    key = annotation.record_key(scene, loaded, find_auxiliary(loaded.path("extracted_data"), loaded.tile_id))
+    scene = discover_scenes(loaded.path("extracted_data"), loaded.tiles, [date])[0]
+    key = annotation.record_key(scene, loaded, find_auxiliary(loaded.path("extracted_data"), scene.tile))
     old = {k: v for k, v in record.items() if k not in ("schema", "outputs")} | {"inputs": key.legacy_inputs}
     (folder / records.RECORD_NAME).write_text(json.dumps(old))
     result = snowpipe("stage", "annotate", config, "--scene", date)
@@ -157,25 +159,25 @@ def test_a_kill_between_two_writes_of_annotate_leaves_the_old_masks_or_none(proj
     """kill -9 after mask.tif is written, before coverage.tif and the record: nothing is published."""
     config = str(project / "pipeline-config.yml")
     date = scene_dates(project)[0]
-    folder = project / "annotated_masks" / date
+    folder = project / "annotated_masks" / sid(date)
     before = (folder / "mask.tif").read_bytes()
     killed = snowpipe("stage", "annotate", config, "--scene", date, "--force",
                       env={"SNOWPIPE_KILL_AT": "published mask.tif"})
     assert killed.returncode == -signal.SIGKILL
     assert (folder / "mask.tif").read_bytes() == before and records.vouches(folder)
-    assert list(folder.parent.glob(f".{date}.partial-*"))  # what the killed run left, hidden
+    assert list(folder.parent.glob(f".{sid(date)}.partial-*"))  # what the killed run left, hidden
     result = snowpipe("stage", "annotate", config, "--scene", date, "--force")
     assert result.returncode == 0 and "reclaimed" in result.stderr
-    assert not list(folder.parent.glob(f".{date}.partial-*"))
+    assert not list(folder.parent.glob(f".{sid(date)}.partial-*"))
 
 
 def test_a_kill_between_the_two_renames_of_a_swap_restores_the_old_masks(project):
     config = str(project / "pipeline-config.yml")
     date = scene_dates(project)[0]
-    folder = project / "annotated_masks" / date
+    folder = project / "annotated_masks" / sid(date)
     before = (folder / "mask.tif").read_bytes()
     killed = snowpipe("stage", "annotate", config, "--scene", date, "--force",
-                      env={"SNOWPIPE_KILL_AT": f"moved aside {date}"})
+                      env={"SNOWPIPE_KILL_AT": f"moved aside {sid(date)}"})
     assert killed.returncode == -signal.SIGKILL and not folder.exists()
     result = snowpipe("stage", "annotate", config, "--scene", date)
     assert result.returncode == 0 and "restored" in result.stderr
@@ -185,18 +187,18 @@ def test_a_kill_between_the_two_renames_of_a_swap_restores_the_old_masks(project
 def test_a_kill_during_the_first_annotate_leaves_nothing_the_dataset_would_take(project):
     config = str(project / "pipeline-config.yml")
     date = scene_dates(project)[0]
-    shutil.rmtree(project / "annotated_masks" / date)
+    shutil.rmtree(project / "annotated_masks" / sid(date))
     killed = snowpipe("stage", "annotate", config, "--scene", date, env={"SNOWPIPE_KILL_AT": "published coverage.tif"})
     assert killed.returncode == -signal.SIGKILL
-    assert not (project / "annotated_masks" / date).exists()
+    assert not (project / "annotated_masks" / sid(date)).exists()
     result = snowpipe("stage", "dataset", config)
-    assert result.returncode == 1 and f"no annotated mask in {project / 'annotated_masks' / date}" in result.stderr
+    assert result.returncode == 1 and f"no annotated mask in {project / 'annotated_masks' / sid(date)}" in result.stderr
 
 
 def test_masks_without_a_record_are_the_users_only_when_annotation_is_off(project):
     config_path = project / "pipeline-config.yml"
     date = scene_dates(project)[0]
-    (project / "annotated_masks" / date / records.RECORD_NAME).unlink()  # like masks made by hand
+    (project / "annotated_masks" / sid(date) / records.RECORD_NAME).unlink()  # like masks made by hand
     result = snowpipe("stage", "dataset", str(config_path), "--force")
     assert result.returncode == 1 and "not a complete annotate output" in result.stderr
     assert "annotation.enable: false" in result.stderr

@@ -72,10 +72,10 @@ def reclaim_scratch(scratch: Path | None = None) -> tuple[int, int]:
     except OSError:
         return 0, 0
     for path in candidates:
-        parts = path.name[len(PREFIX):].rsplit("-", 3)  # {date}-{host}, pid, start, random
+        parts = path.name[len(PREFIX):].rsplit("-", 3)  # {scene id}-{host}, pid, start, random
         if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
             continue  # not ours to judge (an older snowpipe's name, or someone else's)
-        named = re.fullmatch(r"\d{8}T\d{6}-(.+)", parts[0])
+        named = re.fullmatch(r"(?:\d{2}[A-Z]{3}_)?\d{8}T\d{6}-(.+)", parts[0])  # ids, and dates before them
         if named is None or named[1] != host or not path.is_dir() or path.is_symlink():
             continue  # another host's folder, in a scratch dir shared between nodes
         if pid_alive(int(parts[1]), int(parts[2])):
