@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError
+from pipeline.model.busy import BusyTimer
 from pipeline.model.unet import UNet
 
 # Test-time augmentation: identity, flip H, flip W, flip both (the thesis' "rotations" were these flips).
@@ -54,6 +55,7 @@ class Predictor:
         self.classes = model.spec.classes
         self.in_channels = model.spec.in_channels
         self.flips = FLIPS if tta else FLIPS[:1]
+        self.busy = BusyTimer(device)  # the network's share of the task's time (snowpipe report)
 
     def to_device(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(batch).to(self.device)
@@ -68,12 +70,13 @@ class Predictor:
         if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         total: torch.Tensor | None = None
-        for dims in self.flips:
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda):
-                logits = self.model(x.flip(dims) if dims else x)
-            probs = logits.float().softmax(dim=1)
-            probs = probs.flip(dims) if dims else probs
-            total = probs if total is None else total.add_(probs)
+        with self.busy.measure():
+            for dims in self.flips:
+                with torch.autocast("cuda", dtype=torch.float16, enabled=self.cuda):
+                    logits = self.model(x.flip(dims) if dims else x)
+                probs = logits.float().softmax(dim=1)
+                probs = probs.flip(dims) if dims else probs
+                total = probs if total is None else total.add_(probs)
         assert total is not None
         if len(self.flips) > 1:
             total /= len(self.flips)

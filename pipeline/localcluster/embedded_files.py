@@ -203,6 +203,9 @@ def render_slurm_conf(paths: ClusterPaths, node: str, cpus: int, memory_mib: int
         accounting_lines = [
             f"# slurmdbd on {HOST}:{SLURMDBD_PORT} (MariaDB behind it): sacct works",
             "JobAcctGatherType=jobacct_gather/linux",
+            "# a sample of each task's memory and CPU every second (SLURM's 30 s misses the demo's short tasks:",
+            "# their MaxRSS stayed empty)",
+            "JobAcctGatherFrequency=task=1",
             "AccountingStorageType=accounting_storage/slurmdbd",
             "# GPUs in AllocTRES (sacct): what `snowpipe report` turns into GPU-hours",
             "AccountingStorageTRES=gres/gpu",

@@ -303,3 +303,9 @@ def add_tool_parsers(sub: argparse._SubParsersAction) -> None:
                                           "all jobs of the run)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_cancel)
+
+    from pipeline.monitor.probe import add_probe_parser  # what a run cost, what the cluster offers (issue 25)
+    from pipeline.monitor.report import add_report_parser
+
+    add_report_parser(sub)
+    add_probe_parser(sub)

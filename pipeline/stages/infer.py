@@ -30,6 +30,7 @@ from pipeline.inference.predictor import Predictor, pick_device
 from pipeline.inference.source import scene_input
 from pipeline.inference.tiling import WindowPrediction, fit_batch, predict_windows, window_for
 from pipeline.inference.write_behind import write_behind
+from pipeline.model.busy import write_busy
 from pipeline.model.checkpoint import check_compatible, load_model
 from pipeline.records.per_output import produce
 from pipeline.records.prediction import (
@@ -186,6 +187,7 @@ def run(config: PipelineConfig, dates: list[str] | None = None, force: bool = Fa
     report = StageReport(INFO.name, output=str(config.path("results") / "predictions"),
                          note=f"{loaded.path.name} on {loaded.predictor.device}")
     run_scenes(report, scenes, lambda scene, on_window: infer_scene(scene, config, loaded, force, on_window))
+    write_busy(config.path("results"), INFO.name, loaded.predictor.busy)  # the GPU's busy fraction: snowpipe report
     report.seconds = time.perf_counter() - start
     raise_if_failed(report)
     return report

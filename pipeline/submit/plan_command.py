@@ -10,37 +10,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cluster_facts import load_facts
 from pipeline.config import load_config
 from pipeline.contract.plan import Plan
 from pipeline.errors import ConfigError
-
-DEFAULT_INVENTORY = Path(__file__).resolve().parent.parent.parent / "inventory" / "local.yml"
-CLUSTER_GROUP = "cluster"
-
-
-def inventory_host_vars(inventory: Path, host: str | None = None) -> tuple[str, dict[str, Any]]:
-    """The first host of group `cluster` (or `host`) and its snowpipe_* variables, templated as Ansible
-    templates them for a play (group_vars included; `{{ inventory_dir }}` and lookups resolved)."""
-    from ansible.errors import AnsibleError
-    from ansible.inventory.manager import InventoryManager
-    from ansible.parsing.dataloader import DataLoader
-    from ansible.template import Templar
-    from ansible.vars.manager import VariableManager
-
-    if not inventory.is_file():
-        raise ConfigError(f"inventory {inventory} not found: pass -i inventory/local.yml or your cluster's file")
-    loader = DataLoader()
-    manager = InventoryManager(loader=loader, sources=[str(inventory)])
-    hosts = manager.get_groups_dict().get(CLUSTER_GROUP, [])
-    host = host or (hosts[0] if hosts else None)
-    if host is None or manager.get_host(host) is None:
-        raise ConfigError(f"inventory {inventory} has no host {host or f'in group `{CLUSTER_GROUP}`'}")
-    variables = VariableManager(loader=loader, inventory=manager).get_vars(host=manager.get_host(host))
-    templar = Templar(loader=loader, variables=variables)
-    try:
-        return host, {key: templar.template(value) for key, value in variables.items() if key.startswith("snowpipe_")}
-    except AnsibleError as exc:
-        raise ConfigError(f"inventory {inventory}, host {host}: {exc.message}") from None
+from pipeline.inventory import DEFAULT_INVENTORY, inventory_host_vars
+from pipeline.submit.cluster_check import plan_problems, refusal
 
 
 def _target_vars(raw: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.writer import atomic_path, write_json
 from pipeline.errors import DataError, SnowpipeError
 from pipeline.metrics import class_scores, json_number
+from pipeline.model.busy import BusyTimer, write_busy
 from pipeline.model.checkpoint import read_checkpoint, restore_rng, rng_state, save_checkpoint, vouch_for
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.plots import plot_training_curves
@@ -133,6 +134,7 @@ class Trainer:
         self.val_set = Subset(val_set, range(procs.rank, len(val_set), procs.world))  # exact shards, no padding
         self.sampler: DistributedSampler[int] = DistributedSampler(
             self.train_set, num_replicas=procs.world, rank=procs.rank, shuffle=True, seed=settings.seed)
+        self.busy = BusyTimer(procs.device)  # forward / backward against the task's wall time (snowpipe report)
         self.network = (DistributedDataParallel(self.model, device_ids=[procs.local_rank] if self.cuda else None)
                         if procs.distributed else self.model)
 
@@ -333,18 +335,20 @@ class Trainer:
                         self._stop_if_loader_died(stop, exc, step, steps, total)
                         raise
                     x, y = self._to_device(x, y)
-                    with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
-                        loss = self._loss(self.network(x), y)
-                    if not torch.isfinite(loss):
-                        raise TrainingFailed(f"the training loss became {loss.item()} at epoch {state.epoch + 1}, "
-                                             f"step {step + 1}: lower training.learning_rate or check the dataset")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scaler.scale(loss).backward()
-                    if settings.gradient_clip:
-                        self.scaler.unscale_(self.optimizer)
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.gradient_clip)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
+                    with self.busy.measure():
+                        with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
+                            loss = self._loss(self.network(x), y)
+                        if not torch.isfinite(loss):
+                            raise TrainingFailed(f"the training loss became {loss.item()} at epoch "
+                                                 f"{state.epoch + 1}, step {step + 1}: lower "
+                                                 f"training.learning_rate or check the dataset")
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.scaler.scale(loss).backward()
+                        if settings.gradient_clip:
+                            self.scaler.unscale_(self.optimizer)
+                            torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.gradient_clip)
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
                     total += torch.stack([loss.detach(), torch.ones((), device=procs.device)])
                     bar_view.advance(bar)
                     if self._stop_agreed(stop):
@@ -403,7 +407,8 @@ class Trainer:
                                                   torch.tensor(self.state.partial))
                     raise
                 x, y = self._to_device(x, y)
-                with torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
+                with self.busy.measure(), \
+                        torch.autocast(device_type=procs.device.type, dtype=torch.float16, enabled=self.amp):
                     logits = self.network(x)
                 if self.sample is None and procs.main:  # a few patches for TensorBoard's picture of this epoch
                     self.sample = (y[:PREVIEW_PATCHES].cpu().numpy(), logits[:PREVIEW_PATCHES].argmax(1).cpu().numpy())
@@ -425,6 +430,8 @@ class Trainer:
         finally:
             if board is not None:
                 board.close()
+            if self.procs.main:  # rank 0's GPU stands for the others (snowpipe report's gpu_busy)
+                write_busy(self.config.path("results"), "train", self.busy)
 
     def _epochs(self, board: TrainingBoard | None) -> Progress:
         settings, state = self.settings, self.state
