@@ -17,7 +17,7 @@ from pipeline.bands import BANDS, CLOUDS, NODATA
 from pipeline.data.layout import discover_scenes
 from pipeline.data.reader import SceneReader
 from pipeline.stages import annotate, cloud_backend, clouds
-from tests.builders import make_config, write_auxiliary, write_scene
+from tests.builders import make_config, sid, write_auxiliary, write_scene
 from tests.test_annotate import DATE, SIZE, cloudy_bands
 
 
@@ -74,7 +74,7 @@ def cloudy_scene(tmp_path):
 
 
 def _mask(config):
-    folder = config.path("annotated_masks") / DATE
+    folder = config.path("annotated_masks") / sid(DATE)
     record = json.loads((folder / ".snowpipe-complete.json").read_text())
     with rasterio.open(folder / "mask.tif") as src:
         return src.read(1), record
@@ -143,10 +143,10 @@ def test_a_library_that_does_not_reproduce_its_probe_is_never_used(small_model, 
 
 def test_the_detector_sees_only_valid_pixels_and_fills_the_rest(cloudy_scene, stand_in):
     config = make_config(cloudy_scene, annotation={"cloud_detection": {"resolution": 20, "backend": "compiled"}})
-    scene = discover_scenes(config.path("extracted_data"), config.tile_id)[0]
+    scene = discover_scenes(config.path("extracted_data"), config.tiles)[0]
     detector = clouds.CloudDetector(config.annotation.cloud_detection, 10.0, say=lambda line: None)
     assert detector.fill == detector.model.predict(np.zeros((1, 10), np.float32))[0]
-    with SceneReader(scene, config.tile_id) as reader:
+    with SceneReader(scene, scene.tile) as reader:
         bands, valid, all_bands = detector.read(reader, Window(0, 0, SIZE // 2, SIZE // 2))
     assert bands.shape == (10, SIZE // 2, SIZE // 2) and not all_bands
     assert not valid[:12, 21:].any() and valid[24:26].all()  # B03's gap is not the detector's

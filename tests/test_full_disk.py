@@ -309,7 +309,7 @@ def test_a_full_disk_stops_a_per_scene_stage_with_74_naming_the_folder_and_tries
     finished"), with libtiff's `_tiffSeekProc: No space left on device.` lines printed above the message."""
     import yaml
 
-    from tests.builders import TILE, write_auxiliary, write_scene
+    from tests.builders import TILE, sid, write_auxiliary, write_scene
 
     size = 240
     dates = ["20220301T102309", "20220302T102309", "20220303T102309"]
@@ -329,7 +329,7 @@ def test_a_full_disk_stops_a_per_scene_stage_with_74_naming_the_folder_and_tries
                               capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 74, done.stderr
-        assert lines[-1].startswith(f"error: annotate stopped at scene {dates[0] if workers == 1 else ''}")
+        assert lines[-1].startswith(f"error: annotate stopped at scene {sid(dates[0]) if workers == 1 else ''}")
         assert f"cannot write {masks}" in lines[-1] and FULL in lines[-1] and "free space there" in lines[-1]
         assert ".partial-" not in lines[-1]  # the folder the user knows, not the private one already removed
         assert not [line for line in lines if "tiff" in line.lower() or "FAILED" in line], done.stderr

@@ -24,7 +24,7 @@ from pipeline.data.reader import SceneReader
 from pipeline.data.tiles import tile_crs, tile_origin
 from pipeline.demo import generate_demo
 from pipeline.errors import SceneError
-from tests.builders import TILE, band_shape, write_auxiliary, write_scene
+from tests.builders import TILE, band_shape, sid, write_auxiliary, write_scene
 
 SIZE = 60
 DATE = "20220301T102309"
@@ -61,7 +61,7 @@ def test_a_band_cropped_to_part_of_the_tile_is_refused_naming_the_file_and_the_f
     with pytest.raises(SceneError) as error:
         open_scene(tmp_path)
     message = str(error.value)
-    assert message.startswith(f"scene {DATE}: {cropped} covers x 499980..500380")
+    assert message.startswith(f"scene {TILE}_{DATE}: {cropped} covers x 499980..500380")
     assert "(20 x 30 px of 20 m)" in message and "(60 x 60 px of 10 m)" in message
     assert "B11 needs 30 x 30 px of 20 m there" in message and message.endswith("re-extract the product zip")
     assert "\n" not in message
@@ -125,7 +125,7 @@ def test_an_exolabs_raster_on_another_extent_fails_the_scene_in_the_cli_naming_i
     detail = result.stderr.splitlines()[result.stderr.splitlines().index(line) + 1]
     assert f"{DATE}: {exolabs} covers x 500340..500940" in detail and "only 40% of the scene's" in detail
     assert detail.endswith("re-download the ExoLabs classification of 2022-03-01 for tile 32TNS")
-    assert not (tmp_path / "masks" / DATE / "mask.tif").exists()
+    assert not (tmp_path / "masks" / sid(DATE) / "mask.tif").exists()
 
 
 def test_rasters_in_another_crs_are_checked_in_the_scene_crs(tmp_path):

@@ -214,7 +214,7 @@ def test_until_used_deletes_only_the_band_files_decode_wrote_even_into_extracted
     assert not any(report.failed for report in reports)
     after = files_under(project / "extracted_data")
     assert {name: after.get(name) for name in jp2} == jp2  # every input file, with its content
-    for scene in discover_scenes(config.path("extracted_data"), config.tile_id):
+    for scene in discover_scenes(config.path("extracted_data"), config.tiles):
         assert not list(scene.safe_dir.glob("*.tif")) and not (scene.safe_dir / ".snowpipe-complete.json").exists()
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.records.publish import building, partial_folder, reclaim_partials
-from tests.builders import TILE, write_auxiliary, write_scene
+from tests.builders import TILE, sid, write_auxiliary, write_scene
 from tests.requirements import need
 
 
@@ -111,10 +111,10 @@ def test_an_old_folder_held_by_an_immutable_file_is_named_and_the_published_fold
     project = immutable_ok
     config = annotate_project(project)
     assert annotate(config).returncode == 0
-    folder = project / "masks" / DATE
+    folder = project / "masks" / sid(DATE)
     notes = folder / "notes.txt"
     notes.write_text("checked by hand")
-    aside = folder.with_name(f".{DATE}.old.tmp")
+    aside = folder.with_name(f".{sid(DATE)}.old.tmp")
     chattr(notes, "+i")
     try:
         done = annotate(config, "--force")  # the new masks are published; the old folder cannot go
@@ -143,14 +143,14 @@ def test_an_old_folder_held_by_an_immutable_file_is_named_and_the_published_fold
 def test_a_symlinked_scene_folder_is_replaced_without_a_stray_link_or_touching_where_it_pointed(tmp_path, capsys):
     """A stray `.DATE.old.tmp` symlink used to remain, and the next --force died with exit 70."""
     config = annotate_project(tmp_path)
-    elsewhere = tmp_path / "elsewhere" / DATE
+    elsewhere = tmp_path / "elsewhere" / sid(DATE)
     elsewhere.mkdir(parents=True)
     (elsewhere / "mask.tif").write_bytes(b"an old mask of the user's")
     (elsewhere / "notes.txt").write_text("checked by hand")
-    folder = tmp_path / "masks" / DATE
+    folder = tmp_path / "masks" / sid(DATE)
     folder.parent.mkdir()
     folder.symlink_to(elsewhere, target_is_directory=True)
-    aside = folder.with_name(f".{DATE}.old.tmp")
+    aside = folder.with_name(f".{sid(DATE)}.old.tmp")
     for _ in range(2):
         done = annotate(config, "--force")
         assert done.returncode == 0, done.stderr

@@ -99,7 +99,7 @@ def test_an_input_changed_in_place_with_its_size_kept_is_seen_by_every_stage(pro
     assert main(["verify", str(project / "pipeline-config.yml")]) == 1
     text = said(capsys)
     for scene in discover_scenes(config.path("extracted_data"), TILE):
-        assert f"{config.path('annotated_masks') / scene.date}: out of date: its inputs changed" in text
+        assert f"{config.path('annotated_masks') / scene.id}: out of date: its inputs changed" in text
     assert annotate.run(config).count("done") == 2  # both scenes read the lakes: both redone
     assert main(["verify", str(project / "pipeline-config.yml")]) == 0
 
@@ -107,7 +107,7 @@ def test_an_input_changed_in_place_with_its_size_kept_is_seen_by_every_stage(pro
 def test_a_damaged_annotated_mask_is_not_trusted_by_the_dataset_and_annotate_redoes_it(project, capsys):
     config = config_of(project)
     assert annotate.run(config).count("done") == 2
-    mask = config.path("annotated_masks") / discover_scenes(config.path("extracted_data"), TILE)[1].date / "mask.tif"
+    mask = config.path("annotated_masks") / discover_scenes(config.path("extracted_data"), TILE)[1].id / "mask.tif"
     damage_in_place(mask, length=512)
     key = annotation.record_key(discover_scenes(config.path("extracted_data"), TILE)[1], config,
                               find_auxiliary(config.path("extracted_data"), TILE))
@@ -143,7 +143,7 @@ def test_a_record_of_the_previous_schema_is_upgraded_in_place_without_redoing(pr
     config = config_of(project)
     assert annotate.run(config).count("done") == 2
     scene = discover_scenes(config.path("extracted_data"), TILE)[0]
-    folder = config.path("annotated_masks") / scene.date
+    folder = config.path("annotated_masks") / scene.id
     key = annotation.record_key(scene, config, find_auxiliary(config.path("extracted_data"), TILE))
     record = json.loads((folder / records.RECORD_NAME).read_text())
     old = {**record, "schema": 2, "inputs": key.sampled_inputs,
