@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-DEFAULT_INVENTORY = Path(__file__).resolve().parent.parent.parent / "inventory" / "local.yml"
+DEFAULT_INVENTORY = Path(__file__).resolve().parent.parent / "inventory" / "local.yml"
 CLUSTER_GROUP = "cluster"
 
 
