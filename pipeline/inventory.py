@@ -4,6 +4,7 @@ connection (ansible_host, ansible_port, ansible_user, the key, snowpipe_known_ho
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from pipeline.errors import ConfigError
 
 DEFAULT_INVENTORY = Path(__file__).resolve().parent.parent / "inventory" / "local.yml"
 CLUSTER_GROUP = "cluster"
+_loader_ready: list[bool] = []
 
 
 def inventory_host_vars(inventory: Path, host: str | None = None,
@@ -23,6 +25,17 @@ def inventory_host_vars(inventory: Path, host: str | None = None,
     from ansible.parsing.dataloader import DataLoader
     from ansible.template import Templar
     from ansible.vars.manager import VariableManager
+
+    if not _loader_ready:  # lookups (`ansible.builtin.pipe` in inventory/local.yml) need the collection loader
+        try:               # that ansible's own commands set up, once per process
+            from ansible.plugins.loader import init_plugin_loader
+        except ImportError:  # ansible-core before 2.15 sets it up on import
+            pass
+        else:
+            with warnings.catch_warnings():  # "already configured" where something else set it up first
+                warnings.simplefilter("ignore", UserWarning)
+                init_plugin_loader()
+        _loader_ready.append(True)
 
     if not inventory.is_file():
         raise ConfigError(f"inventory {inventory} not found: pass -i inventory/local.yml or your cluster's file")
