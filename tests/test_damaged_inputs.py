@@ -30,6 +30,7 @@ from pipeline.demo.config_file import write_demo_config
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.stages import annotate, decode
+from tests.builders import sid
 
 SIZE = 120
 TILE = "32TNS"
@@ -107,10 +108,10 @@ def outputs(project: Path, stage: str, date: str) -> list[Path]:
     if stage == "decode":
         return list((project / "decoded").glob(f"*{date}*.SAFE/*.tif"))
     if stage == "annotate":
-        return list((project / "annotated_masks" / date).glob("*.tif"))
+        return list((project / "annotated_masks" / sid(date)).glob("*.tif"))
     if stage == "dataset":
         return [*(project / "dataset").glob("*.npy"), *(project / "dataset").glob("manifest.json")]
-    return list((project / "results" / "predictions" / date).glob("*.tif"))
+    return list((project / "results" / "predictions" / sid(date)).glob("*.tif"))
 
 
 # ---- a band damaged in place: every reader, one policy ----------------------------------------------------------

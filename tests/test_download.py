@@ -88,20 +88,20 @@ def test_products_are_picked_by_tile_and_date_and_a_safe_folder_wins_over_its_zi
     entries = [Entry(f"{SAFE_A}.SAFE", 4096, "dir"), Entry(f"{SAFE_A}.zip", 10, "file"),
                Entry(f"{SAFE_B}.zip", 10, "file"), Entry(SAFE_B.replace("T32TNS", "T33UUU") + ".zip", 10, "file"),
                Entry("notes.txt", 1, "file")]
-    picked = pick_products(entries, TILE, [], "server:/data")
+    picked = pick_products(entries, [TILE], [], "server:/data")
     assert [(p.name, p.form) for p in picked] == [(f"{SAFE_A}.SAFE", "SAFE"), (f"{SAFE_B}.zip", "zip")]
     assert picked[1].folder == f"{SAFE_B}.SAFE"
-    assert [p.date for p in pick_products(entries, TILE, ["20220113T102411"], "s")] == ["20220113T102411"]
-    with pytest.raises(DataError, match="20990101T000000 in the config match no product.*available: 20211220T102451"):
-        pick_products(entries, TILE, ["20990101T000000"], "s")
-    with pytest.raises(DataError, match="no product of tile 10TAA .* in server:/data: check tile_id"):
-        pick_products(entries, "10TAA", [], "server:/data")
+    assert [p.date for p in pick_products(entries, [TILE], ["20220113T102411"], "s")] == ["20220113T102411"]
+    with pytest.raises(DataError, match="20990101T000000 in the config match no product.*available: 32TNS_20211220T102451"):
+        pick_products(entries, [TILE], ["20990101T000000"], "s")
+    with pytest.raises(DataError, match="no product of tile 10TAA .* in server:/data: check tiles"):
+        pick_products(entries, ["10TAA"], [], "server:/data")
 
 
 def test_filters_select_products_exolabs_days_and_auxiliary_only():
-    products = [Product(f"{SAFE_A}.SAFE", "20211220T102451", "SAFE"),
-                Product(f"{SAFE_B}.zip", "20220113T102411", "zip")]
-    rules = selection_filters(products, TILE, Entry("32TNS_auxiliary_data", 0, "dir"), exolabs=True)
+    products = [Product(f"{SAFE_A}.SAFE", "20211220T102451", TILE, "SAFE"),
+                Product(f"{SAFE_B}.zip", "20220113T102411", TILE, "zip")]
+    rules = selection_filters(products, {TILE: Entry("32TNS_auxiliary_data", 0, "dir")}, exolabs=True)
     assert rules == [f"--include=/{SAFE_A}.SAFE/***", f"--include=/{SAFE_B}.zip", "--include=/32TNS_auxiliary_data/***",
                      "--include=/ExoLabs_classification_S2/",
                      "--include=/ExoLabs_classification_S2/S2_32TNS_2021-12-20*.tif",
@@ -187,7 +187,7 @@ def test_zips_unpack_atomically_once_and_corrupt_ones_are_named(tmp_path):
 def servers(tmp_path_factory):
     """Two server folders: the demo's SAFE folders, and the same data with product zips instead."""
     root = tmp_path_factory.mktemp("server")
-    summary = generate_demo(root / "demo", scenes=2, size=96, tile=TILE, seed=0)
+    summary = generate_demo(root / "demo", scenes=2, size=96, tiles=[TILE], seed=0)
     plain = root / "demo" / "extracted_data"
     zipped = root / "zipped"
     shutil.copytree(plain, zipped)

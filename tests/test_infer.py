@@ -33,6 +33,7 @@ from pipeline.inference.tiling import predict_windows, window_tiles
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.unet import ModelSpec, UNet
 from pipeline.stages import infer
+from tests.builders import sid
 
 SIZE = 300
 TILE = "32TNS"
@@ -84,7 +85,7 @@ def demo(tmp_path_factory) -> Demo:
     date = generate_demo(root, scenes=1, size=SIZE, seed=3).dates[0]
     bands, dem, valid = read_scene(root, date)
     normaliser = Normaliser.fit(bands[:, valid], dem[valid])
-    with rasterio.open(root / "truth" / f"{date}.tif") as src:
+    with rasterio.open(root / "truth" / f"{sid(date)}.tif") as src:
         truth = src.read(1)
     model = fit_tiny_model(normaliser.apply(bands, dem), truth)
     checkpoint = write_checkpoint(root / "model" / "tiny.pt", model, normaliser, [*BANDS, "DEM"])
@@ -101,7 +102,7 @@ def config_for(demo: Demo, out: Path, **inference):
 
 
 def prediction(config, date: str, name: str = "mask.tif") -> Path:
-    return config.path("results") / "predictions" / date / name
+    return config.path("results") / "predictions" / sid(date) / name
 
 
 def test_every_pixel_of_a_scene_not_a_multiple_of_the_window_is_predicted_on_the_input_grid(demo, tmp_path):

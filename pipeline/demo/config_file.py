@@ -97,7 +97,7 @@ class DemoLike(Protocol):
 
 
 def demo_config_text(summary: DemoLike) -> str:
-    patch = 64 if summary.size < 1024 else 256
+    patch = 32 if summary.size < 160 else 64 if summary.size < 1024 else 256  # a patch must fit in coverage
     patches = max(8, min(512, (summary.size // patch) ** 2 * 2))
     return TEMPLATE.format(
         scenes=len(summary.dates) * len(summary.tiles), size=summary.size, tiles=", ".join(summary.tiles),
