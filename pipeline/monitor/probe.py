@@ -92,6 +92,7 @@ def _gpus(gpus: dict[str, int]) -> str:
 
 def print_facts(facts: dict[str, Any], saved: Path) -> None:
     console = Console(highlight=False)
+    console = console if console.is_terminal else Console(highlight=False, width=140)  # a file or a pipe
     table = Table(title=f"{facts['host']}: SLURM {facts.get('slurm_version') or '?'}, MaxArraySize "
                         f"{facts.get('max_array_size')}, MaxJobCount {facts.get('max_job_count')}, MinJobAge "
                         f"{facts.get('min_job_age_s')} s, accounting {'on' if facts.get('accounting') else 'off'}, "
