@@ -23,7 +23,7 @@ from pipeline.monitor.ssh import Result
 from pipeline.monitor.usage_parsers import cpu_seconds, gpu_count, parse_usage, size_bytes, usage_command
 from pipeline.submit.cluster_check import plan_problems, requested_gpus
 
-FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
+FIXTURES = Path(__file__).parent / "fixtures" / "slurm" / "costs"
 
 
 def capture(name: str) -> tuple[str, dict[str, str]]:
