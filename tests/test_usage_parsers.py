@@ -102,6 +102,15 @@ def test_the_report_adds_up_a_run_per_stage_and_its_totals_match_the_tasks():
         assert all(key in s for s in stages), key
 
 
+def test_the_chunks_of_a_stage_past_max_array_size_are_one_stage_in_the_report():
+    text, jobs = capture("sacct_usage.txt")
+    record = RunRecord(run_id="r1", host="login", remote_dir="/r", jobs=[
+        {"name": "annotate.1", "id": jobs["arr"], "array": "0-1", "stages": ["annotate"], "chunk_of": "annotate"},
+        {"name": "annotate.2", "id": jobs["burn"], "array": "0", "stages": ["annotate"], "chunk_of": "annotate"}])
+    (stage,) = [cost.as_dict() for cost in report.group(record, parse_usage(text), [])]
+    assert stage["name"] == "annotate" and stage["tasks"] == 3 and stage["states"] == {"COMPLETED": 3}
+
+
 def test_advice_names_the_job_spec_key_for_memory_cpus_gpu_and_time():
     text, jobs = capture("sacct_usage_documented.txt")
     busy = [{"stage": "infer", "busy_s": 300.0, "wall_s": 1800.0}]

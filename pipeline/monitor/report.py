@@ -24,6 +24,7 @@ from rich.table import Table
 from pipeline.contract.run_record import RunRecord
 from pipeline.errors import SnowpipeError
 from pipeline.monitor import runs
+from pipeline.monitor.stagejobs import stage_name
 from pipeline.monitor.usage_parsers import Usage, parse_usage, usage_command
 from pipeline.progress import say
 
@@ -90,12 +91,13 @@ class StageCost:
 
 
 def group(record: RunRecord, usages: Iterable[Usage], busy: Iterable[dict[str, Any]]) -> list[StageCost]:
-    """The run's jobs in submission order, one entry per job name (a job added later to the run joins its name);
-    each busy file goes to the job that runs its stage."""
+    """The run's jobs in submission order, one entry per stage job (a job added later to the run joins its name, the
+    chunks of an array join their stage); each busy file goes to the job that runs its stage."""
     costs: dict[str, StageCost] = {}
     by_id: dict[str, StageCost] = {}
     for job in record.jobs:
-        cost = costs.setdefault(job.name, StageCost(job.name, list(job.stages) or [job.name]))
+        name = stage_name(job)  # the chunks of a stage past MaxArraySize are one stage
+        cost = costs.setdefault(name, StageCost(name, list(job.stages) or [name]))
         by_id[job.id] = cost
     for usage in usages:
         if usage.job in by_id:
