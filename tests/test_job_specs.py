@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError
 from pipeline.monitor.runs import save_record
 from pipeline.submit.jobspec import Resources, load_jobs
 from pipeline.submit.plan import REPO_ROOT, Target, make_plan, sbatch_lines, sbatch_quote
-from tests.builders import make_config, write_scene
+from tests.builders import make_config, sid, write_scene
 
 JOBS = REPO_ROOT / "jobs"
 DATES = ["20220301T102309", "20220311T102309"]
@@ -40,7 +40,7 @@ def test_the_shipped_pipeline_decodes_on_cpus_first_and_annotates_each_scene_onc
     assert [job.after for job in plan.jobs] == [[], ["decode"], ["annotate"], ["dataset"], ["train", "decode"],
                                                 ["infer"]]
     assert plan.job("annotate").after_each == ["decode"]   # task i after decode task i (aftercorr)
-    assert plan.job("annotate").scene_ids == plan.job("decode").scene_ids == DATES
+    assert plan.job("annotate").scene_ids == plan.job("decode").scene_ids == [sid(d) for d in DATES]
     decode = plan.job("decode")
     assert decode.array == "0-1" and "gres" not in decode.sbatch and "gpus" not in decode.sbatch
     assert decode.sbatch["array"] == "0-1%16"
@@ -61,7 +61,7 @@ def test_the_shipped_pipeline_decodes_on_cpus_first_and_annotates_each_scene_onc
     assert paths["extracted_data"] == "/scratch/me/snowpipe/data/extracted_data"
     assert paths["results"] == "/scratch/me/snowpipe/runs/r1/results"
     # "every scene" is pinned to the scenes sent: the cluster's shared data may hold other runs' scenes
-    assert plan.config["dates"] == DATES
+    assert plan.config["dates"] == [sid(d) for d in DATES]  # as scene ids: one tile's time is not another's
     train = plan.job("train")
     assert train.sbatch["gres"] == "gpu:1" and train.sbatch["signal"] == "B:USR1@300"
     assert train.log == "/scratch/me/snowpipe/runs/r1/logs/%x-%j.out"
@@ -216,8 +216,8 @@ def test_scenes_per_task_gives_each_array_task_several_scenes_and_their_files(tm
     plan = make_plan(config, tmp_path / "c.yml", "pipeline", target(snowpipe_job_overrides={
         "infer": {"scenes_per_task": 2}}), run_id="r1")
     assert plan.job("infer").array == "0-1"
-    assert plan.job("infer").scene_ids == [f"{dates[0]},{dates[1]}", dates[2]]
-    assert plan.job("annotate").scene_ids == dates           # one scene per task where not asked
+    assert plan.job("infer").scene_ids == [f"{sid(dates[0])},{sid(dates[1])}", sid(dates[2])]
+    assert plan.job("annotate").scene_ids == [sid(d) for d in dates]  # one scene per task where not asked
     staged = plan.job("infer").commands[0].staged[0]
     assert len(staged.task_filters) == 2
     first = staged.task_filters[0].split()
@@ -247,10 +247,10 @@ def test_an_array_job_of_two_stages_runs_both_on_the_same_scenes_or_is_refused_b
     (jobs / "both.yml").write_text("jobs:\n  - name: both\n    stages: [annotate, infer]\n    array: true\n")
     config = make_config(tmp_path, dates=DATES[:2], inference={"enable": True, "dates": DATES[:2]})
     plan = make_plan(config, tmp_path / "c.yml", "both", target(), run_id="r1", jobs_dir=jobs)
-    assert plan.job("both").scene_ids == DATES[:2]
+    assert plan.job("both").scene_ids == [sid(d) for d in DATES[:2]]
 
     other = make_config(tmp_path, dates=DATES[:2], inference={"enable": True,
                                                               "dates": [DATES[0], "20220321T102309"]})
     with pytest.raises(ConfigError, match=r"job both: its stages annotate and infer cover different scenes "
-                                          r"\(2 and 2; differing: 20220311T102309, 20220321T102309\)"):
+                                          r"\(2 and 2; differing: 32TNS_20220311T102309, 32TNS_20220321T102309\)"):
         make_plan(other, tmp_path / "c.yml", "both", target(), run_id="r1", jobs_dir=jobs)

@@ -205,7 +205,8 @@ def test_a_job_whose_synced_data_changed_fails_before_its_stage_naming_the_file(
     frozen = (DRY_RUNS / run_id / "config.json").read_text()
     (run_dir / "config.json").write_text(frozen.replace(plan.run_dir, str(run_dir)).replace(plan.data_root, str(data)))
     first, second = plan.job("annotate").scene_ids[:2]
-    band = next(data.glob(f"extracted_data/*_{first}_*.SAFE/GRANULE/*/IMG_DATA/*_B03.jp2"))
+    tile, _, time = first.partition("_")  # scene id {TILE}_{YYYYMMDDTHHMMSS}
+    band = next(data.glob(f"extracted_data/*_{time}_*_T{tile}_*.SAFE/GRANULE/*/IMG_DATA/*_B03.jp2"))
     content = bytearray(band.read_bytes())
     content[len(content) // 2] ^= 0xFF  # the cluster's copy is no longer the one submitted
     band.write_bytes(bytes(content))

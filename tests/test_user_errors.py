@@ -302,7 +302,8 @@ def test_a_scene_that_does_not_exist_is_a_usage_error_naming_the_scenes_found(tm
     code, err = snowpipe(capsys, "stage", "annotate", str(path), "--scene", "20220301T102309,20990101T000000")
     assert code == 2
     assert one_error_line(err) == (f"error: --scene 20990101T000000: no such scene of tile 32TNS in "
-                                   f"{tmp_path / 'extracted_data'}; scenes found: 32TNS_20220301T102309, 32TNS_20220310T102309")
+                                   f"{tmp_path / 'extracted_data'}; scenes found: 32TNS_20220301T102309, "
+                                   f"32TNS_20220310T102309")
     assert not (tmp_path / "annotated_masks").exists()  # nothing ran, not even the scene that exists
 
 
