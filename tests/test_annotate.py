@@ -122,7 +122,7 @@ def test_a_broken_scene_fails_alone_and_leaves_nothing_that_looks_complete(overl
 def test_a_scene_without_exolabs_file_is_named(tmp_path):
     write_auxiliary(tmp_path, SIZE)
     write_scene(tmp_path, DATE, SIZE)
-    with pytest.raises(StageFailed, match="no ExoLabs file S2_\\*_2022-03-01\\*.tif"):
+    with pytest.raises(StageFailed, match="no ExoLabs file S2_32TNS_2022-03-01\\*.tif"):
         annotate.run(make_config(tmp_path))
     report = annotate.run(make_config(tmp_path, annotation={"exolabs_snow": False}))
     assert report.count("done") == 1

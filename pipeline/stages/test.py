@@ -157,7 +157,7 @@ def _check_inputs(inputs: SceneInputs, config: PipelineConfig) -> None:
                                f"`snowpipe stage infer --scene {date}` first")
     if inputs.reference is None:
         if reference == "exolabs":
-            raise SceneError(inputs.scene.id, f"no ExoLabs file S2_*_{inputs.scene.day}*.tif in "
+            raise SceneError(inputs.scene.id, f"no ExoLabs file S2_{inputs.scene.tile}_{inputs.scene.day}*.tif in "
                                                 f"extracted_data/ExoLabs_classification_S2 (add it, or set "
                                                 f"testing.reference: annotated_masks)")
         raise SceneError(inputs.scene.id, f"annotated mask {masks_root / inputs.scene.id / 'mask.tif'} not "
