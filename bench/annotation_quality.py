@@ -28,7 +28,7 @@ def scene_matrix(mask_path: Path, truth_path: Path) -> np.ndarray:
 
 def main(demo: Path, predictions: bool = False, results: Path | None = None) -> int:
     overall = np.zeros((4, 4), np.int64)
-    print(f"{"scene":<23}" + "".join(f"{name:>12}" for name in CLASS_NAMES) + "   (IoU vs truth)")
+    print(f"{'scene':<23}" + "".join(f"{name:>12}" for name in CLASS_NAMES) + "   (IoU vs truth)")
     for truth_path in sorted((demo / "truth").glob("*.tif")):
         folder = (results or demo / "results") / "predictions" if predictions else demo / "annotated_masks"
         mask_path = folder / truth_path.stem / "mask.tif"

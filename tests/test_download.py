@@ -92,7 +92,8 @@ def test_products_are_picked_by_tile_and_date_and_a_safe_folder_wins_over_its_zi
     assert [(p.name, p.form) for p in picked] == [(f"{SAFE_A}.SAFE", "SAFE"), (f"{SAFE_B}.zip", "zip")]
     assert picked[1].folder == f"{SAFE_B}.SAFE"
     assert [p.date for p in pick_products(entries, [TILE], ["20220113T102411"], "s")] == ["20220113T102411"]
-    with pytest.raises(DataError, match="20990101T000000 in the config match no product.*available: 32TNS_20211220T102451"):
+    with pytest.raises(DataError,
+                       match="20990101T000000 in the config match no product.*available: 32TNS_20211220T102451"):
         pick_products(entries, [TILE], ["20990101T000000"], "s")
     with pytest.raises(DataError, match="no product of tile 10TAA .* in server:/data: check tiles"):
         pick_products(entries, ["10TAA"], [], "server:/data")

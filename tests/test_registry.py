@@ -24,7 +24,8 @@ def test_validating_and_planning_import_no_torch():
     """`snowpipe validate`, `plan` and `status` run on a laptop in a second; torch takes several. Every command
     builds the whole parser first (pipeline.verify's checkpoint check imported torch there: 1.4 s each)."""
     code = ("import sys, pipeline.cli, pipeline.runner, pipeline.submit.plan, pipeline.submit.plan_command; "
-            "pipeline.cli.build_parser(); print(sorted(m for m in ('torch', 's2cloudless', 'matplotlib') if m in sys.modules))")
+            "pipeline.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 's2cloudless', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

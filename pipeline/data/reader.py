@@ -259,8 +259,8 @@ class SceneReader:
             if path is None:
                 raise SceneError(
                     self.scene.id,
-                    f"no ExoLabs file S2_{self.scene.tile}_{self.scene.day}*.tif in extracted_data/ExoLabs_classification_S2 "
-                    f"(add it, or set annotation.exolabs_snow: false)",
+                    f"no ExoLabs file S2_{self.scene.tile}_{self.scene.day}*.tif in "
+                    f"extracted_data/ExoLabs_classification_S2 (add it, or set annotation.exolabs_snow: false)",
                 )
         else:
             path = self._auxiliary_path(name)
