@@ -41,8 +41,8 @@ def test_masks_lie_on_the_scene_grid_and_agree_with_the_truth(demo):
     out, _ = demo
     matrix = np.zeros((4, 4), np.int64)
     for truth_path in sorted((out / "truth").glob("*.tif")):
-        date = truth_path.stem
-        b02 = next((out / "extracted_data").glob(f"*_{date}_*.SAFE/GRANULE/*/IMG_DATA/*_B02.jp2"))
+        date = truth_path.stem  # truth/{scene id}.tif: the scene's folders have its name
+        b02 = next((out / "extracted_data").glob(f"*_{date.rpartition('_')[2]}_*.SAFE/GRANULE/*/IMG_DATA/*_B02.jp2"))
         with rasterio.open(out / "annotated_masks" / date / "mask.tif") as mask, rasterio.open(b02) as band, \
                 rasterio.open(truth_path) as truth:
             assert (mask.crs, mask.transform, mask.shape) == (band.crs, band.transform, band.shape)
