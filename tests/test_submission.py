@@ -97,6 +97,22 @@ def test_a_demo_submission_runs_every_job_to_completed(local_cluster, submitted,
     assert (run_dir / "code/pipeline/cli.py").is_file()
 
 
+def test_submitting_a_finished_run_again_submits_nothing_and_sends_nothing(local_cluster, submitted, demo):
+    """The same code, job spec, config and data as a run that finished with every task COMPLETED: the preflight
+    says so and ends the play before the sync; `-e force=true` would run it again."""
+    run_id, first = submitted
+    assert first.returncode == 0, first.stdout[-3000:]
+    again = f"{run_id}-again"
+    overrides = {**SMALL_JOBS, "train": {"gpus": 2}}
+    result = playbook("-e", f"config={demo}", "-e", f"run_id={again}",
+                      "-e", json.dumps({"snowpipe_job_overrides": overrides}), "-v")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"run {run_id} is this same submission" in result.stdout and "nothing to submit and nothing sent" in \
+        result.stdout
+    assert "Sync data with rsync" not in result.stdout and "Submit each job" not in result.stdout  # ended before
+    assert not (REPO_ROOT / "runs" / f"{again}.json").exists()
+
+
 def test_a_second_submission_with_unchanged_data_sends_no_data_file(local_cluster, submitted, demo):
     run_id, _ = submitted
     result = playbook("-e", f"config={demo}", "-e", f"run_id={run_id}", "-e", "job=test", "-e", "wait=true",
@@ -192,3 +208,46 @@ def test_a_failed_job_fails_a_waited_submission_and_names_the_logs(local_cluster
         assert f"/runs/{run_id}/logs/test-" in result.stdout
     finally:
         (REPO_ROOT / "runs" / f"{run_id}.json").unlink(missing_ok=True)
+
+
+def test_the_report_of_a_demo_run_agrees_with_sacct_read_by_hand(local_cluster, submitted, capsys):
+    """`snowpipe report --json` (issue 25): per stage CPU- and GPU-hours, CPU efficiency and peak memory within 10 % of
+    sacct's own numbers for the run's jobs; train and infer measured their busy fraction; the PNG lies in the run's
+    local results folder."""
+    from tests.cluster_fixture import need_accounting
+
+    need_accounting(local_cluster)
+    run_id, result = submitted
+    assert result.returncode == 0
+    record = json.loads((REPO_ROOT / "runs" / f"{run_id}.json").read_text())
+    try:
+        assert main(["report", run_id, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["source"] == "sacct" and (REPO_ROOT / "runs" / run_id / "results" / "report.png").is_file()
+        stages = {stage["name"]: stage for stage in report["stages"]}
+        assert list(stages) == ["decode", "annotate", "dataset", "train", "infer", "test"]
+        for name, stage in stages.items():
+            ids = ",".join(job["id"] for job in record["jobs"] if job["name"] == name)
+            rows = [line.split("|") for line in subprocess.run(
+                ["sacct", "--jobs", ids, "--duplicates", "--noheader", "--parsable2",
+                 "--format=JobID,CPUTimeRAW,TotalCPU,AllocTRES,ElapsedRaw,MaxRSS"], env=local_cluster.env(),
+                capture_output=True, text=True, check=True).stdout.splitlines()]
+            tasks = [row for row in rows if "." not in row[0]]
+            cpu_s = sum(int(row[1]) for row in tasks)
+            gpu_s = sum(int(re.search(r"gres/gpu=(\d+)", row[3])[1]) * int(row[4]) for row in tasks
+                        if "gres/gpu=" in row[3])
+            used = sum(sum(float(part) * 60 ** i for i, part in enumerate(reversed(row[2].split(":"))))
+                       for row in tasks)
+            rss = max((int(row[5].rstrip("K")) * 1024 for row in rows if row[5]), default=None)
+            assert stage["cpu_hours"] == pytest.approx(cpu_s / 3600, rel=0.1), name
+            assert stage["gpu_hours"] == pytest.approx(gpu_s / 3600, rel=0.1), name
+            assert stage["cpu_efficiency"] == pytest.approx(used / cpu_s, rel=0.1, abs=0.01), name
+            assert rss is None or stage["max_rss_bytes"] == pytest.approx(rss, rel=0.1), name
+        assert stages["train"]["gpu_hours"] > 0 and stages["infer"]["gpu_hours"] > 0  # the gres GPUs
+        assert 0 < stages["train"]["gpu_busy"] <= 1 and 0 < stages["infer"]["gpu_busy"] <= 1
+        assert report["total"]["gpu_hours"] == pytest.approx(sum(s["gpu_hours"] for s in stages.values()), rel=1e-3)
+        assert main(["report", run_id, "--no-png"]) == 0
+        table = capsys.readouterr().out
+        assert "decode" in table and "total" in table and "advice:" in table
+    finally:
+        shutil.rmtree(REPO_ROOT / "runs" / run_id, ignore_errors=True)

@@ -5,7 +5,10 @@ Two cases, both asked of the cluster over SSH with the run records' connections:
   still has a task pending or running: refused, naming that run; `-e force=true` submits anyway;
 - jobs added to an existing run (`-e run_id=RUN`) while a job of the same name in that run is still queued or
   running: refused, always (a second copy would write the same outputs; finished work is never redone anyway,
-  the stages' completion records see to that).
+  the stages' completion records see to that);
+- a new run whose submission key equals a recorded run that finished with every task COMPLETED: nothing to do.
+  The command exits with NOTHING_TO_DO and the playbook ends before any data is sent or any job submitted (a
+  resubmission of a finished run: 0 jobs, 0 files); `-e force=true` submits anyway.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pipeline.monitor.runs import list_records
 from pipeline.progress import say
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED"}
+NOTHING_TO_DO = 3  # exit code of check-submission: the same submission already finished (the playbook ends there)
 
 
 def unfinished(record: RunRecord, names: Iterable[str] | None = None) -> list[jobstate.TaskState]:
@@ -35,8 +39,9 @@ def unfinished(record: RunRecord, names: Iterable[str] | None = None) -> list[jo
     return [row for row in rows if not row.done]
 
 
-def check_submission(key: str, run_id: str | None, jobs: list[str], force: bool) -> None:
-    """Raise SnowpipeError when this submission would duplicate queued work (see the module docstring)."""
+def check_submission(key: str, run_id: str | None, jobs: list[str], force: bool) -> str | None:
+    """Raise SnowpipeError when this submission would duplicate queued work; the id of a recorded run that is this
+    same submission and finished with every task COMPLETED, else None (see the module docstring)."""
     records = list_records()
     if run_id:
         existing = next((record for record in records if record.run_id == run_id), None)
@@ -48,22 +53,47 @@ def check_submission(key: str, run_id: str | None, jobs: list[str], force: bool)
                     f"run {run_id}: job {row.name} (id {row.id}) is still {row.state}; adding it again would run "
                     f"it twice. Wait for it (snowpipe status {run_id} --watch) or cancel it (snowpipe cancel "
                     f"{run_id} {row.name}), then submit again")
-        return
+        return None
     if force:
-        return
+        return None
     for record in records:
-        if record.submission_key != key or (record.last_state and record.last_state.summary in FINAL):
+        if record.submission_key != key:
             continue
-        busy = unfinished(record)
+        if record.last_state and record.last_state.summary in FINAL:
+            if record.last_state.summary == "COMPLETED":
+                return record.run_id
+            continue
+        rows = everything(record)
+        busy = [row for row in rows if not row.done]
+        finished = rows and not busy and jobstate.summary(rows) == "COMPLETED"
+        if finished:
+            return record.run_id
         if busy:
             raise SnowpipeError(
                 f"run {record.run_id} is this same submission (commit, job spec, config and data) and is still "
                 f"{jobstate.summary(busy)}: follow it with `snowpipe status {record.run_id}`, or submit a new run "
                 f"anyway with -e force=true")
+    return None
+
+
+def everything(record: RunRecord) -> list[jobstate.TaskState]:
+    """Every task of the run with its state, asked of the cluster."""
+    from pipeline.monitor.ssh import ClusterConnection  # paramiko: only when a record is in question
+
+    if not record.jobs:
+        return []
+    with ClusterConnection(record) as remote:
+        rows, _ = jobstate.query(remote, record)
+    return rows
 
 
 def cmd_check_submission(args: argparse.Namespace) -> int:
-    check_submission(args.key, args.run_id, [name for name in args.jobs.split(",") if name], args.force)
+    done = check_submission(args.key, args.run_id, [name for name in args.jobs.split(",") if name], args.force)
+    if done:
+        print(f"run {done} is this same submission (commit, job spec, config and data) and finished with every "
+              f"task COMPLETED: nothing to submit and nothing sent. Its results: snowpipe fetch {done}; to run it "
+              f"again anyway: -e force=true")
+        return NOTHING_TO_DO
     say("no duplicate of queued work")
     return 0
 
@@ -72,7 +102,9 @@ def add_check_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-submission", help="refuse a submission that duplicates queued work (the playbook "
                                                 "runs it)",
                        description="Exit 1, naming the run, when a recorded run with the same submission key still "
-                                   "has tasks queued or running, or when jobs added to RUN are still queued there.")
+                                   "has tasks queued or running, or when jobs added to RUN are still queued there; "
+                                   f"exit {NOTHING_TO_DO} when a recorded run with the same key finished with every "
+                                   "task COMPLETED (nothing to do).")
     p.add_argument("key", help="the plan's submission_key")
     p.add_argument("--run-id", help="the run the jobs are added to (-e run_id=RUN)")
     p.add_argument("--jobs", default="", help="comma-separated job names of this submission")
