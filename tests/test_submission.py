@@ -104,13 +104,20 @@ def test_submitting_a_finished_run_again_submits_nothing_and_sends_nothing(local
     assert first.returncode == 0, first.stdout[-3000:]
     again = f"{run_id}-again"
     overrides = {**SMALL_JOBS, "train": {"gpus": 2}}
-    result = playbook("-e", f"config={demo}", "-e", f"run_id={again}",
-                      "-e", json.dumps({"snowpipe_job_overrides": overrides}), "-v")
+    try:
+        result = playbook("-e", f"config={demo}", "-e", f"run_id={again}",
+                          "-e", json.dumps({"snowpipe_job_overrides": overrides}), "-v")
+    finally:
+        (REPO_ROOT / "runs" / f"{again}.json").unlink(missing_ok=True)
     assert result.returncode == 0, result.stdout[-3000:]
     assert f"run {run_id} is this same submission" in result.stdout and "nothing to submit and nothing sent" in \
         result.stdout
     assert "Sync data with rsync" not in result.stdout and "Submit each job" not in result.stdout  # ended before
-    assert not (REPO_ROOT / "runs" / f"{again}.json").exists()
+    before = (REPO_ROOT / "runs" / f"{run_id}.json").read_text()
+    into = playbook("-e", f"config={demo}", "-e", f"run_id={run_id}",  # into the finished run itself
+                    "-e", json.dumps({"snowpipe_job_overrides": overrides}), "-v")
+    assert into.returncode == 0 and f"run {run_id} is this same submission" in into.stdout, into.stdout[-3000:]
+    assert "Submit each job" not in into.stdout and (REPO_ROOT / "runs" / f"{run_id}.json").read_text() == before
 
 
 def test_a_second_submission_with_unchanged_data_sends_no_data_file(local_cluster, submitted, demo):

@@ -43,16 +43,17 @@ def check_submission(key: str, run_id: str | None, jobs: list[str], force: bool)
     """Raise SnowpipeError when this submission would duplicate queued work; the id of a recorded run that is this
     same submission and finished with every task COMPLETED, else None (see the module docstring)."""
     records = list_records()
-    if run_id:
-        existing = next((record for record in records if record.run_id == run_id), None)
-        if existing is not None:
-            busy = unfinished(existing, jobs)
-            if busy:
-                row = busy[0]
-                raise SnowpipeError(
-                    f"run {run_id}: job {row.name} (id {row.id}) is still {row.state}; adding it again would run "
-                    f"it twice. Wait for it (snowpipe status {run_id} --watch) or cancel it (snowpipe cancel "
-                    f"{run_id} {row.name}), then submit again")
+    existing = next((record for record in records if record.run_id == run_id), None) if run_id else None
+    if existing is not None:  # jobs added to a recorded run (-e run_id=RUN)
+        if existing.submission_key == key and not force and finished(existing):
+            return existing.run_id  # this very submission, sent again into the run it made, which finished
+        busy = unfinished(existing, jobs)
+        if busy:
+            row = busy[0]
+            raise SnowpipeError(
+                f"run {run_id}: job {row.name} (id {row.id}) is still {row.state}; adding it again would run "
+                f"it twice. Wait for it (snowpipe status {run_id} --watch) or cancel it (snowpipe cancel "
+                f"{run_id} {row.name}), then submit again")
         return None
     if force:
         return None
@@ -65,8 +66,7 @@ def check_submission(key: str, run_id: str | None, jobs: list[str], force: bool)
             continue
         rows = everything(record)
         busy = [row for row in rows if not row.done]
-        finished = rows and not busy and jobstate.summary(rows) == "COMPLETED"
-        if finished:
+        if rows and not busy and jobstate.summary(rows) == "COMPLETED":
             return record.run_id
         if busy:
             raise SnowpipeError(
@@ -74,6 +74,14 @@ def check_submission(key: str, run_id: str | None, jobs: list[str], force: bool)
                 f"{jobstate.summary(busy)}: follow it with `snowpipe status {record.run_id}`, or submit a new run "
                 f"anyway with -e force=true")
     return None
+
+
+def finished(record: RunRecord) -> bool:
+    """Whether every task of the run ended COMPLETED (the last state seen, else asked of the cluster)."""
+    if record.last_state and record.last_state.summary in FINAL:
+        return record.last_state.summary == "COMPLETED"
+    rows = everything(record)
+    return bool(rows) and all(row.done for row in rows) and jobstate.summary(rows) == "COMPLETED"
 
 
 def everything(record: RunRecord) -> list[jobstate.TaskState]:
