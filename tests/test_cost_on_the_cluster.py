@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,9 +83,10 @@ def test_a_job_that_asks_far_more_memory_than_it_uses_gets_advice_naming_the_key
 
 
 @pytest.fixture
-def probed(local_cluster, capsys) -> dict:
+def probed(local_cluster, capsys) -> Iterator[dict]:
     """`snowpipe probe` of the embedded cluster, its QOS given a submit limit for the while (the cluster enforces
-    no limit, AccountingStorageEnforce=none, so nobody else's jobs notice)."""
+    no limit, AccountingStorageEnforce=none, so nobody else's jobs notice). The project's facts for `local` are
+    probed again afterwards, without that limit, so that later plans see the cluster as it is."""
     need_accounting(local_cluster)
 
     def qos(limit: str) -> None:
@@ -96,7 +98,8 @@ def probed(local_cluster, capsys) -> dict:
         assert main(["probe", "--json"]) == 0
     finally:
         qos("-1")
-    return json.loads(capsys.readouterr().out)
+    yield json.loads(capsys.readouterr().out)
+    assert main(["probe", "--json"]) == 0 and load_facts(REPO_ROOT, "local")["max_submit_jobs"] is None
 
 
 def test_probe_reads_the_clusters_limits_and_keeps_them_for_the_plan(local_cluster, probed, capsys):
