@@ -188,3 +188,53 @@ def test_max_gpu_hours_refuses_a_run_above_it_before_anything_is_sent(small):
                         r"\w+: [\d.]+\); nothing was sent\. .*", message), message
     assert "Traceback" not in result.stdout
     assert not (DRY_RUNS / run_id).exists()  # neither rendered nor listed for sync
+
+
+def test_the_plan_learns_a_stages_minutes_from_a_finished_run_on_the_same_cluster(small, capsys, monkeypatch,
+                                                                                  tmp_path):
+    """Issue 25, item 3: `snowpipe report` of a finished run keeps the plan's estimate and the measured minutes
+    of each stage whose tasks all COMPLETED; the next plan for that host scales the cost model by their ratio
+    and names the run, and a plan for another host keeps the model."""
+    from pipeline.monitor.report import group
+    from pipeline.monitor.usage_parsers import Usage
+
+    monkeypatch.setenv("SNOWPIPE_RUNS_DIR", str(tmp_path / "runs"))
+    before = plan_json(small, capsys, snowpipe_max_array_size=4)
+    assert {job["estimate"]["source"] for job in before["jobs"]} == {"cost model"}
+    record = record_of_submission(Plan.model_validate(before), {job["name"]: str(100 + i) for i, job in
+                                                                enumerate(before["jobs"])}, Connection(host=before["host"]))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / f"{record.run_id}.json").write_text(record.to_json())
+
+    def usage(job_id: str, task: int, state: str, minutes: float) -> Usage:
+        return Usage(f"{job_id}_{task}", job_id, task, "annotate", state, round(minutes * 60), 1, 3600, 1, 1.0,
+                     round(minutes * 60), 0, None, None)
+
+    estimated = {job.name: job.estimated_minutes for job in record.jobs}
+    annotate = [job for job in record.jobs if job.chunk_of == "annotate"]
+    usages = [usage(job.id, task, "COMPLETED", 3 * (estimated[job.name] or 0)) for job in annotate
+              for task in range(int(job.array.split("-")[1]) + 1)]
+    decode = next(job for job in record.jobs if job.chunk_of == "decode")
+    usages.append(usage(decode.id, 0, "FAILED", 1.0))  # a stage that did not finish teaches nothing
+    stages = [cost.as_dict() for cost in group(record, usages, [])]
+    by_name = {stage["name"]: stage for stage in stages}
+    assert by_name["annotate"]["measured_minutes_per_task"] == pytest.approx(
+        3 * by_name["annotate"]["estimated_minutes_per_task"], rel=0.05)
+    assert by_name["decode"]["measured_minutes_per_task"] is None
+    report = tmp_path / "runs" / record.run_id / "results" / "report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text(json.dumps({"source": "sacct", "stages": stages}))
+
+    after = plan_json(small, capsys, snowpipe_max_array_size=4)
+    for job, earlier in zip(after["jobs"], before["jobs"], strict=True):
+        if (job["chunk_of"] or job["name"]) == "annotate":
+            assert job["estimate"]["source"].startswith(f"run {record.run_id} (measured x3")
+            assert job["estimate"]["minutes_per_task"] == pytest.approx(3 * earlier["estimate"]["minutes_per_task"],
+                                                                        rel=0.05, abs=0.02)  # both in 0.01 min
+        else:
+            assert job["estimate"] == earlier["estimate"]
+    assert main(["plan", str(small), "--target-vars", json.dumps({**SCRATCH, "snowpipe_max_array_size": 4})]) == 0
+    assert f"annotate: minutes from run {record.run_id}" in capsys.readouterr().out
+    other = json.loads(main(["plan", str(small), "--json", "--host", "elsewhere", "--target-vars",
+                             json.dumps(SCRATCH)]) == 0 and capsys.readouterr().out)
+    assert {job["estimate"]["source"] for job in other["jobs"]} == {"cost model"}

@@ -65,6 +65,9 @@ class JobEstimate(Model):
     time_limit_minutes: float | None     # the job's --time (None: the cluster's default)
     cpu_hours: float = Field(ge=0)
     gpu_hours: float = Field(ge=0)
+    # Where the minutes come from: "cost model" (docs/benchmarks.md), or "run RUN" when a finished run of this
+    # stage on the same cluster measured them (`snowpipe report` of that run; pipeline/submit/learned.py).
+    source: str = "cost model"
 
 
 class RunEstimate(Model):

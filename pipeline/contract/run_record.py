@@ -31,6 +31,7 @@ class RecordedJob(BaseModel):
     log: str = ""                  # the --output pattern (%x, %j, %A, %a)
     submitted: str = ""            # when sbatch accepted it (UTC, ISO 8601); "" in records older than it
     chunk_of: str | None = None    # `{job}.{k}` is one array job of stage job `{job}`; None: a whole job
+    estimated_minutes: float | None = None  # the plan's minutes per task (the cost model); None in older records
 
     def log_of(self, task: int | None) -> str:
         """The output file of one of its tasks (the array job id stands for %A and %j alike)."""
@@ -106,7 +107,8 @@ def record_of_submission(plan: Plan, ids: dict[str, str], connection: Connection
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     jobs = [RecordedJob(name=job.name, id=ids[job.name], after=[ids[name] for name in job.after],
                         after_each=[ids[name] for name in job.after_each], array=job.array, stages=job.stages,
-                        script=job.script, log=job.log, submitted=now, chunk_of=job.chunk_of) for job in plan.jobs]
+                        script=job.script, log=job.log, submitted=now, chunk_of=job.chunk_of,
+                        estimated_minutes=job.estimate.minutes_per_task) for job in plan.jobs]
     return RunRecord(
         schema_version=formats.RUN_RECORD_SCHEMA, run_id=plan.run_id, host=connection.host,
         address=connection.address or connection.host, port=connection.port, user=connection.user,

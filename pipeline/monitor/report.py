@@ -50,6 +50,14 @@ class StageCost:
     stages: list[str]
     usages: list[Usage] = field(default_factory=list)
     busy: list[dict[str, Any]] = field(default_factory=list)
+    estimates: list[float] = field(default_factory=list)  # the plan's minutes per task, per job (chunk) of it
+
+    def measured_minutes(self) -> float | None:
+        """Mean minutes of a task when every task's last start COMPLETED (what the plan learns from), else None."""
+        last = list(self.last_starts.values())
+        if not last or any(u.state != "COMPLETED" for u in last):
+            return None
+        return round(statistics.mean(u.elapsed_s for u in last) / 60, 4)
 
     @property
     def last_starts(self) -> dict[str, Usage]:
@@ -87,6 +95,8 @@ class StageCost:
             "gpu_busy_method": self.busy[0].get("method") if self.busy else None,
             "time_limit_s": max((u.time_limit_s for u in last if u.time_limit_s), default=None),
             "time_used_fraction": round(max(fractions), 4) if fractions else None,
+            "estimated_minutes_per_task": round(statistics.mean(self.estimates), 4) if self.estimates else None,
+            "measured_minutes_per_task": self.measured_minutes(),
         }
 
 
@@ -99,6 +109,8 @@ def group(record: RunRecord, usages: Iterable[Usage], busy: Iterable[dict[str, A
         name = stage_name(job)  # the chunks of a stage past MaxArraySize are one stage
         cost = costs.setdefault(name, StageCost(name, list(job.stages) or [name]))
         by_id[job.id] = cost
+        if job.estimated_minutes is not None:
+            cost.estimates.append(job.estimated_minutes)
     for usage in usages:
         if usage.job in by_id:
             by_id[usage.job].usages.append(usage)

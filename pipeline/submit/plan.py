@@ -42,7 +42,7 @@ from pipeline.contract.plan import (
 from pipeline.data.layout import EXOLABS_FOLDER, Scene, discover_scenes, find_auxiliary, select_dates
 from pipeline.errors import ConfigError, DataError, SceneError
 from pipeline.registry import STAGES, enabled, stage_dates
-from pipeline.submit import cost
+from pipeline.submit import cost, learned
 from pipeline.submit.jobspec import Job, Resources, load_jobs, parse_resources
 from pipeline.submit.sizing import (
     DEFAULT_MAX_ARRAY_SIZE,
@@ -498,6 +498,8 @@ class Costing:
     config: PipelineConfig
     megapixels: dict[str, float]
     stage_scenes: dict[str, list[str]]
+    # Per job name, the correction a finished run on this cluster measured (pipeline/submit/learned.py).
+    measured: dict[str, learned.Measured] = field(default_factory=dict)
 
     def work(self, stage: str, tasks_scenes: list[str] | None) -> cost.Work:
         ids = tasks_scenes if tasks_scenes is not None else self.stage_scenes.get(stage, [])
@@ -507,8 +509,13 @@ class Costing:
     def minutes(self, job: Job, scenes: list[str] | None) -> float:
         """One task of `job` over `scenes` (an array task), or over each stage's own scenes (None)."""
         r = job.resources
-        return cost.task_minutes(job.stages, self.config, {stage: self.work(stage, scenes) for stage in job.stages},
-                                 cpus=r.cpus or 1, gpus=r.gpus or 0)
+        minutes = cost.task_minutes(job.stages, self.config, {stage: self.work(stage, scenes) for stage in job.stages},
+                                    cpus=r.cpus or 1, gpus=r.gpus or 0)
+        return minutes * self.measured[job.name].factor if job.name in self.measured else minutes
+
+    def source(self, job: Job) -> str:
+        """Where a job's minutes come from: a finished run on this cluster, or the cost model."""
+        return self.measured[job.name].source if job.name in self.measured else "cost model"
 
 
 def allocated(job: Job) -> tuple[int, int]:
@@ -527,7 +534,8 @@ def job_estimate(job: Job, tasks: list[str], costing: Costing) -> JobEstimate:
     return JobEstimate(tasks=len(minutes), scenes_per_task=per_task if job.array else 0,
                        minutes_per_task=round(max(minutes), 2),
                        time_limit_minutes=cost.slurm_minutes(job.resources.time),
-                       cpu_hours=round(cpus * sum(minutes) / 60, 4), gpu_hours=round(gpus * sum(minutes) / 60, 4))
+                       cpu_hours=round(cpus * sum(minutes) / 60, 4), gpu_hours=round(gpus * sum(minutes) / 60, 4),
+                       source=costing.source(job))
 
 
 def auto_scenes_per_task(job: Job, scenes: list[str], costing: Costing) -> int:
@@ -670,7 +678,7 @@ def make_plan(config: PipelineConfig, config_path: Path, spec: str, target: Targ
     stages = sorted({stage for job in jobs for stage in job.stages})
     costing = Costing(config, scene_megapixels(scenes),
                       {stage: [scene.id for scene in scan(stage_dates(config, stage))] for stage in stages}
-                      if scenes else {})
+                      if scenes else {}, learned.measured_factors(repo_root, target.host))
     limits = cluster_limits(target, repo_root)
     jobs, notes = scenes_per_task(jobs, dates, costing, limits)
     filters = scene_filters(config, scenes) if any(job.array and job.resources.stage_inputs for job in jobs) else {}

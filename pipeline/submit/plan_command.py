@@ -76,6 +76,10 @@ def print_plan(plan: Plan) -> None:
     console.print(f"estimate: {plan.estimate.cpu_hours:.2f} CPU-hours, {plan.estimate.gpu_hours:.2f} GPU-hours "
                   f"allocated (CPUs or GPUs x estimated minutes x tasks; the cost model of docs/benchmarks.md, "
                   f"measured on other machines: an order of magnitude)")
+    learned = {(job.chunk_of or job.name): job.estimate.source for job in plan.jobs
+               if job.estimate.source != "cost model"}
+    for name, source in learned.items():  # a finished run on this cluster measured the stage
+        console.print(f"  {name}: minutes from {source}", markup=False, soft_wrap=True)
     chunked = sorted({job.chunk_of for job in plan.jobs if job.chunk_of})
     if chunked:
         console.print(f"split in array jobs of at most {plan.max_array_size} tasks (MaxArraySize): "
