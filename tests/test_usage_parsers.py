@@ -7,6 +7,8 @@ busy timer are told here too. No cluster needed."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 from pipeline.cluster_facts import fact_or_default, facts_path, load_facts, save_facts, slurm_megabytes, slurm_seconds
 from pipeline.contract.run_record import RunRecord
 from pipeline.errors import SnowpipeError
-from pipeline.model.busy import BusyTimer, busy_file, write_busy
+from pipeline.model.busy import BusyTimer, NvidiaSmiSampler, busy_file, write_busy
 from pipeline.monitor import probe_parsers, report
 from pipeline.monitor.probe import probe
 from pipeline.monitor.ssh import Result
@@ -281,3 +283,28 @@ def test_the_busy_timer_sets_model_time_against_wall_time_and_writes_one_file_pe
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     assert busy_file(tmp_path, "train") == tmp_path / "busy/train.json"
     assert write_busy(tmp_path, "train", BusyTimer(torch.device("cpu"))) is None  # the model never ran: no file
+
+
+def test_nvidia_smi_samples_are_a_second_opinion_on_gpu_busy_where_it_exists(tmp_path, monkeypatch):
+    """No GPU here: a stand-in `nvidia-smi` on PATH prints what the real one prints with -lms (one utilization a
+    line, "[N/A]" where it has none). The sampler runs it for the task's device and averages; the report weighs
+    the tasks by their samples. Without nvidia-smi nothing runs and nothing is claimed."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n"
+                    "for u in 80 '[N/A]' 60 100; do echo \"$u\"; done\nexec sleep 600\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    sampler = NvidiaSmiSampler(1, period_ms=1000)
+    deadline = time.monotonic() + 60
+    while len(sampler.samples) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sampler.stop() == (0.8, 3) and sampler.process is not None and sampler.process.poll() is not None
+    assert (fake.parent / "args").read_text().split() == [
+        "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "1", "-lms", "1000"]
+    busy = [{"stage": "infer", "nvidia_smi_utilization": 0.8, "nvidia_smi_samples": 3},
+            {"stage": "infer", "nvidia_smi_utilization": 0.4, "nvidia_smi_samples": 1},
+            {"stage": "infer", "nvidia_smi_utilization": None, "nvidia_smi_samples": 0}]
+    assert report._smi_mean(busy) == 0.7
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert NvidiaSmiSampler(0).stop() == (None, 0)

@@ -93,11 +93,20 @@ class StageCost:
             "requested_mem_bytes": max(asked, default=None),
             "gpu_busy": round(busy_s / wall_s, 4) if wall_s > 0 else None,
             "gpu_busy_method": self.busy[0].get("method") if self.busy else None,
+            "gpu_utilization_nvidia_smi": _smi_mean(self.busy),
             "time_limit_s": max((u.time_limit_s for u in last if u.time_limit_s), default=None),
             "time_used_fraction": round(max(fractions), 4) if fractions else None,
             "estimated_minutes_per_task": round(statistics.mean(self.estimates), 4) if self.estimates else None,
             "measured_minutes_per_task": self.measured_minutes(),
         }
+
+
+def _smi_mean(busy: list[dict[str, Any]]) -> float | None:
+    """nvidia-smi's mean utilization over the stage's tasks, weighted by their samples (None: never sampled)."""
+    pairs = [(float(b["nvidia_smi_utilization"]), int(b.get("nvidia_smi_samples") or 0)) for b in busy
+             if isinstance(b.get("nvidia_smi_utilization"), (int, float)) and b.get("nvidia_smi_samples")]
+    total = sum(n for _, n in pairs)
+    return round(sum(u * n for u, n in pairs) / total, 4) if total else None
 
 
 def group(record: RunRecord, usages: Iterable[Usage], busy: Iterable[dict[str, Any]]) -> list[StageCost]:
