@@ -201,8 +201,8 @@ def test_the_plan_learns_a_stages_minutes_from_a_finished_run_on_the_same_cluste
     monkeypatch.setenv("SNOWPIPE_RUNS_DIR", str(tmp_path / "runs"))
     before = plan_json(small, capsys, snowpipe_max_array_size=4)
     assert {job["estimate"]["source"] for job in before["jobs"]} == {"cost model"}
-    record = record_of_submission(Plan.model_validate(before), {job["name"]: str(100 + i) for i, job in
-                                                                enumerate(before["jobs"])}, Connection(host=before["host"]))
+    ids = {job["name"]: str(100 + i) for i, job in enumerate(before["jobs"])}
+    record = record_of_submission(Plan.model_validate(before), ids, Connection(host=before["host"]))
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / f"{record.run_id}.json").write_text(record.to_json())
 
