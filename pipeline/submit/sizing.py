@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from pipeline.cluster_facts import DEFAULT_MAX_ARRAY_SIZE  # SLURM's default MaxArraySize: indices 0-1000
 from pipeline.errors import ConfigError
-
-DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize: indices 0-1000
 
 
 @dataclass(frozen=True)
