@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,8 @@ def ansible_view():
     """What a submission with an inventory (and `-e` values) connects with: Ansible's own ssh command line, built
     by its ssh connection plugin as for the tasks on the cluster; the stage_data role's rsync --rsh; and the
     connection the record role writes for `snowpipe status / logs / fetch / cancel`."""
+    unpatched_intern = sys.intern  # ansible-core >= 2.19 patches it on import; torch._dynamo (later tests) needs it
+
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
     from ansible.playbook.play_context import PlayContext
@@ -147,7 +150,8 @@ def ansible_view():
         record = RunRecord(run_id="r", remote_dir="/r", **written.model_dump())
         return argv, templar.template(rsh), record
 
-    return view
+    yield view
+    sys.intern = unpatched_intern
 
 
 @pytest.mark.parametrize(("inventory", "extra_vars"), [
