@@ -217,6 +217,12 @@ def test_a_failed_job_fails_a_waited_submission_and_names_the_logs(local_cluster
         (REPO_ROOT / "runs" / f"{run_id}.json").unlink(missing_ok=True)
 
 
+def _sacct_bytes(text: str) -> float:
+    """sacct's MaxRSS as printed: a number and a binary unit (`2048K`, `468.50M`)."""
+    scale = 1024 ** "KMGTP".index(text[-1]) * 1024 if text[-1] in "KMGTP" else 1
+    return float(text.rstrip("KMGTP")) * scale
+
+
 def test_the_report_of_a_demo_run_agrees_with_sacct_read_by_hand(local_cluster, submitted, capsys):
     """`snowpipe report --json` (issue 25): per stage CPU- and GPU-hours, CPU efficiency and peak memory within 10 % of
     sacct's own numbers for the run's jobs; train and infer measured their busy fraction; the PNG lies in the run's
@@ -245,7 +251,7 @@ def test_the_report_of_a_demo_run_agrees_with_sacct_read_by_hand(local_cluster, 
                         if "gres/gpu=" in row[3])
             used = sum(sum(float(part) * 60 ** i for i, part in enumerate(reversed(row[2].split(":"))))
                        for row in tasks)
-            rss = max((int(row[5].rstrip("K")) * 1024 for row in rows if row[5]), default=None)
+            rss = max((_sacct_bytes(row[5]) for row in rows if row[5]), default=None)
             assert stage["cpu_hours"] == pytest.approx(cpu_s / 3600, rel=0.1), name
             assert stage["gpu_hours"] == pytest.approx(gpu_s / 3600, rel=0.1), name
             assert stage["cpu_efficiency"] == pytest.approx(used / cpu_s, rel=0.1, abs=0.01), name
