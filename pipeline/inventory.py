@@ -34,6 +34,7 @@ def inventory_host_vars(inventory: Path, host: str | None = None,
     except json.JSONDecodeError:
         detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise ConfigError(f"inventory {inventory} could not be read by Ansible: {detail}") from None
+    sys.stderr.write(done.stderr)  # Ansible's own warnings, e.g. "Unable to parse ... as an inventory source"
     if "error" in answer:
         raise ConfigError(answer["error"])
     return answer["host"], answer["vars"]
@@ -76,7 +77,7 @@ def _main(argv: list[str]) -> int:
         name, found = _read_in_this_process(Path(inventory), host or None, tuple(keys))
     except ConfigError as exc:
         print(json.dumps({"error": str(exc)}))
-    else:  # tagged strings of ansible-core >= 2.19 are str subclasses: plain JSON
+    else:  # a value JSON has no type for (a date from a YAML inventory) goes as its text
         print(json.dumps({"host": name, "vars": found}, default=str))
     return 0
 
