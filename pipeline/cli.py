@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 from pipeline import __version__
@@ -13,6 +14,8 @@ from pipeline.contract.formats import EXIT_INTERRUPTED
 from pipeline.data.layout import select_dates, superseded_notes
 from pipeline.data.writer import write_json
 from pipeline.errors import ConfigError, SnowpipeError, output_error
+from pipeline.interrupts import stop_now
+from pipeline.locks import release_abandoned
 from pipeline.progress import say
 
 
@@ -222,17 +225,14 @@ def _merge_config_option(args: argparse.Namespace) -> None:
         args.config = args.config_option
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """SLURM cancels and times out jobs with SIGTERM, a closed terminal sends SIGHUP: unwind normally, so
-    temporary outputs are removed."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup's choice stands
-        signal.signal(signal.SIGHUP, _exit_on_sigterm)
+    # SLURM cancels and times out jobs with SIGTERM, a closed terminal sends SIGHUP, a user Ctrl-C: each unwinds
+    # as KeyboardInterrupt, so temporary outputs are removed, once a clean-up under way ends (pipeline/interrupts.py).
+    signal.signal(signal.SIGTERM, stop_now)
+    for number in (signal.SIGHUP, signal.SIGINT):
+        if signal.getsignal(number) is not signal.SIG_IGN:  # nohup's (or a background shell's) choice stands
+            signal.signal(number, stop_now)
     try:
         _merge_config_option(args)
         return args.func(args)
@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
               file=sys.stderr)
         return 70
+    finally:
+        with suppress(KeyboardInterrupt):  # a second stop meanwhile: the locks are released all the same
+            release_abandoned()  # a lock whose release a stop cut short (pipeline/locks.py)
 
 
 if __name__ == "__main__":

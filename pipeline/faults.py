@@ -3,7 +3,8 @@
 `SNOWPIPE_KILL_AT=POINT` (or `POINT:N` for the N-th time) makes the process SIGKILL itself when it
 reaches POINT (`SNOWPIPE_KILL_SIGNAL=TERM` sends SIGTERM instead, as scancel does). Writers announce a
 point each time they publish a file (`published NAME`, after the rename) or a folder (`swapped NAME`);
-other code may announce its own. Unset, this costs one dict look-up.
+locks announce `took .NAME.lock` and `releasing .NAME.lock`, a failed build `discarding NAME`.
+Unset, this costs one dict look-up.
 See docs/reliability.md for the faults the test suite injects this way.
 """
 

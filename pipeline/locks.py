@@ -9,7 +9,8 @@ Taking it works on NFS and Lustre: the content is written to a uniquely named fi
 to the lock name (atomic on NFS, where O_EXCL was not always); success is confirmed by the link count and the
 content. While held, a daemon thread refreshes the file's mtime every heartbeat. The lock is released when the
 block ends, also on an exception, Ctrl-C or SIGTERM (the CLI turns SIGTERM into KeyboardInterrupt), and only
-while it is still ours. A process asking again for a lock it holds gets it at once (threads of one process share
+while it is still ours; a stop signal waits while the lock is being taken or released (pipeline/interrupts.py).
+A process asking again for a lock it holds gets it at once (threads of one process share
 it); child processes do not inherit it.
 
 A lock whose writer is gone is broken automatically (renamed to a unique name, checked, then removed, so two
@@ -53,8 +54,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline import faults
 from pipeline.contract.formats import EXIT_RETRY
 from pipeline.errors import OutputError, SnowpipeError, output_error
+from pipeline.interrupts import interruptible, uninterrupted
 from pipeline.processes import pid_alive, proc_stat
 from pipeline.progress import say
 
@@ -280,24 +283,25 @@ def _take_away(lock: Path, expected: bytes) -> bool:
     renamed is not what we judged (someone replaced it meanwhile), it is linked back.
     """
     aside = _unique(lock, "old")
-    try:
-        os.rename(lock, aside)
-    except FileNotFoundError:
-        return False
-    try:
-        found = _read(aside)
-        if found and found[0] == expected:
-            return True
+    with uninterrupted():  # a stop between the rename and the unlink would leave the aside name behind
         try:
-            os.link(aside, lock)  # not the one we judged: put it back unless a new one is there already
-        except OSError:
-            pass
-        return False
-    finally:
+            os.rename(lock, aside)
+        except FileNotFoundError:
+            return False
         try:
-            aside.unlink()
-        except OSError:
-            pass
+            found = _read(aside)
+            if found and found[0] == expected:
+                return True
+            try:
+                os.link(aside, lock)  # not the one we judged: put it back unless a new one is there already
+            except OSError:
+                pass
+            return False
+        finally:
+            try:
+                aside.unlink()
+            except OSError:
+                pass
 
 
 def _remove_leftovers(lock: Path, now: float, older_than: float) -> None:
@@ -381,6 +385,7 @@ class _Held:
         if self.lost:
             return
         try:
+            faults.reached(f"releasing {self.lock.name}")
             _take_away(self.lock, self.content)
         except OSError as exc:  # left behind, it names a dead pid: the next writer breaks it
             say(f"warning: could not remove the lock {self.lock}: {exc.strerror or exc}")
@@ -424,27 +429,56 @@ def output_lock(target: Path, what: str) -> Iterator[LockInfo]:
     key = os.path.join(os.path.realpath(lock.parent), lock.name)  # one lock however the path is spelt
     with _registry_lock:
         serial = _serial.setdefault(key, threading.Lock())
-    with serial:  # one thread of ours at a time takes or releases it
-        held = _registry.get(key)
-        if held is not None:
-            held.depth += 1
-        else:
-            try:
-                held = _acquire(lock, Path(target), what)
-            except OSError as exc:  # a read-only or full folder, another user's lock we may not touch
-                error = output_error(OSError(exc.errno, exc.strerror), lock.parent)  # name the folder, not a temp
-                if error is None:
-                    raise
-                raise error from exc
-            _registry[key] = held
+    # A stop signal waits until the lock is both ours and registered, and until a release is done: otherwise
+    # it could land between the lock file's creation and this `try`, or inside the release, and leave a lock
+    # that names a live pid (pipeline/interrupts.py). Waits (for another thread, for a live holder) stay open.
+    held: _Held | None = None
     try:
+        with uninterrupted():
+            while not serial.acquire(timeout=0.2):  # one thread of ours at a time takes or releases it
+                with interruptible():
+                    pass  # a stop that came while another thread of ours held it: raised here, holding nothing
+            try:
+                found = _registry.get(key)
+                if found is not None:
+                    found.depth += 1
+                else:
+                    try:
+                        found = _acquire(lock, Path(target), what)
+                    except OSError as exc:  # a read-only or full folder, another user's lock we may not touch
+                        error = output_error(OSError(exc.errno, exc.strerror), lock.parent)  # the folder, not a temp
+                        if error is None:
+                            raise
+                        raise error from exc
+                    _registry[key] = found
+                held = found
+            finally:
+                serial.release()
         yield held.info
     finally:
-        with serial:
-            held.depth -= 1
-            if held.depth == 0:
-                _registry.pop(key, None)
-                held.release()
+        if held is not None:
+            with uninterrupted(), serial:
+                held.depth -= 1
+                if held.depth == 0:
+                    _registry.pop(key, None)
+                    held.release()
+
+
+def release_abandoned() -> list[Path]:
+    """Release every lock this process still holds although the blocks that took it have ended; the lock files.
+
+    Called when a command or a pool task ends, after every `output_lock` block has closed. A stop signal that
+    lands in the few bytecodes between the end of a lock's block and the start of its release (before
+    `uninterrupted()` is entered) skips the release; the lock stays in the registry, and is released here
+    rather than left behind naming this pid until the next writer breaks it.
+    """
+    with uninterrupted(), _registry_lock:
+        abandoned = list(_registry.items())
+        _registry.clear()
+        for _key, held in abandoned:
+            held.depth = 0
+            held.release()
+    return [held.lock for _key, held in abandoned]
 
 
 def _acquire(lock: Path, target: Path, what: str) -> _Held:
@@ -461,28 +495,30 @@ def _acquire(lock: Path, target: Path, what: str) -> _Held:
         content = info.to_json()
         created, now = _try_create(lock, content)
         if created:
+            faults.reached(f"took {lock.name}")
             return _Held(lock, info, content, heartbeat)
-        if not cleaned:
-            _remove_leftovers(lock, now, max(stale_after, 2 * heartbeat))
-            cleaned = True
-        found = _read(lock)
-        if found is None:
-            continue  # released meanwhile: try again at once
-        raw, stat = found
-        holder = LockInfo.from_json(raw)
-        reason = _stale_reason(holder, now - stat.st_mtime, stale_after)
-        if reason is not None:
-            if _take_away(lock, raw):
-                whose = f"{holder.what}, {holder.holder()}" if holder else "unreadable"
-                say(f"broke the stale lock of {target} ({whose}): {reason}")
-            continue
-        if deadline is not None and time.monotonic() >= deadline:
-            by = f"{holder.what}, {holder.holder()}" if holder else "a writer whose lock file cannot be read"
-            raise LockBusy(f"{target} is being written by {by}; gave up after SNOWPIPE_LOCK_TIMEOUT={timeout:g} s: "
-                           f"wait for it to finish, or if that process is gone, delete {lock}")
-        if holder is not None and holder.token != announced:
-            say(f"waiting for {holder.what} of {target}: held by {holder.holder()}")
-            announced = holder.token
-        pause = poll if deadline is None else min(poll, max(0.0, deadline - time.monotonic()))
-        time.sleep(pause)
-        poll = min(poll * 1.5, poll_max)
+        with interruptible():  # nothing is ours yet: a stop may land anywhere while we look and wait
+            if not cleaned:
+                _remove_leftovers(lock, now, max(stale_after, 2 * heartbeat))
+                cleaned = True
+            found = _read(lock)
+            if found is None:
+                continue  # released meanwhile: try again at once
+            raw, stat = found
+            holder = LockInfo.from_json(raw)
+            reason = _stale_reason(holder, now - stat.st_mtime, stale_after)
+            if reason is not None:
+                if _take_away(lock, raw):
+                    whose = f"{holder.what}, {holder.holder()}" if holder else "unreadable"
+                    say(f"broke the stale lock of {target} ({whose}): {reason}")
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                by = f"{holder.what}, {holder.holder()}" if holder else "a writer whose lock file cannot be read"
+                raise LockBusy(f"{target} is being written by {by}; gave up after SNOWPIPE_LOCK_TIMEOUT="
+                               f"{timeout:g} s: wait for it to finish, or if that process is gone, delete {lock}")
+            if holder is not None and holder.token != announced:
+                say(f"waiting for {holder.what} of {target}: held by {holder.holder()}")
+                announced = holder.token
+            pause = poll if deadline is None else min(poll, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+            poll = min(poll * 1.5, poll_max)

@@ -26,6 +26,9 @@ from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
+from pipeline.interrupts import stop_now
+from pipeline.locks import release_abandoned
+
 PR_SET_PDEATHSIG = 1
 STOP_GRACE = 30.0  # seconds a stopped worker has to unwind before it is killed
 Result = TypeVar("Result")
@@ -67,7 +70,7 @@ def _stop_task(signum: int, frame: object) -> None:
         return
     _stopping = True
     if _in_task:
-        raise KeyboardInterrupt
+        stop_now(signum)  # at once, or when the lock release or clean-up under way is done
 
 
 def start_pool_worker(parent_pid: int) -> None:
@@ -88,6 +91,7 @@ def run_task(call: Callable[..., Result], *args: Any) -> Result:
         return call(*args)
     finally:
         _in_task = False
+        release_abandoned()  # a lock whose release a stop cut short (pipeline/locks.py)
 
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:

@@ -337,6 +337,7 @@ def test_a_full_disk_stops_a_per_scene_stage_with_74_naming_the_folder_and_tries
         if workers == 1:
             assert "(2 other scene(s) not done)" in lines[-1]
             assert not [date for date in dates[1:] if date in done.stderr]  # never tried
-        assert leftovers(masks) == []  # nothing published, no partial folder, no lock
+        locks = {p.name: p.read_text() for p in masks.glob(".*.lock")}  # whose, when one is left
+        assert leftovers(masks) == [], (done.stderr, locks)  # nothing published, no partial folder, no lock
     finally:
         unmount(masks)

@@ -432,3 +432,29 @@ def test_a_malformed_timeout_is_one_clear_error(tmp_path, monkeypatch, value):
     with pytest.raises(SnowpipeError, match=f"SNOWPIPE_LOCK_TIMEOUT='{value}' is not a number of seconds"):
         with output_lock(tmp_path / "dataset", "dataset"):
             pass
+
+
+def test_a_lock_whose_release_a_stop_cut_short_is_released_when_the_task_ends(tmp_path):
+    """A stop signal landing between the end of a lock's block and its (shielded) release skipped the release:
+    the lock stayed behind, naming this pid. The block is cut short here by never closing it; the end of the
+    pool task (run_task) and of the command (cli.main, through the same call) release what is left."""
+    from pipeline.workers import run_task
+
+    target = tmp_path / "32TNS_20220301T102309"
+    never_closed = []  # kept alive: a collected block would close, and release, itself
+
+    def cut_short() -> None:
+        never_closed.append(output_lock(target, "annotate 32TNS_20220301T102309"))
+        never_closed[-1].__enter__()  # taken, its block never ends
+        assert lock_file(target).exists()
+
+    run_task(cut_short)
+    assert not lock_file(target).exists()
+    assert locks.release_abandoned() == []  # nothing left to release
+
+    never_closed.append(output_lock(target, "annotate again"))
+    never_closed[-1].__enter__()
+    assert locks.release_abandoned() == [Path(os.path.abspath(lock_file(target)))]
+    assert not lock_file(target).exists()
+    with output_lock(target, "the next writer") as info:  # taken at once: nothing stale to break
+        assert info.what == "the next writer"

@@ -143,3 +143,32 @@ def test_the_summary_says_no_scene_finished_when_none_did(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 1, done.stderr
     assert "(the other scene finished; set annotation.on_scene_error: skip to continue without them)" in done.stderr
+
+
+@pytest.mark.parametrize(("point", "workers"), [
+    ("took .{scene}.lock", 1), ("took .{scene}.lock", 2), ("releasing .{scene}.lock", 1),
+    ("releasing .{scene}.lock", 2), ("discarding {scene}", 1)],
+    ids=["lock-just-taken", "lock-just-taken-in-a-worker", "lock-being-released", "lock-being-released-in-a-worker",
+         "failed-scene-being-cleaned-up"])
+def test_a_stop_signal_in_the_middle_of_a_lock_or_a_clean_up_waits_for_it(tmp_path, point, workers):
+    """A SIGTERM that landed right after the scene's lock file was created, or inside its release, used to leave
+    the lock behind, naming a pid that might still live (the CI's full-disk run, where a worker was stopped while
+    it unwound); one inside the removal of a failed scene's private folder left the folder. The signal is sent by
+    the process to itself at that exact point (SNOWPIPE_KILL_AT), so no timing decides the outcome."""
+    failing = point.startswith("discarding")  # a scene with no valid pixel fails inside its build, then cleans up
+    config = write_project(tmp_path, DATES[:3], exolabs=0 if failing else 5, workers=workers)
+    env = {**os.environ, "SNOWPIPE_KILL_AT": point.format(scene=sid(DATES[0])), "SNOWPIPE_KILL_SIGNAL": "TERM"}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "stage", "annotate", str(config)], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert "interrupted: finished outputs are kept, unfinished ones were not written" in done.stderr
+    assert "Traceback" not in done.stderr and "warning" not in done.stderr
+    masks = tmp_path / "masks"
+    assert sorted(p.name for p in masks.iterdir() if p.name.startswith(".")) == []  # no lock, partial or temp file
+    published = sorted(p.name for p in masks.iterdir())
+    if point.startswith("releasing") and workers == 1:
+        assert published == [sid(DATES[0])]  # released after its swap: the scene is whole, the next never started
+    elif point.startswith("took") and workers == 1 or failing:
+        assert published == []
+    for scene in published:
+        assert (masks / scene / "mask.tif").is_file()

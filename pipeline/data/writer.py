@@ -30,6 +30,7 @@ from pipeline import faults
 from pipeline.data.mask_style import cog_problems, raster_style, write_cog
 from pipeline.data.raster_checks import GDAL_ERRORS, CheckedDataset, is_gdal_failure, uncompressed_bytes, verify_raster
 from pipeline.errors import OutputError, SnowpipeError, output_error
+from pipeline.interrupts import uninterrupted
 from pipeline.progress import say
 
 
@@ -106,9 +107,10 @@ def atomic_path(target: Path, needed: int | None = None, mode: int = FILE_MODE) 
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        with uninterrupted():  # a stop signal waits until the temporary file is known, to be removed
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            tmp = Path(tmp_name)
         yield tmp
         os.chmod(tmp, mode)
         fsync_path(tmp)  # its bytes on disk before its name: a node crash never publishes a file of zeros
@@ -131,9 +133,10 @@ def atomic_path(target: Path, needed: int | None = None, mode: int = FILE_MODE) 
             raise
         raise error from exc
     finally:
-        if tmp is not None:
-            with suppress(OSError):
-                tmp.unlink(missing_ok=True)
+        with uninterrupted():
+            if tmp is not None:
+                with suppress(OSError):
+                    tmp.unlink(missing_ok=True)
 
 
 def _write_failure(target: Path, profile: dict[str, Any], messages: list[str]) -> OutputError:
@@ -192,9 +195,10 @@ def atomic_raster(target: Path, profile: dict[str, Any]) -> Iterator[CheckedData
             if problem:
                 raise _write_failure(target, profile, [problem])
         finally:
-            for path in ({draft} - {tmp}) | sidecars:
-                with suppress(OSError):
-                    path.unlink(missing_ok=True)
+            with uninterrupted():
+                for path in ({draft} - {tmp}) | sidecars:
+                    with suppress(OSError):
+                        path.unlink(missing_ok=True)
 
 
 def _copy_cog(draft: Path, tmp: Path, target: Path, profile: dict[str, Any]) -> None:

@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline import faults
 from pipeline.data.writer import held, remove_folder, swap_folder
 from pipeline.errors import OutputError
+from pipeline.interrupts import uninterrupted
 from pipeline.processes import bytes_under
 from pipeline.progress import say
 
@@ -91,15 +93,24 @@ def building(target: Path, owned: tuple[str, ...] = ()) -> Iterator[Path]:
     (also on Ctrl-C and SIGTERM, which the CLI turns into KeyboardInterrupt). `owned`: name patterns of the
     files the stage writes, never carried over from the old folder."""
     partial = partial_folder(target)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    try:  # a stop signal waits for the folder's creation, the swap and the removal (pipeline/interrupts.py)
+        with uninterrupted():
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
         yield partial
         _keep_foreign_files(target, partial, owned)
-        swap_folder(partial, target)
+        with uninterrupted():
+            swap_folder(partial, target)
     except OutputError as exc:  # name the file where the user will look for it, not in the removed private folder
-        shutil.rmtree(partial, ignore_errors=True)
+        _discard(partial, target)
         raise OutputError(str(exc).replace(str(partial), str(target)), exc.errno) from exc
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        _discard(partial, target)
         raise
+
+
+def _discard(partial: Path, target: Path) -> None:
+    """Remove the private folder of a failed or stopped build, to the end even if a stop signal comes now."""
+    with uninterrupted():
+        faults.reached(f"discarding {target.name}")
+        shutil.rmtree(partial, ignore_errors=True)
